@@ -1,0 +1,1 @@
+"""Rewards: the plugin API, the CLIP reconstruction reward and the judged caption reward."""

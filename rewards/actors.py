@@ -1,0 +1,41 @@
+"""Reward workers: a pool of Ray actors that score rollout batches.
+
+`RewardWorker` holds the CLIP reconstruction reward (when the recipe names `clip`) and every
+plugin of the recipe, resolved once at start. `score` runs them all on one batch through
+`rewards.api.compute_rewards` and returns plain data (the (K, N) matrix, weights, means).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from rewards.api import RewardBatch, RewardFn, compute_rewards, load_reward
+from rl.config import Recipe
+
+
+class RewardWorker:
+    def __init__(self, recipe: Recipe, base_dir: str | None = None):
+        self.recipe = recipe
+        self.fns: list[RewardFn] = []
+        for spec in recipe.rewards.functions:
+            if spec.name == "clip":
+                from rl.learner import make_clip_reward
+
+                self.fns.append(RewardFn(make_clip_reward(recipe), name="clip", weight=spec.weight))
+            else:
+                self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir))
+
+    def ready(self) -> bool:
+        return True
+
+    def names(self) -> list[str]:
+        return [f.name for f in self.fns]
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[str], *, step: int, **kwargs: Any) -> RewardBatch:
+        return compute_rewards(self.fns, prompts, completions, step=step, on_error=self.recipe.rewards.on_error, **kwargs)
+
+
+def remote_reward_actor(recipe: Recipe, num_cpus: float = 1.0, max_restarts: int = 0, base_dir: str | None = None):
+    import ray
+
+    return ray.remote(num_cpus=num_cpus, max_restarts=max_restarts)(RewardWorker).remote(recipe, base_dir)

@@ -1,0 +1,1 @@
+"""Unified-GRPO: the driver, the recipe schema, the learner and the pure GRPO math."""

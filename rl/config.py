@@ -1,0 +1,357 @@
+"""The recipe schema: one place for every option of a Unified-GRPO run and its default.
+
+A recipe is a YAML file validated by `Recipe`. Unknown fields, wrong types, out-of-range numbers,
+missing files and unknown rewards are refused by `load_recipe` with a `RecipeError` that names the
+field path, before Ray or any model starts. Defaults come from the papers:
+
+- UAE (seeds/uae_unified_grpo.txt): the three stages, CLIP reconstruction reward, eq. 1-4.
+- Flow-GRPO (cited by UAE for the decoder side and its LoRA settings): LoRA r=32/alpha=64,
+  noise level a=0.7, 10 training steps / 40 evaluation steps, clip range 1e-4, advantages clipped
+  to +-5, KL beta 0.04, learning rate 3e-4.
+- GRPO (DeepSeekMath) and ReaDe (seeds/reade_caption_reward.txt, table 10) for the caption side:
+  epsilon 0.2, group of 8, learning rate 1e-6..1e-5.
+The embedded default `recipes/tiny.yaml` scales the sizes down for a CPU; it keeps the algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Stage = Literal["cold_start", "encoder", "decoder"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. The message names the field path and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+class AdapterConfig(_Section):
+    """The trainable adapter on a policy. LoRA settings follow Flow-GRPO (UAE sec. 2.1)."""
+
+    kind: Literal["lora"] = Field("lora", description="Adapter kind: `lora` (peft LoRA).")
+    r: int = Field(32, gt=0, description="LoRA rank. Flow-GRPO and UAE: 32.")
+    alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha/r). Flow-GRPO: 64.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 keeps rollouts and learner identical.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names to adapt. None: the policy's default (encoder: the language "
+        "model's q/k/v/o projections; decoder: the attention projections to_q/to_k/to_v/to_out.0 "
+        "and add_q/k/v_proj, to_add_out).",
+    )
+
+
+class EncoderConfig(_Section):
+    """The captioning LVLM (UAE: Qwen2.5-VL-3B-Instruct)."""
+
+    name: str = Field("tiny", description="`tiny` (random Qwen2.5-VL built in code, CPU) or a hub id / folder, e.g. `Qwen/Qwen2.5-VL-3B-Instruct`.")
+    path: str | None = Field(None, description="Folder of saved weights to load into the tiny model (e.g. pretrained shapes encoder).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype. bfloat16 on GPU; float32 on CPU.")
+    image_size: int | None = Field(32, gt=0, description="Square size source images are resized to before the processor. None: the processor's own resizing (production).")
+    hidden_size: int = Field(64, gt=0, description="Tiny model only: language model width.")
+    num_layers: int = Field(2, gt=0, description="Tiny model only: language model depth.")
+    adapter: AdapterConfig = Field(default_factory=lambda: AdapterConfig(r=8, alpha=16.0))
+
+
+class DecoderConfig(_Section):
+    """The flow-matching DiT and its VAE (UAE: SD3.5-large)."""
+
+    name: str = Field("tiny", description="`tiny` (random SD3Transformer2DModel + AutoencoderKL built in code) or a diffusers pipeline id / folder, e.g. `stabilityai/stable-diffusion-3.5-large`.")
+    path: str | None = Field(None, description="Folder of saved weights (diffusers layout: transformer/, vae/).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter dtype.")
+    image_size: int = Field(32, gt=0, description="Square render resolution in pixels (SD3.5: 1024).")
+    shift: float = Field(3.0, gt=0, description="SD3's sigma shift for the flow-matching schedule (SD3/SD3.5: 3.0).")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+
+
+class ConnectorConfig(_Section):
+    """Encoder hidden states -> decoder conditioning (UAE sec. 2.1; GRAN-TED sec. 3.5)."""
+
+    layers: Literal["last", "norm_avg", "learned"] = Field("last", description="`last`: last hidden state (UAE). `norm_avg`: mean of LayerNorm(h_i) over layers (GRAN-TED eq. 3). `learned`: softmax-weighted LayerNorm(h_i), trained then frozen (GRAN-TED eq. 4).")
+    mlp_ratio: float = Field(2.0, gt=0, description="Hidden width of the 2-layer MLP projector, as a multiple of the decoder width.")
+    freeze_after_steps: int | None = Field(None, ge=0, description="`learned` only: freeze the layer weights after this many optimiser steps.")
+    path: str | None = Field(None, description="A connector.safetensors to start from.")
+
+
+class ClipConfig(_Section):
+    """The frozen CLIP image encoder f_I of the reconstruction reward (UAE sec. 2.3)."""
+
+    model: str = Field("tiny", description="`tiny` (a custom open_clip config, random) or an open_clip model name, e.g. `ViT-L-14`.")
+    pretrained: str | None = Field(None, description="open_clip pretrained tag, e.g. `openai`.")
+    checkpoint: str | None = Field(None, description="A safetensors state dict to load (e.g. the pretrained shapes-world CLIP).")
+
+
+class ModelsConfig(_Section):
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
+    connector: ConnectorConfig = Field(default_factory=ConnectorConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# data and schedule
+# ----------------------------------------------------------------------------------------------
+class GenerateConfig(_Section):
+    """The synthetic shapes world used when no data source is given."""
+
+    n: int = Field(64, gt=0, description="Number of images to generate.")
+    seed: int = Field(0, description="Generator seed.")
+    size: int = Field(32, gt=0, description="Image side in pixels.")
+    max_objects: int = Field(3, gt=0, description="At most this many shapes per image.")
+
+
+class DataConfig(_Section):
+    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the shapes world.")
+    image_column: str = Field("image", description="Image column of a `datasets` source.")
+    split: str = Field("train", description="Split of a `datasets` source.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many images.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+
+
+class PhaseConfig(_Section):
+    stage: Literal["encoder", "decoder"] = Field(description="`encoder`: stage 2, caption GRPO with the decoder frozen. `decoder`: stage 3, trajectory GRPO with the encoder frozen.")
+    steps: int = Field(gt=0, description="Optimisation steps in this phase.")
+
+
+class ScheduleConfig(_Section):
+    """Stage 1 once, then the phases in order, repeated `cycles` times (UAE sec. 2.3)."""
+
+    cold_start_steps: int = Field(0, ge=0, description="Stage 1 steps (UAE eq. 3) before any RL.")
+    phases: list[PhaseConfig] = Field(
+        default_factory=lambda: [PhaseConfig(stage="encoder", steps=50), PhaseConfig(stage="decoder", steps=50)],
+        description="The alternation, e.g. [{stage: encoder, steps: 50}, {stage: decoder, steps: 50}].",
+    )
+    cycles: int = Field(1, gt=0, description="How many times the phases repeat.")
+
+
+# ----------------------------------------------------------------------------------------------
+# rollouts, algorithm, rewards
+# ----------------------------------------------------------------------------------------------
+class CaptionSampling(_Section):
+    max_new_tokens: int = Field(64, gt=0, description="Maximum caption length in tokens (ReaDe: 768).")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same scaling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate. `vllm`: needs the `vllm` extra and a GPU.")
+
+
+class TrajectorySampling(_Section):
+    num_steps: int = Field(10, gt=0, description="Denoising steps of a training rollout (Flow-GRPO: 10).")
+    eval_steps: int = Field(40, gt=0, description="ODE steps for evaluation renders (Flow-GRPO: 40).")
+    noise_level: float = Field(0.7, ge=0, description="SDE noise scale a (Flow-GRPO: 0.7).")
+    sde_window: int | None = Field(None, gt=0, description="Only this many consecutive steps are stochastic and trained; None: all steps.")
+    window_range: tuple[int, int] | None = Field(None, description="Range [lo, hi) of the window's start step; None: anywhere it fits.")
+    render_steps: int = Field(10, gt=0, description="ODE steps of the frozen decoder rendering captions in stage 2 and cold start.")
+
+
+class RolloutConfig(_Section):
+    batch_size: int = Field(4, gt=0, description="Source images per step.")
+    group_size: int = Field(8, gt=1, description="G: rollouts per image (ReaDe: 8; Flow-GRPO: 24). Must be >= 2 for a group baseline.")
+    caption: CaptionSampling = Field(default_factory=CaptionSampling)
+    trajectory: TrajectorySampling = Field(default_factory=TrajectorySampling)
+
+
+class PolicyOptim(_Section):
+    lr: float = Field(gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    beta: float = Field(0.04, ge=0, description="KL coefficient beta (UAE eq. 2). 0 disables the reference pass.")
+    epsilon: float = Field(0.2, gt=0, description="Clip range epsilon of the ratio.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO's clip-higher); None: epsilon.")
+
+
+class GRPOConfig(_Section):
+    """GRPO hyper-parameters shared by both policies (per-policy ones in `encoder` / `decoder`)."""
+
+    scale: Literal["group", "batch", "none"] = Field("group", description="Advantage scaling: `group` std (GRPO, UAE eq. 1), `batch` std, or `none` (Dr. GRPO).")
+    adv_clip: float | None = Field(5.0, gt=0, description="Clip advantages to +-this (Flow-GRPO: 5).")
+    loss_agg: Literal["token_mean", "sequence_mean", "constant"] = Field("sequence_mean", description="`sequence_mean`: 1/G sum 1/T_i sum_t (UAE eq. 2). `token_mean`: over all tokens (DAPO). `constant`: divide by G*max_len (Dr. GRPO).")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Caption KL estimator (k3: unbiased, non-negative; GRPO).")
+    num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout batch (GRPO's mu).")
+    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="How several weighted rewards form one advantage.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    encoder: PolicyOptim = Field(default_factory=lambda: PolicyOptim(lr=1e-5, beta=0.04, epsilon=0.2))
+    decoder: PolicyOptim = Field(default_factory=lambda: PolicyOptim(lr=3e-4, beta=0.04, epsilon=1e-4))
+
+
+class ColdStartConfig(_Section):
+    """Stage 1 (UAE eq. 3): minimise 1 - cos(f_I(x), f_I(x_rec)) through encoder, connector and decoder."""
+
+    grad_steps: int = Field(1, gt=0, description="K: the last K denoising steps carry gradient; earlier ones run without.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of all three parameter groups in stage 1.")
+    connector_lr: float = Field(1e-3, gt=0, description="Learning rate of the connector (all stages that train it).")
+
+
+class RewardSpec(_Section):
+    name: str = Field(description="`clip` (reconstruction), a registered name, `module:function`, `path/to/file.py:function`, or an entry point of `unified_grpo.rewards`.")
+    weight: float = Field(1.0, description="Weight in the combined reward.")
+
+
+class RewardsConfig(_Section):
+    functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights.")
+    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A plugin that raises or returns bad values: `fail` stops the run naming it; `skip_sample` drops the bad scores.")
+
+
+class RayConfig(_Section):
+    address: str = Field("local", description="`local`: start a Ray on 127.0.0.1 in this process. `auto`: join the cluster (under `ray job submit`). Or a `ray://` / `host:port` address.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray (None: all).")
+    colocate: bool = Field(False, description="Rollouts run inside the learner process (no weight copy); for small machines.")
+    rollout_workers: int = Field(1, gt=0, description="Rollout actors.")
+    reward_workers: int = Field(1, gt=0, description="Reward actors.")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU).")
+
+
+class LearnerConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
+    bf16: bool = Field(False, description="DeepSpeed bf16 mixed precision.")
+    micro_batch_size: int = Field(0, ge=0, description="Rollouts per forward pass (0: all at once).")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("runs/unified-grpo", description="Output directory (metrics.jsonl, tensorboard/, checkpoints/, plots).")
+    tensorboard: bool = Field(True, description="Write a TensorBoard log under `tensorboard/`.")
+    progress: bool = Field(True, description="Show a progress bar on the console.")
+    plot: bool = Field(True, description="Write `reward.png` (reward and caption length against step).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_last: int = Field(2, gt=0, description="Complete checkpoints kept.")
+
+
+class Recipe(_Section):
+    """A whole Unified-GRPO run."""
+
+    seed: int = Field(0, description="Global seed (data order, rollouts, init).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available.")
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many steps in all (None: the whole schedule).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        t = self.rollout.trajectory
+        if t.sde_window is not None and t.sde_window > t.num_steps:
+            raise ValueError(f"rollout.trajectory.sde_window ({t.sde_window}) is larger than num_steps ({t.num_steps})")
+        if self.models.decoder.image_size % 8:
+            raise ValueError("models.decoder.image_size must be a multiple of 8")
+        return self
+
+    def stages(self) -> list[Stage]:
+        """The stage of every step in order (before max_steps)."""
+        out: list[Stage] = ["cold_start"] * self.schedule.cold_start_steps
+        for _ in range(self.schedule.cycles):
+            for phase in self.schedule.phases:
+                out += [phase.stage] * phase.steps
+        return out[: self.max_steps] if self.max_steps else out
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k, {}), dict):
+            raise RecipeError(f"--set {dotted}: `{k}` is not a section")
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`key.path=value` strings -> (path, YAML-parsed value)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].replace("Value error, ", "")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see rl/config.py for the fields)"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: str | None = None,
+                max_steps: int | None = None, check_files: bool = True) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError naming the field at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_path(tree, key, value)
+    if output_dir is not None:
+        _set_path(tree, "output.dir", output_dir)
+    if max_steps is not None:
+        tree["max_steps"] = max_steps
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError(_format_error(e, str(path))) from None
+    if check_files:
+        check_recipe_files(recipe, base_dir=path.parent)
+    return recipe
+
+
+def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
+    """Cheap checks of everything the recipe points to: files, folders, reward plugins."""
+    m = recipe.models
+    for field, value in [
+        ("models.encoder.path", m.encoder.path),
+        ("models.decoder.path", m.decoder.path),
+        ("models.connector.path", m.connector.path),
+        ("models.clip.checkpoint", m.clip.checkpoint),
+    ]:
+        if value and not Path(value).exists():
+            raise RecipeError(f"invalid recipe: {field}: file or folder not found: {value}")
+    if recipe.data.source is not None:
+        from rl.data import DataError, check_source
+
+        try:
+            check_source(recipe.data.source, recipe.data.image_column)
+        except DataError as e:
+            raise RecipeError(f"invalid recipe: data.source: {e}") from None
+    from rewards.api import RewardSpecError, validate_specs
+
+    specs = [r.name for r in recipe.rewards.functions if r.name != "clip"]
+    try:
+        validate_specs(specs)
+    except RewardSpecError as e:
+        index = next((i for i, r in enumerate(recipe.rewards.functions) if r.name in str(e)), None)
+        where = f"rewards.functions.{index}.name" if index is not None else "rewards.functions"
+        raise RecipeError(f"invalid recipe: {where}: {e}") from None
+    if recipe.rollout.caption.backend == "vllm":
+        from rollouts.captions import vllm_available
+
+        if not vllm_available():
+            raise RecipeError("invalid recipe: rollout.caption.backend: `vllm` needs the `vllm` extra "
+                              "(pip install 'unified-grpo[vllm]') and a CUDA GPU; use `hf` on this machine")

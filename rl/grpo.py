@@ -1,0 +1,295 @@
+"""The GRPO math: group-relative advantages, KL estimators, the clipped objective, aggregation.
+
+Pure functions of tensors (torch only, no model, no Ray), read top to bottom in the order of the
+algorithm box: rewards -> advantages -> per-element loss -> one scalar.
+
+Options (defaults first; the recipe schema `rl/config.py` exposes each one):
+
+- `scale` in `group_advantages` / `combine_rewards`:
+    "group" (default): A_i = (R_i - mean_g(R)) / (std_g(R) + eps), the group's unbiased std, as
+        TRL's `std()` (UAE eq. 1; DeepSeekMath GRPO).
+    "batch": divide by the std of every present reward in the batch instead (more robust to
+        groups with a tiny spread; TRL `scale_rewards="batch"`).
+    "none": A_i = R_i - mean_g(R), no division (Dr. GRPO, Liu et al. 2025: the std divisor
+        up-weights too easy / too hard groups).
+- `clip` (default 5.0): advantages clipped to [-clip, clip]; None disables.
+- Zero-variance groups (all present rewards equal, or fewer than 2 present) carry no signal:
+  advantage 0, `valid` False, and their fraction is reported as `zero_var_frac` (DAPO's dynamic
+  sampling drops them; we mask them).
+- `mode` in `combine_rewards`: "sum_then_normalize" (default; weighted sum of the K rewards, then
+  one normalisation) or "normalize_then_sum" (normalise each reward, then weighted sum).
+- `kind` in `kl_estimator`: "k1" log r, "k2" (log r)^2 / 2, "k3" (default) r - 1 - log r with
+  r = ref/pi (Schulman, "Approximating KL divergence", 2020; k3 is unbiased and >= 0).
+- `epsilon` (default 0.2) and `epsilon_high` (default None = epsilon) in the clipped objective;
+  epsilon_high = 0.28 is DAPO's "clip-higher" (Yu et al. 2025).
+- `agg` in `aggregate` / `grpo_loss`: "token_mean" (default, DAPO), "sequence_mean" (original
+  GRPO, the 1/|o_i| of UAE eq. 2), "constant" (Dr. GRPO: divide by B * max completion length).
+- KL placement: in the loss (`grpo_loss(kl=..., beta=...)`) or in the reward (`kl_in_reward`).
+  beta = 0 (default) needs no reference model at all (DAPO, Dr. GRPO).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+
+# ALGO LOGIC: rewards -> group-relative advantages (UAE eq. 1)
+
+
+class Advantages(NamedTuple):
+    advantages: Tensor  # (N,) float32, 0 where not valid
+    valid: Tensor  # (N,) bool: False for missing rewards and for members of zero-variance groups
+    zero_var_frac: float  # fraction of groups with all present rewards equal (or < 2 present)
+
+
+def to_reward_tensor(rewards) -> Tensor:
+    """list[float | None] (or nested lists, or a tensor) -> float32 tensor, NaN for None."""
+    if isinstance(rewards, Tensor):
+        return rewards.detach().to(torch.float32)
+
+    def none_to_nan(x):
+        if isinstance(x, (list, tuple)):
+            return [none_to_nan(v) for v in x]
+        return float("nan") if x is None else float(x)
+
+    return torch.tensor(none_to_nan(list(rewards)), dtype=torch.float32)
+
+
+def group_advantages(
+    rewards,
+    group_size: int,
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+    clip: float | None = 5.0,
+) -> Advantages:
+    """Group-relative advantages, UAE eq. 1:  A_i = (R_i - mean(R_g)) / (std(R_g) + eps).
+
+    rewards: (N,) list or tensor, N = num_groups * group_size, the G members of a group
+    consecutive. NaN / None (or +-inf) means "no score": that reward is left out of its group's
+    mean and std (not counted as 0), and its advantage is 0 with valid False.
+    std is the unbiased one (divide by n - 1), like TRL's `rewards.view(-1, G).std(dim=1)`.
+    """
+    r = to_reward_tensor(rewards)
+    if r.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(r.shape)}")
+    if group_size < 1 or r.numel() % group_size != 0:
+        raise ValueError(
+            f"group_size={group_size} must divide the number of rewards N={r.numel()}: "
+            "pass N = num_groups * group_size rewards, the members of a group consecutive"
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale={scale!r}: use 'group', 'batch' or 'none'")
+
+    g = r.view(-1, group_size)  # (num_groups, G)
+    present = torch.isfinite(g)
+    n = present.sum(dim=1, keepdim=True)  # (num_groups, 1)
+    x = torch.where(present, g, torch.zeros_like(g))  # missing -> 0, then masked out of sums
+    mean = x.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centered = torch.where(present, x - mean, torch.zeros_like(x))
+
+    # Compare max and min rather than test std == 0: the float mean of equal values can differ
+    # from them by an ulp, which would leave a tiny nonzero std and a huge advantage.
+    hi = torch.where(present, g, torch.full_like(g, -float("inf"))).amax(dim=1)
+    lo = torch.where(present, g, torch.full_like(g, float("inf"))).amin(dim=1)
+    zero_var = (n.squeeze(1) < 2) | (hi == lo)  # (num_groups,)
+
+    if scale == "group":
+        var = centered.pow(2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        adv = centered / (var.sqrt() + eps)
+    elif scale == "batch":
+        all_present = r[torch.isfinite(r)]
+        std = all_present.std() if all_present.numel() >= 2 else r.new_zeros(())
+        adv = centered / (std + eps)
+    else:  # "none": Dr. GRPO
+        adv = centered
+
+    valid = present & ~zero_var.unsqueeze(1)
+    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    frac = zero_var.float().mean().item() if zero_var.numel() else 0.0
+    return Advantages(adv.reshape(-1), valid.reshape(-1), frac)
+
+
+def combine_rewards(
+    rewards: Tensor,
+    weights: Sequence[float],
+    group_size: int,
+    mode: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+    scale: Literal["group", "batch", "none"] = "group",
+    eps: float = 1e-4,
+    clip: float | None = 5.0,
+) -> Advantages:
+    """Advantages from K weighted reward functions. rewards: (K, N), NaN = missing.
+
+    "sum_then_normalize": R_i = sum_k w_k R_ki over the rewards present for sample i (a missing
+        term is skipped, i.e. counts 0; NaN if all K are missing), then `group_advantages`.
+    "normalize_then_sum": A_i = sum_k w_k A_ki with A_k = group_advantages(R_k) unclipped, then
+        clipped once; valid where any component is valid; `zero_var_frac` is the fraction of
+        groups with no valid member (every component zero-variance there).
+    """
+    r = to_reward_tensor(rewards)
+    if r.ndim != 2 or r.shape[0] != len(weights):
+        raise ValueError(
+            f"rewards must be (K, N) with K = len(weights) = {len(weights)}, "
+            f"got shape {tuple(r.shape)}"
+        )
+    w = torch.tensor(list(weights), dtype=torch.float32).unsqueeze(1)  # (K, 1)
+    present = torch.isfinite(r)
+
+    if mode == "sum_then_normalize":
+        total = torch.where(present, w * r, torch.zeros_like(r)).sum(dim=0)  # (N,)
+        total = torch.where(present.any(dim=0), total, torch.full_like(total, float("nan")))
+        return group_advantages(total, group_size, scale=scale, eps=eps, clip=clip)
+    if mode != "normalize_then_sum":
+        raise ValueError(f"mode={mode!r}: use 'sum_then_normalize' or 'normalize_then_sum'")
+
+    parts = [group_advantages(r_k, group_size, scale=scale, eps=eps, clip=None) for r_k in r]
+    adv = (w * torch.stack([p.advantages for p in parts])).sum(dim=0)  # (N,)
+    valid = torch.stack([p.valid for p in parts]).any(dim=0)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    no_signal = ~valid.view(-1, group_size).any(dim=1)
+    frac = no_signal.float().mean().item() if no_signal.numel() else 0.0
+    return Advantages(adv, valid, frac)
+
+
+# ALGO LOGIC: KL estimators (Schulman 2020), per element, samples drawn from pi
+
+
+def kl_estimator(logp: Tensor, ref_logp: Tensor, kind: Literal["k1", "k2", "k3"] = "k3") -> Tensor:
+    """Per-element estimate of KL(pi || ref); logp, ref_logp: (B, T) -> (B, T).
+
+    With log_ratio = logp - ref_logp and r = ref/pi = exp(-log_ratio):
+    k1 = log_ratio (unbiased, can be negative), k2 = log_ratio^2 / 2 (biased, >= 0),
+    k3 = r - 1 - log r = exp(-log_ratio) - 1 + log_ratio (unbiased, >= 0; DeepSeekMath eq. 4).
+    """
+    log_ratio = logp - ref_logp
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio.pow(2)
+    if kind == "k3":
+        return torch.exp(-log_ratio) - 1 + log_ratio
+    raise ValueError(f"kind={kind!r}: use 'k1', 'k2' or 'k3'")
+
+
+# ALGO LOGIC: the clipped surrogate (UAE eq. 2) and its aggregation
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-element PPO/GRPO clipped loss, UAE eq. 2 without the KL term:
+
+        loss = -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A),   r = exp(logp - old_logp)
+
+    logp, old_logp: (B, T) per token (captions) or per denoising step (trajectories).
+    advantages: (B,), broadcast over T. epsilon_high None means symmetric (= epsilon); DAPO
+    uses 0.28 so low-probability tokens can still grow.
+    Returns (loss (B, T), ratio (B, T), clipped (B, T) bool: the min took the clipped term and
+    it differs from the unclipped one, so no gradient flows there).
+    """
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    adv = advantages.reshape(advantages.shape[0], *([1] * (logp.ndim - 1)))  # (B, 1)
+    unclipped = ratio * adv
+    clipped_obj = ratio.clamp(1 - epsilon, 1 + eps_high) * adv
+    clipped = clipped_obj < unclipped
+    return -torch.minimum(unclipped, clipped_obj), ratio, clipped
+
+
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    mode: Literal["token_mean", "sequence_mean", "constant"] = "token_mean",
+    constant: float | None = None,
+) -> Tensor:
+    """Reduce per-element values (B, T) with a 0/1 mask (B, T) to a scalar.
+
+    "token_mean":    sum(v m) / sum(m), every token of the batch weighs the same (DAPO).
+    "sequence_mean": mean_i [ sum_t(v m)_i / sum_t(m)_i ], the 1/|o_i| of GRPO and UAE eq. 2;
+                     the mean is over all B sequences (an empty one counts 0, as in TRL).
+    "constant":      sum(v m) / (B * constant), constant = max completion length (Dr. GRPO):
+                     no length bias from the normaliser.
+    Denominators are clamped to >= 1 so an all-zero mask gives 0, not NaN.
+    """
+    m = mask.to(values.dtype)
+    total = (values * m).sum()
+    if mode == "token_mean":
+        return total / m.sum().clamp(min=1.0)
+    if mode == "sequence_mean":
+        per_seq = (values * m).sum(dim=-1) / m.sum(dim=-1).clamp(min=1.0)  # (B,)
+        return per_seq.mean()
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError(
+                f"agg='constant' needs constant > 0 (got {constant}): pass the maximum "
+                "completion length (caption max_new_tokens, or the number of trained steps)"
+            )
+        return total / (values.shape[0] * constant)
+    raise ValueError(f"agg={mode!r}: use 'token_mean', 'sequence_mean' or 'constant'")
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor  # scalar, with grad
+    stats: dict[str, float]  # detached: policy_loss, kl, clip_frac, ratio_mean, ratio_max, ratio_min
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    kl: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    agg: str = "token_mean",
+    constant: float | None = None,
+) -> LossOutput:
+    """The GRPO objective, UAE eq. 2, negated to a loss:
+
+        L = agg_{i,t} [ -min(r A_i, clip(r, 1-eps, 1+eps_high) A_i) + beta KL_{i,t} ]
+
+    logp, old_logp, mask: (B, T); advantages: (B,). kl: (B, T) per element, computed by the caller
+    (`kl_estimator` for tokens, the closed-form Gaussian KL per denoising step), required if
+    beta > 0. Stats are over masked elements: policy_loss aggregated like the loss, kl the masked
+    token mean, clip_frac the fraction of masked elements where clipping was active.
+    """
+    if beta != 0.0 and kl is None:
+        raise ValueError(f"beta={beta} needs kl=(B, T) per-element KL; pass it or set beta=0")
+    per_el, ratio, clipped = clipped_policy_loss(logp, old_logp, advantages, epsilon, epsilon_high)
+    total = per_el + beta * kl if (kl is not None and beta != 0.0) else per_el
+    loss = aggregate(total, mask, agg, constant)
+
+    with torch.no_grad():
+        m = mask.bool()
+        r = ratio[m]
+        stats = {
+            "policy_loss": aggregate(per_el, mask, agg, constant).item(),
+            "kl": aggregate(kl, mask).item() if kl is not None else 0.0,
+            "clip_frac": aggregate(clipped.float(), mask).item(),
+            # no masked element: report the neutral ratio 1 rather than NaN
+            "ratio_mean": r.mean().item() if r.numel() else 1.0,
+            "ratio_max": r.max().item() if r.numel() else 1.0,
+            "ratio_min": r.min().item() if r.numel() else 1.0,
+        }
+    return LossOutput(loss, stats)
+
+
+def kl_in_reward(rewards: Tensor, kl_per_token: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """KL as a reward penalty instead of a loss term:  R_i <- R_i - beta * sum_t KL_{i,t} m_{i,t}.
+
+    rewards: (N,), NaN = missing (stays NaN); kl_per_token, mask: (N, T). The KL is detached:
+    a reward is a constant to the policy gradient.
+    """
+    penalty = (kl_per_token.detach() * mask.to(kl_per_token.dtype)).sum(dim=-1)  # (N,)
+    return to_reward_tensor(rewards) - beta * penalty.to(torch.float32)

@@ -1,0 +1,1 @@
+"""Model builders: encoder (LVLM), connector, decoder (DiT + VAE), with tiny configs for CPU."""

@@ -1,0 +1,1 @@
+"""Rollouts: caption groups from the encoder, SDE denoising trajectories from the decoder."""

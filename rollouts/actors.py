@@ -1,0 +1,110 @@
+"""Rollout workers: thin owners of the models that turn images into rollout batches.
+
+`RolloutWorker` is a plain class (testable without Ray); `RolloutActor` is the same class as a Ray
+actor. A worker builds the models from the recipe with the same seed as the learner, then takes
+the learner's adapters and connector through `set_weights(state, version)` after every update.
+Every batch it returns carries the weight version it was made with.
+
+Renders for rewards leave the worker as PIL images, rollout tensors as `CaptionGroup` /
+`Trajectory` tuples: plain data, never live models.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rl.config import Recipe
+from rl.models.unified import Models, build_models, resolve_device
+from rollouts.captions import CaptionGroup, generate_captions
+from rollouts.trajectories import Trajectory, render, sample_trajectories
+
+
+def image_seed(image_id: str) -> int:
+    """A stable per-image seed: the frozen decoder renders every caption of one image from the
+    same noise, so within a group the reward varies only with the caption (UAE stage 2)."""
+    return zlib.crc32(image_id.encode()) & 0x7FFFFFFF
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [0, 1] -> N RGB PIL images."""
+    arr = (images.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+class RolloutWorker:
+    """Generates caption groups, renders and SDE trajectories with the current weights."""
+
+    def __init__(self, recipe: Recipe, models: Models | None = None):
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.recipe = recipe
+        self.models = models or build_models(recipe, resolve_device(recipe.device))
+        self.version = 0
+
+    def ready(self) -> bool:
+        return True
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        """Load the learner's adapters + connector (LoRA weights only, never the base model)."""
+        self.models.load_trainable_state(state)
+        self.version = version
+        return version
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return self.models.trainable_state()
+
+    # ------------------------------------------------------------------------------------------
+    def captions(self, images: Sequence[Image.Image], group_size: int, seed: int, greedy: bool = False) -> CaptionGroup:
+        c = self.recipe.rollout.caption
+        return generate_captions(self.models.encoder, images, group_size, max_new_tokens=c.max_new_tokens,
+                                 temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version,
+                                 greedy=greedy)
+
+    @torch.no_grad()
+    def render_captions(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor, seeds: list[int],
+                        num_steps: int | None = None) -> list[Image.Image]:
+        """Deterministic ODE renders of captions by the (frozen) decoder, one seed per row."""
+        dev = self.models.device
+        cond, mask, pooled = self.models.condition(caption_ids.to(dev), caption_mask.to(dev))
+        steps = num_steps or self.recipe.rollout.trajectory.render_steps
+        return to_pil(render(self.models.decoder, cond, mask, pooled, steps, seeds))
+
+    def encoder_rollout(self, images: Sequence[Image.Image], image_ids: Sequence[str], seed: int
+                        ) -> tuple[CaptionGroup, list[Image.Image]]:
+        """Stage 2: G captions per image, each rendered from its image's fixed noise."""
+        g = self.recipe.rollout.group_size
+        group = self.captions(images, g, seed)
+        seeds = [image_seed(i) for i in image_ids for _ in range(g)]
+        return group, self.render_captions(group.completion_ids, group.completion_mask, seeds)
+
+    @torch.no_grad()
+    def decoder_rollout(self, images: Sequence[Image.Image], seed: int
+                        ) -> tuple[Trajectory, list[str], list[Image.Image]]:
+        """Stage 3: one greedy caption per image from the frozen encoder, G SDE trajectories each."""
+        t = self.recipe.rollout.trajectory
+        group = self.captions(images, 1, seed, greedy=True)
+        dev = self.models.device
+        cond, mask, pooled = self.models.condition(group.completion_ids.to(dev), group.completion_mask.to(dev))
+        traj = sample_trajectories(
+            self.models.decoder, cond, mask, pooled, self.recipe.rollout.group_size, num_steps=t.num_steps,
+            noise_level=t.noise_level, seed=seed, sde_window=t.sde_window, window_range=t.window_range,
+            version=self.version,
+        )
+        return traj, group.captions, to_pil(traj.images)
+
+    def cold_start_rollout(self, images: Sequence[Image.Image], seed: int) -> CaptionGroup:
+        """Stage 1: one sampled caption per image (no gradient; the learner re-reads it)."""
+        return self.captions(images, 1, seed)
+
+
+def remote_rollout_actor(recipe: Recipe, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                         max_restarts: int = 0, **options: Any):
+    """A `RolloutWorker` as a Ray actor."""
+    import ray
+
+    cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)(RolloutWorker)
+    return cls.options(**options).remote(recipe) if options else cls.remote(recipe)

@@ -1,0 +1,6 @@
+"""Shared test setup: offline Hugging Face, deterministic seeds, few threads."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
