@@ -7,6 +7,7 @@ plugin of the recipe, resolved once at start. `score` runs them all on one batch
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from rewards.api import RewardBatch, RewardFn, compute_rewards, load_reward
@@ -27,6 +28,9 @@ class RewardWorker:
 
     def ready(self) -> bool:
         return True
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def names(self) -> list[str]:
         return [f.name for f in self.fns]

@@ -46,7 +46,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "unified_grpo.rewards"
-BUILTIN_MODULES = ("rewards.format",)  # imported on first lookup so their @register calls run
+BUILTIN_MODULES = ("rewards.format", "rewards.judge")  # imported on first lookup so their @register calls run
 _F32_MAX = 3.4028234663852886e38  # a finite float64 above this becomes inf in the float32 matrix
 
 OnError = Literal["fail", "skip_sample"]

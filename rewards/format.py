@@ -16,8 +16,9 @@ structured caption", sec. 3.2.1; the six parts of the gold caption in Table 8):
   4. Movement caption: ... 5. Style caption: ... 6. Camera caption: ..." (case-insensitive;
   parts may share a line, as in Table 8). Nothing but whitespace may come before part 1.
 
-`format_score(text, sections=None)` checks the tags only, for free-form captions; for another set
-of parts, register a three-line plugin that calls `format_score(text, MY_PARTS)`.
+Registered as `format` (tags only, for free-form captions: `format_score(text, sections=None)`) and
+`format_reade` (tags and the six parts). For another set of parts, register a three-line plugin
+that calls `format_score(text, MY_PARTS)`.
 """
 from __future__ import annotations
 
@@ -83,5 +84,11 @@ def format_score(text: str, sections: Sequence[str] | None = READE_SECTIONS) -> 
 
 @register("format")
 def format_reward(prompts, completions, **kwargs) -> list[float]:
-    """Reward plugin "format": `format_score` with ReaDe's six parts, per completion."""
+    """Reward plugin "format": think + answer tags only (1 / 0.2 / 0), for free-form captions."""
+    return [format_score(completion_text(c), sections=None) for c in completions]
+
+
+@register("format_reade")
+def format_reade_reward(prompts, completions, **kwargs) -> list[float]:
+    """Reward plugin "format_reade": the tags and ReaDe's six-part structured answer (Table 8)."""
     return [format_score(completion_text(c)) for c in completions]

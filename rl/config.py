@@ -37,18 +37,46 @@ class _Section(BaseModel):
 # models
 # ----------------------------------------------------------------------------------------------
 class AdapterConfig(_Section):
-    """The trainable adapter on a policy. LoRA settings follow Flow-GRPO (UAE sec. 2.1)."""
+    """The trainable adapter on a policy (`rl/adapters.py`). LoRA settings follow Flow-GRPO (UAE sec. 2.1)."""
 
-    kind: Literal["lora"] = Field("lora", description="Adapter kind: `lora` (peft LoRA).")
-    r: int = Field(32, gt=0, description="LoRA rank. Flow-GRPO and UAE: 32.")
-    alpha: float = Field(64.0, gt=0, description="LoRA alpha (scale alpha/r). Flow-GRPO: 64.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout. 0 keeps rollouts and learner identical.")
+    kind: Literal["lora", "lokr", "kadapter"] = Field(
+        "lora",
+        description="Adapter kind. `lora`: peft LoRA, dW = B A (rank r). `lokr`: peft LoKr, dW = w1 (kron) w2, "
+        "one Kronecker term per module (w1 about n x n, w2 of rank r). `kadapter`: the thesis's KAdaptation "
+        "(ch. 2 eq. 2.4, ch. 9 eq. 9.2), dW = sum_{i=1..n} A_i (kron) u_i v_i^T with the n x n slow weights A_i "
+        "shared by all adapted layers of the policy: a rank-r LoRA's parameter count, rank up to n^2 r.",
+    )
+    r: int = Field(32, gt=0, description="Rank of the low-rank factor (LoRA: B A; LoKr: w2; kadapter: each u_i v_i^T). "
+                   "Flow-GRPO and UAE (LoRA): 32.")
+    alpha: float = Field(64.0, gt=0, description="Scale alpha/r on dW, for every kind. Flow-GRPO: 64.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter path (LoKr: module dropout). "
+                           "0 keeps rollouts and learner identical.")
     target_modules: list[str] | None = Field(
         None,
         description="Module names to adapt. None: the policy's default (encoder: the language "
         "model's q/k/v/o projections; decoder: the attention projections to_q/to_k/to_v/to_out.0 "
         "and add_q/k/v_proj, to_add_out).",
     )
+    n: int = Field(4, gt=1, description="lokr and kadapter: size of the small Kronecker factor (n x n); kadapter "
+                   "also sums n terms (thesis eq. 2.3). Must divide both dims of every adapted layer (checked when "
+                   "the models are built). Ignored by lora.")
+    shared: bool = Field(True, description="kadapter only: true (thesis) shares the slow weights A_1..A_n across all "
+                         "adapted layers of the policy (n^3 parameters once); false gives each layer its own A.")
+    init: Literal["default", "gaussian", "lycoris", "random"] = Field(
+        "default",
+        description="Initial adapter weights; every choice but `random` starts at dW = 0 (policy = reference). "
+        "`default`: lora kaiming A / zero B on the encoder, gaussian A / zero B on the decoder (Flow-GRPO); "
+        "lokr peft's default (w2 = 0); kadapter A ~ N(0, 1/n), u kaiming, v = 0. `gaussian`: lora only. "
+        "`lycoris`: lokr only (LyCORIS's init). `random`: kadapter only, v random too (dW != 0: tests, ablations).",
+    )
+
+    @model_validator(mode="after")
+    def _init_fits_kind(self) -> "AdapterConfig":
+        allowed = {"gaussian": "lora", "lycoris": "lokr", "random": "kadapter"}
+        if self.init in allowed and allowed[self.init] != self.kind:
+            raise ValueError(f"init={self.init!r} is for kind {allowed[self.init]!r}, not {self.kind!r}: "
+                             f"use init='default' or kind={allowed[self.init]!r}")
+        return self
 
 
 class EncoderConfig(_Section):
@@ -77,9 +105,10 @@ class DecoderConfig(_Section):
 class ConnectorConfig(_Section):
     """Encoder hidden states -> decoder conditioning (UAE sec. 2.1; GRAN-TED sec. 3.5)."""
 
-    layers: Literal["last", "norm_avg", "learned"] = Field("last", description="`last`: last hidden state (UAE). `norm_avg`: mean of LayerNorm(h_i) over layers (GRAN-TED eq. 3). `learned`: softmax-weighted LayerNorm(h_i), trained then frozen (GRAN-TED eq. 4).")
+    layers: Literal["last", "norm_avg", "learned"] = Field("last", description="`last`: last hidden state (UAE). `norm_avg`: mean of parameter-free LayerNorm(h_i) over the L transformer layers, embeddings excluded (GRAN-TED sec. 2.1 eq. 1; the paper's baseline). `learned`: softmax-weighted LayerNorm(h_i), trained then frozen after `freeze_after_steps` (GRAN-TED sec. 3.5 eqs. 3-4; the paper's best).")
     mlp_ratio: float = Field(2.0, gt=0, description="Hidden width of the 2-layer MLP projector, as a multiple of the decoder width.")
-    freeze_after_steps: int | None = Field(None, ge=0, description="`learned` only: freeze the layer weights after this many optimiser steps.")
+    freeze_after_steps: int | None = Field(None, ge=0, description="`learned` only: freeze the layer weights after this many optimiser steps (None: never). GRAN-TED trains them jointly for 12k of 20k steps, then freezes (appendix C.1).")
+    pooled: Literal["learned", "zeros", "mean"] = Field("learned", description="What fills SD3's pooled conditioning vector (its CLIP pooled text embedding has no counterpart here). `learned` (default): one trainable vector shared by all captions. `zeros`: a fixed zero vector. `mean`: masked mean of the selected hidden state over caption tokens through a trainable Linear to the pooled width.")
     path: str | None = Field(None, description="A connector.safetensors to start from.")
 
 
@@ -148,9 +177,21 @@ class TrajectorySampling(_Section):
     num_steps: int = Field(10, gt=0, description="Denoising steps of a training rollout (Flow-GRPO: 10).")
     eval_steps: int = Field(40, gt=0, description="ODE steps for evaluation renders (Flow-GRPO: 40).")
     noise_level: float = Field(0.7, ge=0, description="SDE noise scale a (Flow-GRPO: 0.7).")
-    sde_window: int | None = Field(None, gt=0, description="Only this many consecutive steps are stochastic and trained; None: all steps.")
+    sde_window: int | None = Field(None, gt=0, description="Only this many consecutive steps are stochastic and trained, the rest are ODE steps (the start is drawn per rollout in `window_range`); None: no window. Exclusive with `timestep_fraction`; both None: every step is SDE and trained (plain Flow-GRPO).")
     window_range: tuple[int, int] | None = Field(None, description="Range [lo, hi) of the window's start step; None: anywhere it fits.")
+    timestep_fraction: float | None = Field(None, gt=0, le=1, description="Instead of a window: a random subset of round(fraction * num_steps) steps (at least 1), drawn per rollout from its seed, is stochastic and trained; the rest are ODE steps. None: off (default). Exclusive with `sde_window`.")
     render_steps: int = Field(10, gt=0, description="ODE steps of the frozen decoder rendering captions in stage 2 and cold start.")
+    cfg_scale: float = Field(1.0, ge=1, description="Classifier-free guidance scale s: v = v_u + s (v_c - v_u), with v_u the velocity for the empty caption (the connector's output for it). 1.0: off, one conditional pass. SD3/SD3.5 sample with 7.0 (Flow-GRPO trains SD3.5 with 4.5); used in decoder rollouts and caption renders. Cold start never uses it.")
+    cfg_in_training: bool = Field(True, description="With cfg_scale > 1: the learner's log-probs use the guided velocity (one batched conditional + unconditional pass, as the rollout sampled). False: the learner scores and trains the conditional velocity alone (half the compute; the rollout stores log-probs under that policy too).")
+
+    @model_validator(mode="after")
+    def _one_step_selection(self) -> "TrajectorySampling":
+        if self.sde_window is not None and self.timestep_fraction is not None:
+            raise ValueError(
+                f"sde_window ({self.sde_window}) and timestep_fraction ({self.timestep_fraction}) are "
+                "mutually exclusive: set one of them to null (sde_window: a window of consecutive "
+                "steps; timestep_fraction: a random subset of the steps)")
+        return self
 
 
 class RolloutConfig(_Section):
@@ -168,6 +209,12 @@ class PolicyOptim(_Section):
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO's clip-higher); None: epsilon.")
 
 
+class DecoderOptim(PolicyOptim):
+    """The decoder policy's optimisation, plus the EMA that only the decoder side has."""
+
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the decoder LoRA weights for evaluation and export (`Learner.ema_state()`), updated after every decoder optimiser step with decay min(ema_decay, (1 + t) / (10 + t)) at update t (Flow-GRPO: 0.9). None: off (default). Training and rollouts always use the raw weights.")
+
+
 class GRPOConfig(_Section):
     """GRPO hyper-parameters shared by both policies (per-policy ones in `encoder` / `decoder`)."""
 
@@ -179,13 +226,14 @@ class GRPOConfig(_Section):
     reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="How several weighted rewards form one advantage.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     encoder: PolicyOptim = Field(default_factory=lambda: PolicyOptim(lr=1e-5, beta=0.04, epsilon=0.2))
-    decoder: PolicyOptim = Field(default_factory=lambda: PolicyOptim(lr=3e-4, beta=0.04, epsilon=1e-4))
+    decoder: DecoderOptim = Field(default_factory=lambda: DecoderOptim(lr=3e-4, beta=0.04, epsilon=1e-4))
 
 
 class ColdStartConfig(_Section):
     """Stage 1 (UAE eq. 3): minimise 1 - cos(f_I(x), f_I(x_rec)) through encoder, connector and decoder."""
 
     grad_steps: int = Field(1, gt=0, description="K: the last K denoising steps carry gradient; earlier ones run without.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward instead of storing them (torch.utils.checkpoint, use_reentrant=False): the decoder's transformer blocks in the K steps with gradient, and the encoder's language-model layers. Less memory, about one more forward of time.")
     lr: float = Field(1e-4, gt=0, description="Learning rate of all three parameter groups in stage 1.")
     connector_lr: float = Field(1e-3, gt=0, description="Learning rate of the connector (all stages that train it).")
 
@@ -198,6 +246,10 @@ class RewardSpec(_Section):
 class RewardsConfig(_Section):
     functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights.")
     on_error: Literal["fail", "skip_sample"] = Field("fail", description="A plugin that raises or returns bad values: `fail` stops the run naming it; `skip_sample` drops the bad scores.")
+    need_renders: bool | None = Field(None, description="Render every caption with the frozen decoder in the encoder stage (kwargs `renders`). None: only when `clip` is among the functions; plugins that read `renders` need true.")
+
+    def renders_needed(self) -> bool:
+        return self.need_renders if self.need_renders is not None else any(f.name == "clip" for f in self.functions)
 
 
 class RayConfig(_Section):
@@ -221,8 +273,75 @@ class OutputConfig(_Section):
     tensorboard: bool = Field(True, description="Write a TensorBoard log under `tensorboard/`.")
     progress: bool = Field(True, description="Show a progress bar on the console.")
     plot: bool = Field(True, description="Write `reward.png` (reward and caption length against step).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end).")
-    keep_last: int = Field(2, gt=0, description="Complete checkpoints kept.")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps under `checkpoints/step-NNNNNN/` (adapters, connector, optimizer, RNG, data and schedule position; rl/checkpoint.py). 0: only at the end.")
+    keep_last: int = Field(2, gt=0, description="Complete checkpoints kept; an older one is deleted only after a newer one is complete.")
+    resume: Literal["auto", "never"] = Field("never", description="`auto`: continue from the newest complete checkpoint in `dir` (half-written ones are skipped and reported; none: start at step 0); refused when the recipe's `models` differ from the checkpoint's. `never`: start at step 0. `python -m rl.train RECIPE --resume` sets `auto`.")
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrained shapes-world models (rl/pretrain.py) and evaluation (rl/eval.py)
+# ----------------------------------------------------------------------------------------------
+class ClipPretrain(_Section):
+    """Contrastive training of the tiny CLIP's image tower against FULL captions."""
+
+    steps: int = Field(300, gt=0, description="Optimiser steps (fresh scenes every step).")
+    batch_size: int = Field(128, gt=1, description="Image-caption pairs per step (the contrastive negatives).")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (warm-up, cosine decay).")
+    eval_backbone: bool = Field(True, description="Also train a second, independently seeded CLIP on other scenes: an evaluation backbone (rl.eval `clip_b`) that RL never optimised against.")
+
+
+class VaePretrain(_Section):
+    """The decoder's AutoencoderKL trained as an autoencoder."""
+
+    steps: int = Field(300, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(16, gt=0, description="Images per step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
+    foreground_weight: float = Field(9.0, ge=0, description="Extra loss weight of shape pixels (1 + this) over background ones: shapes cover a small part of an image.")
+    latent_noise: float = Field(0.1, ge=0, description="Std of Gaussian noise added to latents before decoding in training (robustness to imperfect generated latents).")
+    latent_weight: float = Field(1e-4, ge=0, description="Weight of an L2 penalty on the latents (keeps them bounded).")
+
+
+class EncoderPretrain(_Section):
+    """Supervised fine-tuning of the tiny Qwen2.5-VL on (image, caption) pairs."""
+
+    steps: int = Field(500, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(32, gt=0, description="Images per step.")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (all weights).")
+    detail_share: float = Field(0.15, ge=0, le=1, description="Probability that a training caption is the FULL one (every fact) rather than the SHORT one (kinds only). Small: the SFT'd encoder is terse under greedy decoding but samples detailed captions now and then, which encoder GRPO can then reinforce (UAE sec. 4.4). 0: RL has nothing to find; >= 0.5: the encoder is detailed before RL.")
+
+
+class DecoderPretrain(_Section):
+    """Flow-matching training of the DiT and the connector on FULL captions (UAE sec. 2.2's long-caption warm-up)."""
+
+    steps: int = Field(800, gt=0, description="Optimiser steps.")
+    batch_size: int = Field(64, gt=0, description="Latents per step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (transformer and connector).")
+    pool_size: int = Field(4096, gt=0, description="Scenes encoded once by the VAE; batches are drawn from them.")
+    num_layers: int = Field(4, gt=0, description="DiT depth.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (width = num_heads * head_dim).")
+    head_dim: int = Field(16, gt=0, description="Width of one head.")
+    patch_size: int = Field(1, gt=0, description="Latent patch side (1: one token per latent pixel).")
+    joint_attention_dim: int = Field(64, gt=0, description="Width of the conditioning the connector produces.")
+
+
+class PretrainConfig(_Section):
+    """Pretrained tiny models for the generated shapes world (`python -m rl.pretrain RECIPE`)."""
+
+    enabled: bool = Field(False, description="Before training, build the pretrained shapes-world models that are missing from the cache (CLIP, VAE, encoder SFT, decoder + connector; rl/pretrain.py) and use them for every `models` path left unset. Needs data.source: null and tiny models.")
+    cache_dir: str | None = Field(None, description="Cache root; each part is a sub-folder named by a hash of what it depends on. None: $UNIFIED_GRPO_CACHE, else ~/.cache/unified-grpo.")
+    clip: ClipPretrain = Field(default_factory=ClipPretrain)
+    vae: VaePretrain = Field(default_factory=VaePretrain)
+    encoder: EncoderPretrain = Field(default_factory=EncoderPretrain)
+    decoder: DecoderPretrain = Field(default_factory=DecoderPretrain)
+
+
+class EvalConfig(_Section):
+    """Unified-Bench (UAE sec. 3): caption, regenerate, compare (`python -m rl.eval unified-bench`)."""
+
+    n: int = Field(64, gt=0, description="Held-out images scored by rl.eval.")
+    seed: int = Field(0, description="Seed of the generated held-out images.")
+    backbones: dict[str, str] = Field(default_factory=dict, description="Extra similarity backbones, name -> open_clip model name, `timm:<name>`, or a .safetensors of a tiny CLIP. The reward's CLIP is always scored (`clip`), and with pretraining the second shapes CLIP (`clip_b`). The unified score is their mean.")
+    grid_images: int = Field(4, ge=0, description="Held-out images in the run's source | caption | reconstruction grids (grid_start.png, grid_end.png). 0: no grids.")
 
 
 class Recipe(_Section):
@@ -240,6 +359,8 @@ class Recipe(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps in all (None: the whole schedule).")
 
     @model_validator(mode="after")
@@ -249,6 +370,8 @@ class Recipe(_Section):
             raise ValueError(f"rollout.trajectory.sde_window ({t.sde_window}) is larger than num_steps ({t.num_steps})")
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
+        if self.pretrain.enabled and self.data.source is not None:
+            raise ValueError("pretrain.enabled builds models for the generated shapes world: set data.source: null, or pretrain.enabled: false")
         return self
 
     def stages(self) -> list[Stage]:

@@ -22,22 +22,28 @@ import torch.nn.functional as F
 
 from rl import grpo
 from rl.config import Recipe
+from rl.ema import EMA
 from rl.models.unified import Models, build_models, resolve_device
-from rollouts.captions import CaptionGroup, completion_logprobs
+from rollouts.captions import CaptionGroup, completion_logprobs, shard_group
 from rollouts.sde import gaussian_kl_same_std
-from rollouts.trajectories import Trajectory, denoise, initial_noise, step_logprobs
+from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory, step_logprobs
 
 GROUPS = ("encoder", "decoder", "connector")
 
 
-def init_distributed(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
-    """Start torch.distributed for DeepSpeed: gloo on CPU, nccl on CUDA."""
+def init_distributed(rank: int = 0, world_size: int = 1, port: int | None = None,
+                     master_addr: str = "127.0.0.1") -> None:
+    """Start torch.distributed for DeepSpeed: gloo on CPU, nccl on CUDA. Ranks of one learner
+    group share `master_addr:port` (rank 0's address and a port it chose)."""
     import deepspeed
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port or _free_port()))
+    if world_size == 1 or port is not None:
+        # A single rank never shares its rendezvous: take a fresh loopback port rather than one
+        # inherited from a parent process that may still hold it.
+        os.environ["MASTER_ADDR"] = master_addr
+        os.environ["MASTER_PORT"] = str(port or _free_port())
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0")
     if not torch.cuda.is_available():
         # DeepSpeed would compile its shared-memory all-reduce op (~35-80 s) at first use; gloo
@@ -69,12 +75,14 @@ class _Policies(torch.nn.Module):
 class Learner:
     """Owns the models' trainable state and the optimiser. Used inside `LearnerActor`."""
 
-    def __init__(self, recipe: Recipe, models: Models | None = None, rank: int = 0, world_size: int = 1):
+    def __init__(self, recipe: Recipe, models: Models | None = None, rank: int = 0, world_size: int = 1,
+                 port: int | None = None, master_addr: str = "127.0.0.1"):
         import deepspeed
 
         self.recipe = recipe
         self.device = resolve_device(recipe.device)
-        init_distributed(rank, world_size)
+        self.rank, self.world_size = rank, world_size
+        init_distributed(rank, world_size, port, master_addr)
         self.models = models or build_models(recipe, self.device)
         self.version = 0  # bumped by every optimiser step; rollouts carry the version they used
         g = recipe.grpo
@@ -100,6 +108,9 @@ class Learner:
             model=_Policies(self.models), optimizer=optimizer, config=ds_config)
         self._clip = None
         self._stage: str | None = None
+        # EMA of the decoder LoRA for evaluation and export only (rl/ema.py); training never reads it.
+        decay = g.decoder.ema_decay
+        self._ema = EMA(self._decoder_lora(), decay) if decay is not None else None
 
     # ------------------------------------------------------------------------------------------
     # plumbing
@@ -116,7 +127,26 @@ class Learner:
             group["lr"] = lr if on else 0.0
             for p in group["params"]:
                 p.requires_grad_(on)
+        self.models.connector.apply_freeze()  # frozen learned layer weights stay frozen
+        self._set_checkpointing(stage == "cold_start" and self.recipe.cold_start.activation_checkpointing)
         self._stage = stage
+
+    def _set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing (cold_start.activation_checkpointing) of the decoder's transformer
+        blocks (diffusers checkpoints a block only while grad is enabled: the last K steps) and of
+        the encoder's LM layers (HF, through peft; non-reentrant, so frozen inputs are fine)."""
+        transformer, encoder = self.models.decoder.transformer, self.models.encoder.model
+        if on == bool(getattr(transformer, "gradient_checkpointing", False)):
+            return
+        if on:
+            transformer.enable_gradient_checkpointing()
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # HF layers checkpoint only in training mode; dropout is 0 here (AdapterConfig), so
+            # train() changes nothing numerically.
+            encoder.train()
+        else:
+            transformer.disable_gradient_checkpointing()
+            encoder.gradient_checkpointing_disable()
 
     def _step(self, loss: torch.Tensor) -> float:
         self.engine.backward(loss)
@@ -124,6 +154,8 @@ class Learner:
         self.engine.step()
         self.models.connector.after_optimizer_step() if self._stage == "cold_start" else None
         self.version += 1
+        if self._ema is not None and self._stage in ("decoder", "cold_start"):  # stages that move the decoder LoRA
+            self._ema.update(self._decoder_lora())
         return grad_norm
 
     def _grad_norm(self) -> float:
@@ -134,6 +166,54 @@ class Learner:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.models.trainable_state()
+
+    def _decoder_lora(self) -> dict[str, torch.Tensor]:
+        """The live decoder LoRA tensors, keyed as in `trainable_state()` (`decoder.<name>`)."""
+        return {f"decoder.{n}": p for n, p in self.models.decoder.transformer.named_parameters() if "lora_" in n}
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """EMA of the decoder LoRA weights (CPU, float32, keys as in `trainable_state()`), for
+        evaluation renders and export; None when `grpo.decoder.ema_decay` is None."""
+        return self._ema.state() if self._ema is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs from the learner, as tensors and JSON values only
+        (`rl.checkpoint` writes it without pickle): adapters + connector (with its `steps_done`),
+        the optimizer (AdamW moments, step counts, per-group lr), the LR scheduler if any, the
+        weight version, DeepSpeed's counters, the active stage, the EMA and this process's RNG."""
+        from rl.checkpoint import capture_rng
+
+        ema = getattr(self, "_ema", None)
+        scheduler = self.engine.lr_scheduler
+        return {
+            "weights": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "version": self.version,
+            "stage": self._stage,
+            "engine": {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
+                       "skipped_steps": self.engine.skipped_steps},
+            "rng": capture_rng(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict`: afterwards the next step is bitwise the uninterrupted run's."""
+        from rl.checkpoint import restore_rng
+
+        self.models.load_trainable_state(state["weights"])  # in place: the optimizer keeps its params
+        if state["stage"] is not None:
+            self._set_stage(state["stage"])  # requires_grad (and connector freeze) as the saved run had them
+        self.optimizer.load_state_dict(state["optimizer"])  # after _set_stage: the saved lr values win
+        if state.get("lr_scheduler") is not None and self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        ema = getattr(self, "_ema", None)
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        self.version = int(state["version"])
+        for key, value in state["engine"].items():
+            setattr(self.engine, key, value)
+        restore_rng(state["rng"])
 
     def grad_norms(self) -> dict[str, float]:
         """Per-group gradient norms of the last backward (tests use it to see where gradient went)."""
@@ -147,6 +227,9 @@ class Learner:
     # stage 2: encoder GRPO (UAE eq. 2 over caption tokens)
     # ------------------------------------------------------------------------------------------
     def train_encoder(self, group: CaptionGroup, advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        if self.world_size > 1:  # this rank's whole groups; DeepSpeed averages the gradients
+            rows = _shard_rows(len(group.captions), group.group_size, self.rank, self.world_size)
+            group, advantages, valid = shard_group(group, self.rank, self.world_size), advantages[rows], valid[rows]
         self._set_stage("encoder")
         cfg, g = self.recipe.grpo.encoder, self.recipe.grpo
         temperature = self.recipe.rollout.caption.temperature
@@ -173,19 +256,27 @@ class Learner:
                                  constant=self.recipe.rollout.caption.max_new_tokens)
             grad_norm = self._step(out.loss)
             if it == 0:
-                stats = dict(out.stats, loss=float(out.loss), grad_norm=grad_norm)
+                stats = dict(out.stats, loss=float(out.loss.detach()), grad_norm=grad_norm)
                 stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1)) if entropy is not None else 0.0
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
+        stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
         return stats
 
     # ------------------------------------------------------------------------------------------
     # stage 3: decoder GRPO (UAE eq. 4 over SDE steps)
     # ------------------------------------------------------------------------------------------
     def train_decoder(self, traj: Trajectory, advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        if self.world_size > 1:
+            rows = _shard_rows(traj.log_probs.shape[0], traj.group_size, self.rank, self.world_size)
+            traj, advantages, valid = shard_trajectory(traj, self.rank, self.world_size), advantages[rows], valid[rows]
         self._set_stage("decoder")
         cfg, g = self.recipe.grpo.decoder, self.recipe.grpo
-        a = self.recipe.rollout.trajectory.noise_level
+        t = self.recipe.rollout.trajectory
+        a = t.noise_level
+        # Guided velocity in training only when asked: otherwise the conditional policy is trained
+        # (the rollout stored its log-probs under that policy too).
+        cfg_scale = t.cfg_scale if t.cfg_in_training else 1.0
         decoder = self.models.decoder
         n, s = traj.log_probs.shape
         mask = valid.to(self.device).float().unsqueeze(1).expand(n, s)
@@ -193,12 +284,12 @@ class Learner:
         mean_ref = None
         if cfg.beta > 0:
             with torch.no_grad(), self.models.reference("decoder"):
-                _, mean_ref, _ = step_logprobs(decoder, traj, a)
+                _, mean_ref, _ = step_logprobs(decoder, traj, a, cfg_scale=cfg_scale)
         stale = traj.version != self.version
         old_logp = traj.log_probs.to(self.device) if stale else None
         stats: dict[str, Any] = {}
         for it in range(g.num_iterations):
-            logp, mean, std = step_logprobs(decoder, traj, a)
+            logp, mean, std = step_logprobs(decoder, traj, a, cfg_scale=cfg_scale)
             if old_logp is None:
                 old_logp = logp.detach()
             kl = None
@@ -209,9 +300,10 @@ class Learner:
                                  epsilon_high=cfg.epsilon_high, agg="sequence_mean")
             grad_norm = self._step(out.loss)
             if it == 0:
-                stats = dict(out.stats, loss=float(out.loss), grad_norm=grad_norm)
+                stats = dict(out.stats, loss=float(out.loss.detach()), grad_norm=grad_norm)
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
+        stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
         return stats
 
     # ------------------------------------------------------------------------------------------
@@ -227,6 +319,10 @@ class Learner:
     def train_cold_start(self, images: list, image_ids: list[str], caption_ids: torch.Tensor,
                          caption_mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         """One joint step of 1 - cos(f_I(x), f_I(D(E(x)))) on B images with one caption each."""
+        if self.world_size > 1:  # images rank, rank + world_size, ...
+            idx = list(range(self.rank, len(images), self.world_size))
+            images, image_ids, seeds = [images[i] for i in idx], [image_ids[i] for i in idx], [seeds[i] for i in idx]
+            caption_ids, caption_mask = caption_ids[idx], caption_mask[idx]
         self._set_stage("cold_start")
         clip = self.clip()
         cond, mask, pooled = self.models.condition(caption_ids.to(self.device), caption_mask.to(self.device))
@@ -241,8 +337,14 @@ class Learner:
         cos = (rec_emb * src_emb.to(rec_emb.device)).sum(-1)  # (B,)
         loss = (1 - cos).mean()
         grad_norm = self._step(loss)
-        return {"loss": float(loss), "grad_norm": grad_norm, "rewards": cos.detach().cpu().tolist(),
+        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "rewards": cos.detach().cpu().tolist(),
                 "version": self.version, "layer_weights": self.models.connector.layer_weights().tolist()}
+
+
+def _shard_rows(n: int, group_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """Row indices of the groups rank, rank + world_size, ... (matches shard_group/shard_trajectory)."""
+    groups = range(rank, n // group_size, world_size)
+    return torch.tensor([i * group_size + j for i in groups for j in range(group_size)], dtype=torch.long)
 
 
 def clip_pixels(images: torch.Tensor, preprocess) -> torch.Tensor:
@@ -271,9 +373,12 @@ class LearnerWorker:
     """The learner as an actor. With `colocate`, it also hosts the rollout worker over the same
     modules, so a weight sync is only a version bump (no copy)."""
 
-    def __init__(self, recipe: Recipe, colocate: bool = False):
-        torch.manual_seed(recipe.seed)
-        self.learner = Learner(recipe)
+    def __init__(self, recipe: Recipe, colocate: bool = False, rank: int = 0, world_size: int = 1,
+                 port: int | None = None, master_addr: str = "127.0.0.1"):
+        from rl.checkpoint import seed_rng
+
+        seed_rng(recipe.seed)  # python, numpy and torch: checkpointed RNG states then repeat across runs
+        self.learner = Learner(recipe, rank=rank, world_size=world_size, port=port, master_addr=master_addr)
         self.rollout = None
         if colocate:
             from rollouts.actors import RolloutWorker
@@ -283,11 +388,26 @@ class LearnerWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def version(self) -> int:
         return self.learner.version
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.learner.trainable_state()
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        return self.learner.ema_state()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        self.learner.load_state_dict(state)
+        if self.rollout is not None:
+            self.rollout.version = self.learner.version
+        return self.learner.version
 
     def train(self, stage: str, *args: Any) -> dict[str, Any]:
         fn = {"cold_start": self.learner.train_cold_start, "encoder": self.learner.train_encoder,

@@ -81,3 +81,28 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: str) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def plot_layer_weights(rows: list[dict[str, Any]], out_png: str) -> bool:
+    """The connector's layer weights alpha_i (GRAN-TED eq. 3) against step, one line per layer,
+    from the rows that carry `layer_weights`. Returns False (and writes nothing) when there are none."""
+    pts = [r for r in rows if r.get("layer_weights")]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in pts]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i in range(len(pts[0]["layer_weights"])):
+        ax.plot(steps, [r["layer_weights"][i] for r in pts], marker=".", label=f"layer {i + 1}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("layer weight (softmax)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True

@@ -2,6 +2,8 @@
 
     python -m rl.train recipes/tiny.yaml                       # embedded default: tiny models, local Ray, CPU
     python -m rl.train recipes/tiny.yaml --max-steps 3 --set rollout.group_size=2
+    python -m rl.train recipes/tiny.yaml --resume               # continue from runs/tiny/checkpoints/
+    python -m rl.export runs/tiny/checkpoints/step-000019 exported/   # peft + diffusers folders
     ray job submit --working-dir . -- python -m rl.train recipes/unified_grpo.yaml
 
 The driver owns the schedule, the step counter, logging and checkpoints; Ray actors own the
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from rl import grpo
+from rl.checkpoint import CheckpointError
 from rl.config import Recipe, RecipeError, load_recipe
 
 log = logging.getLogger("unified_grpo")
@@ -42,15 +45,27 @@ class Trainer:
         self.step = 0
         self.stages = recipe.stages()
         self.version = 0
+        self.data_position = 0  # records consumed so far (rl.data.BatchIterator.position)
+        self.last_metrics: dict[str, dict[str, Any]] = {}  # newest numeric row per stage, for model cards
+        self.checkpoint_root = os.path.join(self.out_dir, "checkpoints")
+        self.checkpoint_path: str | None = None  # the newest checkpoint this run wrote or resumed
+        self._saved_step: int | None = None
+        self._resume_from = None
 
     # ------------------------------------------------------------------------------------------
     # setup
     # ------------------------------------------------------------------------------------------
     def setup(self) -> None:
+        from rl.checkpoint import seed_rng
+
+        seed_rng(self.recipe.seed)  # a resume restores the driver's RNG over this
         os.makedirs(self.out_dir, exist_ok=True)
+        self._resume_from = self._find_checkpoint()  # before Ray: a refused resume fails at once
         self._setup_data()
         self._setup_ray()
         self._setup_actors()
+        if self._resume_from is not None:
+            self._load_checkpoint(self._resume_from)
         self._setup_logging()
 
     def _setup_data(self) -> None:
@@ -78,7 +93,9 @@ class Trainer:
             ray.init(num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
         else:
-            ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
+            # Under `ray job submit` the job's runtime_env (working_dir, env_vars) already applies;
+            # passing another one here would conflict with it.
+            ray.init(address=address, logging_level=logging.WARNING)
 
     def _setup_actors(self) -> None:
         import ray
@@ -104,6 +121,68 @@ class Trainer:
         from rl.metrics import MetricsLogger
 
         self.metrics = MetricsLogger(self.out_dir, tensorboard=self.recipe.output.tensorboard)
+        if self._resume_from is not None and self.metrics.writer is not None:
+            # What SummaryWriter(purge_step=step) writes: TensorBoard drops the killed run's events
+            # at steps >= this one, so the curves match metrics.jsonl.
+            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+            self.metrics.writer._get_file_writer().add_event(
+                Event(step=self.step, session_log=SessionLog(status=SessionLog.START)))
+
+    def _find_checkpoint(self):
+        """The checkpoint to resume from (`output.resume: auto`), read and checked, or None."""
+        from rl import checkpoint as ckpt
+
+        if self.recipe.output.resume != "auto":
+            if ckpt.list_checkpoints(self.checkpoint_root):
+                log.warning("%s holds checkpoints of an earlier run; starting at step 0 (resume: never). "
+                            "Pass --resume to continue from the newest.", self.checkpoint_root)
+            return None
+        path, skipped = ckpt.find_latest(self.checkpoint_root)
+        for bad, reason in skipped:
+            log.warning("resume: ignoring incomplete checkpoint %s: %s", bad, reason)
+        if path is None:
+            log.info("resume: no complete checkpoint in %s; starting at step 0", self.checkpoint_root)
+            return None
+        c = ckpt.load_checkpoint(path, verify=False)  # find_latest just verified it
+        current = self.recipe.model_dump(mode="json")
+        try:  # through today's schema, so that fields added since (with defaults) compare equal
+            saved = Recipe.model_validate(c.recipe).model_dump(mode="json")
+        except ValueError:
+            saved = c.recipe
+        ckpt.check_models_match(saved, current, path)
+        other = [d for d in ckpt.recipe_differences(saved, current)
+                 if not d.startswith(("models", "output", "max_steps"))]
+        if other:
+            log.warning("resume: the recipe differs from the checkpoint's in %s", ", ".join(other))
+        now = ckpt.schedule_position(self._full_schedule(), c.step)
+        if now != c.trainer.get("schedule"):
+            log.warning("resume: the schedule changed: step %d was %s in the checkpoint's run, is %s now",
+                        c.step, c.trainer.get("schedule"), now)
+        return c
+
+    def _full_schedule(self) -> list[str]:
+        """Every step's stage, max_steps aside: a run stopped by --max-steps and resumed with a
+        larger one is at the same place in it."""
+        return self.recipe.model_copy(update={"max_steps": None}).stages()
+
+    def _load_checkpoint(self, c) -> None:
+        """Learner state, then weights to the rollout workers, then the driver's own state."""
+        import ray
+
+        from rl.checkpoint import restore_rng
+
+        t0 = time.time()
+        ray.get(self.learner.load_state_dict.remote({"weights": c.weights, **c.state["learner"]}))
+        self._sync_weights()  # rollout workers must act with the restored adapters
+        self.step = c.step
+        self.data_position = int(c.trainer["data_position"])
+        self.last_metrics = c.trainer.get("metrics", {})
+        self.checkpoint_path, self._saved_step = c.path, c.step
+        dropped = _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), c.step)
+        restore_rng(c.state["driver"]["rng"])
+        log.info("resumed from %s at step %d (%s); dropped %d metrics rows of later steps; %.1f s",
+                 c.path, c.step, c.trainer["schedule"], dropped, time.time() - t0)
 
     # ------------------------------------------------------------------------------------------
     # plumbing
@@ -141,16 +220,18 @@ class Trainer:
 
         bar = tqdm(total=len(self.stages), initial=self.step, disable=not self.recipe.output.progress,
                    dynamic_ncols=True, file=sys.stderr)
-        batches = self.dataset.batches(self.recipe.rollout.batch_size, self.recipe.seed, start=self.step * self.recipe.rollout.batch_size)
+        batches = self.dataset.batches(self.recipe.rollout.batch_size, self.recipe.seed, start=self.data_position)
         while self.step < len(self.stages):
             stage = self.stages[self.step]
             records = next(batches)
+            self.data_position = batches.position
             t0 = time.time()
             row = {"cold_start": self._cold_start_step, "encoder": self._encoder_step,
                    "decoder": self._decoder_step}[stage](records)
             self._sync_weights()
             row = {"step": self.step, "stage": stage, **row, "seconds": round(time.time() - t0, 4)}
             self.metrics.log(row)
+            self.last_metrics[stage] = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "seconds"}
             self.step += 1
             bar.set_description(f"{stage:10s}")
             bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", s=f"{row['seconds']:.1f}")
@@ -186,7 +267,8 @@ class Trainer:
         images, ids = [r.image for r in records], [r.image_id for r in records]
         g = self.recipe.rollout.group_size
         # step 1. G captions per image, each rendered by the frozen decoder from its image's noise
-        group, renders = ray.get(self._rollout("encoder_rollout", images, ids, self._seed()))
+        group, renders = ray.get(self._rollout("encoder_rollout", images, ids, self._seed(),
+                                               self.recipe.rewards.renders_needed()))
         # step 2. rewards on every (source, render) pair
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731 - align per-image data to N rows
         batch = ray.get(self._score(
@@ -220,15 +302,24 @@ class Trainer:
     # save / cleanup
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> str:
+        """Everything a resume needs (rl/checkpoint.py), once per step."""
         import ray
 
-        from rl.checkpoint import save_checkpoint
+        from rl.checkpoint import capture_rng, save_checkpoint, schedule_position
 
-        state = ray.get(self.learner.trainable_state.remote())
-        meta = {"step": self.step, "stage": self.stages[self.step - 1] if self.step else None,
-                "version": self.version, "total_steps": len(self.stages)}
-        path = save_checkpoint(os.path.join(self.out_dir, "checkpoints"), self.step, state, meta,
+        if self._saved_step == self.step and self.checkpoint_path:
+            return self.checkpoint_path  # nothing trained since
+        learner = ray.get(self.learner.state_dict.remote())
+        weights = learner.pop("weights")
+        trainer = {
+            "step": self.step, "stage": self.stages[self.step - 1] if self.step else None,
+            "schedule": schedule_position(self._full_schedule(), self.step), "data_position": self.data_position,
+            "version": self.version, "total_steps": len(self.stages), "metrics": self.last_metrics,
+        }
+        path = save_checkpoint(self.checkpoint_root, self.step, weights,
+                               {"learner": learner, "driver": {"rng": capture_rng()}}, trainer,
                                self.recipe.model_dump(mode="json"), keep_last=self.recipe.output.keep_last)
+        self.checkpoint_path, self._saved_step = path, self.step
         log.info("checkpoint: %s", path)
         return path
 
@@ -240,8 +331,38 @@ class Trainer:
             from rl.metrics import plot_metrics, read_metrics
 
             plot_metrics(read_metrics(self.metrics.path), os.path.join(self.out_dir, "reward.png"))
+            if self.recipe.models.connector.layers == "learned":
+                from rl.metrics import plot_layer_weights
+
+                plot_layer_weights(read_metrics(self.metrics.path), os.path.join(self.out_dir, "layer_weights.png"))
         if ray.is_initialized():
             ray.shutdown()
+
+
+def _truncate_metrics(path: str, step: int) -> int:
+    """Drop rows of steps >= `step` (a killed run's steps after its checkpoint, about to be run
+    again) and a line cut short by the kill, so that every step appears once; returns how many
+    lines were dropped."""
+    if not os.path.exists(path):
+        return 0
+    import json
+
+    def before(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] < step
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line if line.endswith("\n") else line + "\n" for line in lines if before(line)]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
 
 
 def _caption_stats(captions: list[str]) -> dict[str, float]:
@@ -275,10 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, help="stop after N steps in all")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe field, e.g. --set rollout.group_size=4 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in the output directory "
+                             "(same as output.resume: auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    overrides = args.set + (["output.resume=auto"] if args.resume else [])
     try:
-        recipe = load_recipe(args.recipe, args.set, output_dir=args.output_dir, max_steps=args.max_steps)
+        recipe = load_recipe(args.recipe, overrides, output_dir=args.output_dir, max_steps=args.max_steps)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -289,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         trainer.train()
         path = trainer.save_checkpoint()
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if hasattr(trainer, "metrics"):
             trainer.cleanup()

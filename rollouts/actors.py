@@ -11,6 +11,7 @@ Renders for rewards leave the worker as PIL images, rollout tensors as `CaptionG
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Any, Sequence
 
@@ -21,7 +22,7 @@ from PIL import Image
 from rl.config import Recipe
 from rl.models.unified import Models, build_models, resolve_device
 from rollouts.captions import CaptionGroup, generate_captions
-from rollouts.trajectories import Trajectory, render, sample_trajectories
+from rollouts.trajectories import Trajectory, Uncond, render, sample_trajectories
 
 
 def image_seed(image_id: str) -> int:
@@ -48,6 +49,9 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
         """Load the learner's adapters + connector (LoRA weights only, never the base model)."""
         self.models.load_trainable_state(state)
@@ -71,13 +75,41 @@ class RolloutWorker:
         dev = self.models.device
         cond, mask, pooled = self.models.condition(caption_ids.to(dev), caption_mask.to(dev))
         steps = num_steps or self.recipe.rollout.trajectory.render_steps
-        return to_pil(render(self.models.decoder, cond, mask, pooled, steps, seeds))
+        return to_pil(render(self.models.decoder, cond, mask, pooled, steps, seeds, uncond=self.uncond(),
+                             cfg_scale=self.recipe.rollout.trajectory.cfg_scale))
 
-    def encoder_rollout(self, images: Sequence[Image.Image], image_ids: Sequence[str], seed: int
-                        ) -> tuple[CaptionGroup, list[Image.Image]]:
-        """Stage 2: G captions per image, each rendered from its image's fixed noise."""
+    @torch.no_grad()
+    def uncond(self) -> Uncond | None:
+        """The CFG unconditional condition: the connector's output for an empty caption, under the
+        current encoder and connector weights (cheap: one token). None when guidance is off."""
+        if self.recipe.rollout.trajectory.cfg_scale == 1.0:
+            return None
+        empty = torch.zeros((1, 0), dtype=torch.long, device=self.models.device)
+        return Uncond(*self.models.condition(empty, empty))
+
+    @torch.no_grad()
+    def eval_render(self, images: Sequence[Image.Image], image_ids: Sequence[str], seed: int,
+                    weights: dict[str, torch.Tensor] | None = None) -> tuple[list[str], list[Image.Image]]:
+        """Evaluation: one greedy caption per image, rendered by the ODE with `eval_steps` (more steps
+        than training) from the image's fixed noise. `weights` (e.g. `Learner.ema_state()`) are
+        swapped in for the call only; None evaluates the live weights."""
+        from rl.ema import weights_swapped
+
+        with weights_swapped(self.models, weights):
+            group = self.captions(images, 1, seed, greedy=True)
+            renders = self.render_captions(group.completion_ids, group.completion_mask,
+                                           [image_seed(i) for i in image_ids],
+                                           num_steps=self.recipe.rollout.trajectory.eval_steps)
+        return group.captions, renders
+
+    def encoder_rollout(self, images: Sequence[Image.Image], image_ids: Sequence[str], seed: int,
+                        render: bool = True) -> tuple[CaptionGroup, list[Image.Image] | None]:
+        """Stage 2: G captions per image, each rendered from its image's fixed noise (unless no
+        reward needs renders)."""
         g = self.recipe.rollout.group_size
         group = self.captions(images, g, seed)
+        if not render:
+            return group, None
         seeds = [image_seed(i) for i in image_ids for _ in range(g)]
         return group, self.render_captions(group.completion_ids, group.completion_mask, seeds)
 
@@ -92,7 +124,8 @@ class RolloutWorker:
         traj = sample_trajectories(
             self.models.decoder, cond, mask, pooled, self.recipe.rollout.group_size, num_steps=t.num_steps,
             noise_level=t.noise_level, seed=seed, sde_window=t.sde_window, window_range=t.window_range,
-            version=self.version,
+            timestep_fraction=t.timestep_fraction, version=self.version, uncond=self.uncond(),
+            cfg_scale=t.cfg_scale, cfg_in_training=t.cfg_in_training,
         )
         return traj, group.captions, to_pil(traj.images)
 

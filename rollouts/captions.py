@@ -169,3 +169,21 @@ class VLLMCaptioner:
         for o in outs:
             result.append([(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs]) for c in o.outputs])
         return result
+
+
+def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup:
+    """The images (and their G captions) that learner rank `rank` of `world_size` trains on:
+    images rank, rank + world_size, ... Whole groups stay together, so each rank's loss is the
+    mean over its groups and DeepSpeed's gradient average is the mean over all of them."""
+    if world_size == 1:
+        return group
+    g = group.group_size
+    images = list(range(rank, group.prompt_ids.shape[0], world_size))
+    rows = [i * g + j for i in images for j in range(g)]
+    chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
+    return group._replace(
+        prompt_ids=group.prompt_ids[images], prompt_mask=group.prompt_mask[images],
+        pixel_values=torch.cat([chunks[i] for i in images], dim=0), image_grid_thw=group.image_grid_thw[images],
+        completion_ids=group.completion_ids[rows], completion_mask=group.completion_mask[rows],
+        logprobs=group.logprobs[rows], captions=[group.captions[r] for r in rows],
+    )

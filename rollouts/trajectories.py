@@ -1,10 +1,20 @@
 """Denoising rollouts of the decoder policy (UAE stage 3, eq. 4; Flow-GRPO's SDE sampling).
 
 `denoise` is the single sampler: with `noise_level = 0` it is the deterministic ODE (Euler) used
-for renders and evaluation; with `noise_level > 0` inside a window of steps it is the SDE whose
-per-step log-probs the GRPO ratio needs. `sample_trajectories` runs G trajectories per condition
-from one shared initial noise and keeps latents, next latents and log-probs of the trained steps
-only (the rest are never needed again).
+for renders and evaluation (`render`, with `eval_steps` for evaluation); with `noise_level > 0` on
+a chosen set of steps it is the SDE whose per-step log-probs the GRPO ratio needs.
+`sample_trajectories` runs G trajectories per condition from one shared initial noise and keeps
+latents, next latents, log-probs and sigmas of the trained steps only (the rest are never needed
+again). `step_logprobs` is the learner's side: the same step, scored on the stored transitions.
+
+Which steps are stochastic and trained (`choose_steps`, drawn per rollout from its seed):
+  - all of them (plain Flow-GRPO), or
+  - a window of `sde_window` consecutive steps whose start is drawn in `window_range`, or
+  - a random subset of round(timestep_fraction * num_steps) steps;
+every other step is an ODE step, so the group's spread comes from the trained steps alone.
+
+Classifier-free guidance (`guided_velocity`) is one batched transformer call over
+[unconditional; conditional] rows, v = v_u + s (v_c - v_u), in every path that asks for it.
 """
 
 from __future__ import annotations
@@ -18,29 +28,43 @@ from rl.models.decoder import Decoder
 from rollouts.sde import shifted_sigmas, step_with_logprob
 
 
+class Uncond(NamedTuple):
+    """The unconditional condition of classifier-free guidance: the connector's output for an
+    empty caption (SD3's negative prompt is its text encoders' output for ""; the connector
+    replaces those encoders, so it produces ours). One row, broadcast over the batch."""
+
+    cond: torch.Tensor  # (1, L_u, D)
+    mask: torch.Tensor  # (1, L_u) bool
+    pooled: torch.Tensor  # (1, P)
+
+
 class Trajectory(NamedTuple):
-    """G SDE trajectories for each of B conditions (N = B * G rows, condition-major)."""
+    """G SDE trajectories for each of B conditions (N = B * G rows, condition-major; S trained steps)."""
 
     cond: torch.Tensor  # (N, L, D) decoder conditioning from the frozen encoder + connector
     cond_mask: torch.Tensor  # (N, L) bool
     pooled: torch.Tensor  # (N, P)
     latents: torch.Tensor  # (N, S, C, h, w) x_j at each trained step j
     next_latents: torch.Tensor  # (N, S, C, h, w) x_{j+1} actually sampled
-    log_probs: torch.Tensor  # (N, S) log p(x_{j+1} | x_j) under the rollout policy
+    log_probs: torch.Tensor  # (N, S) log p(x_{j+1} | x_j) under the policy the learner trains (see sample_trajectories)
     sigmas: torch.Tensor  # (S,) sigma_j of the trained steps
     sigmas_next: torch.Tensor  # (S,) sigma_{j+1}
-    steps: torch.Tensor  # (S,) indices j of the trained steps in the schedule
+    steps: torch.Tensor  # (S,) indices j of the trained steps in the schedule, increasing
     images: torch.Tensor  # (N, 3, H, W) final decoded images in [0, 1]
     group_size: int
     version: int
+    uncond: Uncond | None = None  # the CFG unconditional condition the rollout used (None: no CFG)
 
 
+# ----------------------------------------------------------------------------------------------
+# which steps are stochastic and trained
+# ----------------------------------------------------------------------------------------------
 def choose_window(num_steps: int, window: int | None, window_range: tuple[int, int] | None,
                   rng: random.Random) -> list[int]:
     """Steps that are stochastic and trained: a window of `window` consecutive steps.
 
-    The window's start is drawn uniformly in `window_range` (clamped so the window fits);
-    None trains every step (plain Flow-GRPO).
+    The window's start is drawn uniformly in `window_range` = [lo, hi) (clamped so the window
+    fits); None trains every step (plain Flow-GRPO).
     """
     if window is None or window >= num_steps:
         return list(range(num_steps))
@@ -52,14 +76,87 @@ def choose_window(num_steps: int, window: int | None, window_range: tuple[int, i
     return list(range(start, start + window))
 
 
+def choose_steps(num_steps: int, rng: random.Random, *, window: int | None = None,
+                 window_range: tuple[int, int] | None = None,
+                 timestep_fraction: float | None = None) -> list[int]:
+    """The stochastic, trained steps of one rollout, increasing; every other step is ODE.
+
+    1) `window`: `choose_window` (consecutive steps, random start in `window_range`).
+    2) `timestep_fraction` f: k = max(1, round(f * num_steps)) distinct steps drawn uniformly
+       (Flow-GRPO's timestep_fraction, except that here the untrained steps are ODE steps).
+    3) neither: all steps.
+    """
+    if window is not None and timestep_fraction is not None:
+        raise ValueError("sde_window and timestep_fraction are mutually exclusive; set one to None")
+    if timestep_fraction is None:
+        return choose_window(num_steps, window, window_range, rng)
+    if not 0 < timestep_fraction <= 1:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    k = max(1, round(timestep_fraction * num_steps))
+    return sorted(rng.sample(range(num_steps), k))
+
+
+# ----------------------------------------------------------------------------------------------
+# the velocity, with or without classifier-free guidance
+# ----------------------------------------------------------------------------------------------
+def _pad_to(cond: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (n, L, D) / (n, L) to `length` positions with masked-out zeros."""
+    extra = length - cond.shape[1]
+    if extra <= 0:
+        return cond, mask
+    cond = torch.cat([cond, cond.new_zeros(cond.shape[0], extra, cond.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    return cond, mask
+
+
+def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                    cond_mask: torch.Tensor, pooled: torch.Tensor, uncond: Uncond | None = None,
+                    cfg_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity with classifier-free guidance (Ho & Salimans 2022; SD3's sampler):
+
+        v = v_u + s (v_c - v_u),   v_c = v_theta(x, sigma, c),  v_u = v_theta(x, sigma, empty caption)
+
+    x (N, C, h, w), sigma (N,), cond (N, L, D), cond_mask (N, L), pooled (N, P); `uncond` one row.
+    s = 1 (or no `uncond`): the conditional velocity alone, one pass over N rows. Otherwise ONE
+    transformer call over 2N rows [unconditional; conditional] concatenated along the batch; both
+    conditions are right-padded to the longer length first (masked positions are zeros).
+    Returns (v (N, C, h, w), v_c (N, C, h, w)); without guidance both are the same tensor.
+    """
+    if cfg_scale == 1.0:
+        v = decoder.velocity(x, sigma, cond, pooled, cond_mask)
+        return v, v
+    if uncond is None:
+        raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional condition (`uncond`); "
+                         "set rollout.trajectory.cfg_scale: 1.0 to sample without guidance")
+    n = x.shape[0]
+    length = max(cond.shape[1], uncond.cond.shape[1])
+    c, m = _pad_to(cond, cond_mask, length)
+    uc, um = _pad_to(uncond.cond.to(c.device), uncond.mask.to(m.device), length)
+    v_u, v_c = decoder.velocity(
+        torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uc.expand(n, -1, -1).to(c.dtype), c]),
+        torch.cat([uncond.pooled.to(pooled.device, pooled.dtype).expand(n, -1), pooled]),
+        torch.cat([um.expand(n, -1).to(m.dtype), m]),
+    ).chunk(2)  # (2N, ...) -> 2 x (N, ...)
+    return v_u + cfg_scale * (v_c - v_u), v_c
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+# ----------------------------------------------------------------------------------------------
 def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
             pooled: torch.Tensor, num_steps: int, *, noise_level: float = 0.0,
             sde_steps: list[int] | None = None, sampler: str = "sde", generator: torch.Generator | None = None,
-            grad_last: int = 0) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+            grad_last: int = 0, uncond: Uncond | None = None, cfg_scale: float = 1.0,
+            cfg_in_training: bool = True,
+            ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Integrate from noise (sigma = 1) to a clean latent along SD3's shifted schedule.
 
+    noise (N, C, h, w); cond (N, L, D), cond_mask (N, L), pooled (N, P).
     Steps in `sde_steps` are SDE steps with `noise_level`; all others are ODE steps.
     `grad_last = K` keeps autograd on for the last K steps only (stage 1, UAE eq. 3).
+    `uncond`, `cfg_scale`: classifier-free guidance, see `guided_velocity`. The recorded log-prob
+    is under the guided velocity, or with `cfg_in_training=False` under the conditional velocity
+    alone (the policy the learner then trains; the sample itself always follows the guided one).
     Returns (x_0, {j: (x_j, x_{j+1}, log_prob_j)} for the SDE steps).
     """
     sigmas = shifted_sigmas(num_steps, decoder.shift).to(noise.device)
@@ -69,23 +166,18 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
     n = x.shape[0]
     for j in range(num_steps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and j >= num_steps - grad_last):
-            sigma = sigmas[j].expand(n)
-            v = decoder.velocity(x, sigma, cond, pooled, cond_mask)
+            v, v_c = guided_velocity(decoder, x, sigmas[j].expand(n), cond, cond_mask, pooled, uncond, cfg_scale)
             a = noise_level if j in sde else 0.0
             out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator)
             if j in sde:
-                record[j] = (x.detach(), out.prev_sample.detach(), out.log_prob.detach())
+                log_prob = out.log_prob
+                if not cfg_in_training and v_c is not v:
+                    # Score the guided sample under the conditional policy the learner trains.
+                    log_prob = step_with_logprob(sampler, v_c, x, sigmas[j], sigmas[j + 1], a,
+                                                 prev_sample=out.prev_sample).log_prob
+                record[j] = (x.detach(), out.prev_sample.detach(), log_prob.detach())
             x = out.prev_sample
     return x, record
-
-
-@torch.no_grad()
-def render(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.Tensor, pooled: torch.Tensor,
-           num_steps: int, seeds: list[int]) -> torch.Tensor:
-    """Deterministic ODE renders (N, 3, H, W): the initial noise of row i comes from seeds[i]."""
-    noise = initial_noise(decoder, seeds, cond.device)
-    latents, _ = denoise(decoder, noise, cond, cond_mask, pooled, num_steps)
-    return decoder.decode(latents)
 
 
 def initial_noise(decoder: Decoder, seeds: list[int], device: torch.device) -> torch.Tensor:
@@ -96,23 +188,43 @@ def initial_noise(decoder: Decoder, seeds: list[int], device: torch.device) -> t
 
 
 @torch.no_grad()
+def render(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.Tensor, pooled: torch.Tensor,
+           num_steps: int, seeds: list[int], *, uncond: Uncond | None = None,
+           cfg_scale: float = 1.0) -> torch.Tensor:
+    """Deterministic ODE renders (N, 3, H, W): the initial noise of row i comes from seeds[i].
+
+    The same function serves caption renders (`render_steps`) and evaluation (`eval_steps`, more
+    steps than training, Flow-GRPO's 40 vs 10): only `num_steps` differs.
+    """
+    noise = initial_noise(decoder, seeds, cond.device)
+    latents, _ = denoise(decoder, noise, cond, cond_mask, pooled, num_steps, uncond=uncond, cfg_scale=cfg_scale)
+    return decoder.decode(latents)
+
+
+@torch.no_grad()
 def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.Tensor, pooled: torch.Tensor,
                         group_size: int, *, num_steps: int, noise_level: float, seed: int,
                         sde_window: int | None = None, window_range: tuple[int, int] | None = None,
-                        sampler: str = "sde", version: int = 0) -> Trajectory:
+                        timestep_fraction: float | None = None, sampler: str = "sde", version: int = 0,
+                        uncond: Uncond | None = None, cfg_scale: float = 1.0,
+                        cfg_in_training: bool = True) -> Trajectory:
     """G SDE trajectories per condition from one shared initial noise per group (Flow-GRPO).
 
     cond (B, L, D), cond_mask (B, L), pooled (B, P): one condition per source image.
+    `seed` fixes the trained steps (`choose_steps`), the initial noise and the SDE noise.
+    Log-probs are stored under the policy the learner will score: the guided velocity, or the
+    conditional one when `cfg_in_training` is False (see `denoise`).
     """
     b, g = cond.shape[0], group_size
-    rng = random.Random(seed)
-    steps = choose_window(num_steps, sde_window, window_range, rng)
+    steps = choose_steps(num_steps, random.Random(seed), window=sde_window, window_range=window_range,
+                         timestep_fraction=timestep_fraction)
     # Same initial noise inside a group: the group's spread comes from the SDE steps alone.
     noise = initial_noise(decoder, [seed * 1000 + i for i in range(b)], cond.device).repeat_interleave(g, 0)
     cond_n, mask_n, pooled_n = (t.repeat_interleave(g, 0) for t in (cond, cond_mask, pooled))
     gen = torch.Generator(device=cond.device).manual_seed(seed)
     x0, rec = denoise(decoder, noise, cond_n, mask_n, pooled_n, num_steps, noise_level=noise_level,
-                      sde_steps=steps, sampler=sampler, generator=gen)
+                      sde_steps=steps, sampler=sampler, generator=gen, uncond=uncond, cfg_scale=cfg_scale,
+                      cfg_in_training=cfg_in_training)
     sigmas = shifted_sigmas(num_steps, decoder.shift)
     return Trajectory(
         cond=cond_n.cpu(), cond_mask=mask_n.cpu(), pooled=pooled_n.cpu(),
@@ -121,13 +233,21 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
         log_probs=torch.stack([rec[j][2] for j in steps], dim=1).cpu(),
         sigmas=sigmas[steps].clone(), sigmas_next=sigmas[[j + 1 for j in steps]].clone(),
         steps=torch.tensor(steps), images=decoder.decode(x0).cpu(), group_size=g, version=version,
+        uncond=None if uncond is None or cfg_scale == 1.0 else Uncond(*(t.cpu() for t in uncond)),
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# the learner's side
+# ----------------------------------------------------------------------------------------------
 def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sampler: str = "sde",
-                  rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recompute (log_prob (n, S), mean (n, S, ...), std (S,...)) of the stored transitions under
-    the decoder's current adapter state (grad if enabled). The learner's side of eq. 4."""
+                  rows: slice | None = None, cfg_scale: float = 1.0,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recompute (log_prob (n, S), mean (n, S, C, h, w), std (n, S, 1, 1, 1)) of the stored
+    transitions under the decoder's current adapter state (grad if enabled). The learner's side
+    of UAE eq. 4. `cfg_scale > 1` scores the guided velocity (needs `traj.uncond`), one batched
+    pass per step; 1 scores the conditional velocity. With unchanged weights and the rollout's
+    guidance setting, log_prob equals the stored `traj.log_probs` bit for bit."""
     rows = rows or slice(None)
     device = next(decoder.transformer.parameters()).device
     cond, mask, pooled = (t[rows].to(device) for t in (traj.cond, traj.cond_mask, traj.pooled))
@@ -135,10 +255,22 @@ def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sample
     for s in range(traj.latents.shape[1]):
         x = traj.latents[rows, s].to(device)
         n = x.shape[0]
-        v = decoder.velocity(x, traj.sigmas[s].expand(n).to(device), cond, pooled, mask)
+        v, _ = guided_velocity(decoder, x, traj.sigmas[s].expand(n).to(device), cond, mask, pooled,
+                               traj.uncond, cfg_scale)
         out = step_with_logprob(sampler, v, x, float(traj.sigmas[s]), float(traj.sigmas_next[s]), noise_level,
                                 prev_sample=traj.next_latents[rows, s].to(device))
         lps.append(out.log_prob)
         means.append(out.mean)
         stds.append(out.std)
     return torch.stack(lps, 1), torch.stack(means, 1), torch.stack(stds, 1)
+
+
+def shard_trajectory(traj: Trajectory, rank: int, world_size: int) -> Trajectory:
+    """Rows of the groups that learner rank `rank` of `world_size` trains on (whole groups)."""
+    if world_size == 1:
+        return traj
+    g = traj.group_size
+    groups = range(rank, traj.log_probs.shape[0] // g, world_size)
+    rows = torch.tensor([i * g + j for i in groups for j in range(g)])
+    per_row = ("cond", "cond_mask", "pooled", "latents", "next_latents", "log_probs", "images")
+    return traj._replace(**{name: getattr(traj, name)[rows] for name in per_row})

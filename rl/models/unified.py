@@ -16,32 +16,32 @@ from typing import Iterator
 
 import torch
 
+from rl import adapters
 from rl.config import AdapterConfig, Recipe
 from rl.models.connector import Connector
 from rl.models.decoder import Decoder, build_decoder
 from rl.models.encoder import Encoder, build_encoder
 
-# Only the language model's attention: the vision tower stays frozen (UAE follows Flow-GRPO's LoRA).
-ENCODER_LORA_TARGETS = r".*language_model.*\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
-# Flow-GRPO's SD3 targets: both streams' attention projections.
-DECODER_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Default adapter targets (defined in rl/adapters.py; the names are kept for existing imports).
+ENCODER_LORA_TARGETS = adapters.ENCODER_TARGETS
+DECODER_LORA_TARGETS = adapters.DECODER_TARGETS
 
-ADAPTER = "default"
+ADAPTER = adapters.ADAPTER
 
 
 @dataclass
 class Models:
-    encoder: Encoder  # encoder.model is a peft PeftModel
+    encoder: Encoder  # encoder.model: a peft PeftModel (lora/lokr) or the LVLM with KAdapter layers
     connector: Connector
-    decoder: Decoder  # decoder.transformer carries a diffusers/peft LoRA adapter
+    decoder: Decoder  # decoder.transformer carries a diffusers/peft adapter or KAdapter layers
     device: torch.device
 
     def parameters(self, policy: str) -> list[torch.nn.Parameter]:
-        """Trainable parameters of `encoder` (LoRA), `decoder` (LoRA) or `connector`."""
+        """Trainable parameters of `encoder` (adapter), `decoder` (adapter) or `connector`."""
         if policy == "encoder":
-            return [p for n, p in self.encoder.model.named_parameters() if "lora_" in n]
+            return adapters.adapter_parameters(self.encoder.model)
         if policy == "decoder":
-            return [p for n, p in self.decoder.transformer.named_parameters() if "lora_" in n]
+            return adapters.adapter_parameters(self.decoder.transformer)
         if policy == "connector":
             return [p for n, p in self.connector.named_parameters() if n != "layer_logits" or self.connector.layers == "learned"]
         raise ValueError(f"unknown policy {policy!r}")
@@ -49,12 +49,10 @@ class Models:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Adapters and connector as one flat CPU state dict (what crosses to rollout actors)."""
         state = {}
-        for n, p in self.encoder.model.named_parameters():
-            if "lora_" in n:
-                state[f"encoder.{n}"] = p.detach().cpu().clone()
-        for n, p in self.decoder.transformer.named_parameters():
-            if "lora_" in n:
-                state[f"decoder.{n}"] = p.detach().cpu().clone()
+        for n, p in adapters.named_adapter_parameters(self.encoder.model):
+            state[f"encoder.{n}"] = p.detach().cpu().clone()
+        for n, p in adapters.named_adapter_parameters(self.decoder.transformer):
+            state[f"decoder.{n}"] = p.detach().cpu().clone()
         for n, t in self.connector.state_dict().items():
             state[f"connector.{n}"] = t.detach().cpu().clone()
         return state
@@ -82,14 +80,11 @@ class Models:
     def reference(self, policy: str) -> Iterator[None]:
         """The reference policy: the same model with its adapter disabled (UAE eq. 2's pi_ref)."""
         if policy == "encoder":
-            with self.encoder.model.disable_adapter():
+            with adapters.disabled(self.encoder.model):
                 yield
         elif policy == "decoder":
-            self.decoder.transformer.disable_adapters()
-            try:
+            with adapters.disabled(self.decoder.transformer):
                 yield
-            finally:
-                self.decoder.transformer.enable_adapters()
         else:
             raise ValueError(f"no reference for {policy!r}")
 
@@ -113,28 +108,18 @@ class Models:
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, self.encoder.pad_token_id))
         # Right-align nothing: causal attention with right padding leaves real tokens untouched.
         out = self.encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        cond, pooled = self.connector(out.hidden_states)
+        cond, pooled = self.connector(out.hidden_states, mask)
         return cond, mask.bool(), pooled
 
 
 def _encoder_lora(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-        target_modules=cfg.target_modules or ENCODER_LORA_TARGETS, init_lora_weights=True,
-    )
-    return get_peft_model(model, lora, adapter_name=ADAPTER)
+    """The encoder with `cfg`'s adapter (any kind; a PeftModel for lora/lokr). See rl/adapters.py."""
+    return adapters.apply_adapter(model, cfg, "encoder")
 
 
 def _decoder_lora(transformer: torch.nn.Module, cfg: AdapterConfig) -> None:
-    from peft import LoraConfig
-
-    lora = LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
-        target_modules=cfg.target_modules or DECODER_LORA_TARGETS,
-    )
-    transformer.add_adapter(lora, adapter_name=ADAPTER)
+    """Install `cfg`'s adapter (any kind) on the decoder's transformer in place. See rl/adapters.py."""
+    adapters.apply_adapter(transformer, cfg, "decoder")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,7 +151,7 @@ def build_models(recipe: Recipe, device: torch.device | None = None, vocabulary:
         hidden_size=encoder.hidden_size, cond_dim=decoder.joint_attention_dim,
         pooled_dim=decoder.pooled_projection_dim, num_layers=encoder.num_layers,
         layers=m.connector.layers, mlp_ratio=m.connector.mlp_ratio,
-        freeze_after_steps=m.connector.freeze_after_steps,
+        freeze_after_steps=m.connector.freeze_after_steps, pooled=m.connector.pooled,
     )
     if m.connector.path:
         from safetensors.torch import load_file

@@ -299,11 +299,13 @@ ANSWER = f"<answer>{SIX_PARTS}</answer>"
     ],
 )
 def test_format_reward(completion, expected):
-    assert load_reward("format")(["p"], [completion], step=0) == [expected]
+    assert load_reward("format_reade")(["p"], [completion], step=0) == [expected]
 
 
 def test_format_tags_only_and_conversational():
     assert format_score(THINK + "<answer>a red circle</answer>", sections=None) == 1.0
     assert format_score(THINK + "<answer>a red circle</answer>") == 0.2  # six parts required
+    assert load_reward("format")(["p"], [THINK + "<answer>a red circle</answer>"], step=0) == [1.0]
+    assert load_reward("format")(["p"], ["<answer>a red circle</answer>"], step=0) == [0.2]
     conversational = [[{"role": "assistant", "content": THINK + ANSWER}]]
-    assert load_reward("format")(["p"], conversational, step=0) == [1.0]
+    assert load_reward("format_reade")(["p"], conversational, step=0) == [1.0]

