@@ -253,19 +253,29 @@ class RewardsConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: str = Field("local", description="`local`: start a Ray on 127.0.0.1 in this process. `auto`: join the cluster (under `ray job submit`). Or a `ray://` / `host:port` address.")
+    """Where the Ray cluster is."""
+
+    address: str = Field("local", description="`local`: start a Ray on 127.0.0.1 in this process (under `ray job submit`, join that job's cluster instead). `auto`: join the running cluster. Or a `ray://` / `host:port` address.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray (None: all).")
-    colocate: bool = Field(False, description="Rollouts run inside the learner process (no weight copy); for small machines.")
-    rollout_workers: int = Field(1, gt=0, description="Rollout actors.")
-    reward_workers: int = Field(1, gt=0, description="Reward actors.")
+
+
+class ResourcesConfig(_Section):
+    """The actors of a run and where they go (DESIGN.md, data flow)."""
+
+    colocate: bool = Field(False, description="`true`: rollouts run inside the learner process (rank 0), so a weight sync is a version bump; for small machines. `false`: separate rollout actors take LoRA weights after every update.")
+    rollout_workers: int = Field(1, gt=0, description="Rollout actors (ignored when colocate). Steps go to them in turn.")
+    reward_workers: int = Field(1, gt=0, description="Reward actors. Steps go to them in turn.")
+    learner_workers: int = Field(1, gt=0, description="DeepSpeed world size: learner actors with ranks 0..N-1, each training its share of whole groups (rollout.batch_size must divide by it).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
-    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor (0 on CPU).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per rollout and learner actor (0 on CPU); reward actors take half.")
+    placement: Literal["PACK", "SPREAD", "none"] = Field("PACK", description="Ray placement group strategy for all actors: `PACK` on as few nodes as possible, `SPREAD` across nodes, `none` (no placement group).")
+    max_restarts: int = Field(3, ge=0, description="Rollout and reward actors that die are restarted this many times; the step that lost one is retried with the last synced weights. A dead learner ends the run with the last checkpoint intact.")
+    async_rollouts: Literal[0, 1] = Field(0, description="1: rollouts (and rewards) of step t+1 are generated with the weights of step t while the learner trains step t (staleness at most one version, corrected by the importance ratio). 0: strictly on-policy.")
 
 
 class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
     bf16: bool = Field(False, description="DeepSpeed bf16 mixed precision.")
-    micro_batch_size: int = Field(0, ge=0, description="Rollouts per forward pass (0: all at once).")
 
 
 class OutputConfig(_Section):
@@ -275,6 +285,7 @@ class OutputConfig(_Section):
     plot: bool = Field(True, description="Write `reward.png` (reward and caption length against step).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps under `checkpoints/step-NNNNNN/` (adapters, connector, optimizer, RNG, data and schedule position; rl/checkpoint.py). 0: only at the end.")
     keep_last: int = Field(2, gt=0, description="Complete checkpoints kept; an older one is deleted only after a newer one is complete.")
+    wandb_project: str | None = Field(None, description="Also log metrics to this Weights & Biases project (needs `pip install wandb` and a login, or WANDB_MODE=offline). None: no wandb.")
     resume: Literal["auto", "never"] = Field("never", description="`auto`: continue from the newest complete checkpoint in `dir` (half-written ones are skipped and reported; none: start at step 0); refused when the recipe's `models` differ from the checkpoint's. `never`: start at step 0. `python -m rl.train RECIPE --resume` sets `auto`.")
 
 
@@ -306,7 +317,10 @@ class EncoderPretrain(_Section):
 
     steps: int = Field(500, gt=0, description="Optimiser steps.")
     batch_size: int = Field(32, gt=0, description="Images per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (all weights).")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
+    vision_hidden_size: int = Field(32, gt=0, description="Width of the tiny vision tower (saved with the weights in tiny_config.json).")
+    vision_depth: int = Field(2, gt=0, description="Depth of the tiny vision tower (saved with the weights).")
+    vision_lr_scale: float = Field(0.1, ge=0, description="The vision tower's learning rate as a fraction of `lr` (its merger into the LM learns at `lr`). At the full rate the tiny tower collapsed its patch features (colours lost); 0 freezes it (random features separate colours but hardly shapes).")
     detail_share: float = Field(0.15, ge=0, le=1, description="Probability that a training caption is the FULL one (every fact) rather than the SHORT one (kinds only). Small: the SFT'd encoder is terse under greedy decoding but samples detailed captions now and then, which encoder GRPO can then reinforce (UAE sec. 4.4). 0: RL has nothing to find; >= 0.5: the encoder is detailed before RL.")
 
 
@@ -357,6 +371,7 @@ class Recipe(_Section):
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
@@ -370,6 +385,12 @@ class Recipe(_Section):
             raise ValueError(f"rollout.trajectory.sde_window ({t.sde_window}) is larger than num_steps ({t.num_steps})")
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
+        if self.rollout.caption.backend == "vllm" and self.models.encoder.adapter.kind != "lora":
+            raise ValueError("rollout.caption.backend: vllm loads the encoder adapter as a LoRA request: "
+                             "models.encoder.adapter.kind must be lora")
+        if self.rollout.batch_size % self.resources.learner_workers:
+            raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must divide by resources.learner_workers "
+                             f"({self.resources.learner_workers}): each learner rank trains whole groups")
         if self.pretrain.enabled and self.data.source is not None:
             raise ValueError("pretrain.enabled builds models for the generated shapes world: set data.source: null, or pretrain.enabled: false")
         return self
@@ -472,6 +493,12 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
         index = next((i for i, r in enumerate(recipe.rewards.functions) if r.name in str(e)), None)
         where = f"rewards.functions.{index}.name" if index is not None else "rewards.functions"
         raise RecipeError(f"invalid recipe: {where}: {e}") from None
+    if recipe.output.wandb_project is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise RecipeError("invalid recipe: output.wandb_project: wandb is not installed (pip install wandb), "
+                              "or set output.wandb_project: null")
     if recipe.rollout.caption.backend == "vllm":
         from rollouts.captions import vllm_available
 

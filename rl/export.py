@@ -88,12 +88,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, merge_encoder: bool = False
         recipe = Recipe.model_validate(c.recipe)
     except ValueError as e:
         raise ExportError(f"the recipe saved in {path} does not validate with this code:\n{e}") from None
-    for part in ("encoder", "decoder"):
-        kind = getattr(recipe.models, part).adapter.kind
-        if kind != "lora":
-            raise ExportError(
-                f"models.{part}.adapter.kind is {kind!r}: this export writes peft / diffusers LoRA folders "
-                "only; merge that adapter into its base instead (rl.adapters.merge_into_base)")
+    kinds = {part: getattr(recipe.models, part).adapter.kind for part in ("encoder", "decoder")}
     weights = dict(c.weights)
     if ema:
         shadow = (c.state["learner"].get("ema") or {}).get("shadow")
@@ -108,10 +103,14 @@ def export_checkpoint(checkpoint: str, out_dir: str, merge_encoder: bool = False
     models.load_trainable_state(weights)
     m = recipe.models
     bases = {
+        # peft/diffusers load a LoRA as an adapter; LoKr and the Kronecker adapter (kadapter) are
+        # exported merged into their base (no inference cost, and no project code to load them).
         "encoder": _export_encoder(models, os.path.join(tmp, "encoder"), final, m.encoder.name == "tiny",
-                                   m.encoder.path or m.encoder.name, merge_encoder),
+                                   m.encoder.path or m.encoder.name, merge_encoder)
+        if kinds["encoder"] == "lora" else _export_merged_encoder(models, os.path.join(tmp, "encoder")),
         "decoder": _export_decoder(models, os.path.join(tmp, "decoder"), m.decoder.name == "tiny",
-                                   m.decoder.path or m.decoder.name),
+                                   m.decoder.path or m.decoder.name)
+        if kinds["decoder"] == "lora" else _export_merged_decoder(models, os.path.join(tmp, "decoder")),
     }
     _export_connector(models, recipe, os.path.join(tmp, "connector"))
     with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -164,6 +163,36 @@ def _export_decoder(models, out: str, save_base: bool, hub_base: str) -> str:
     return "decoder/base" if save_base else hub_base
 
 
+def _export_merged_encoder(models, out: str) -> str:
+    """A non-LoRA encoder adapter merged into the base: `Qwen2_5_VLForConditionalGeneration
+    .from_pretrained(out)` and `AutoProcessor.from_pretrained(out)` load it, no peft needed."""
+    from rl.adapters import merge_into_base
+
+    merged = merge_into_base(models.encoder.model)
+    merged.save_pretrained(out)
+    models.encoder.processor.save_pretrained(out)
+    return "encoder (merged)"
+
+
+def _export_merged_decoder(models, out: str) -> str:
+    """A non-LoRA decoder adapter merged into the base: a diffusers folder (transformer/, vae/,
+    scheduler/) whose transformer loads with `SD3Transformer2DModel.from_pretrained(out,
+    subfolder="transformer")`, no peft needed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from rl.adapters import merge_into_base
+
+    merged = merge_into_base(models.decoder.transformer)
+    merged.save_pretrained(os.path.join(out, "transformer"))
+    models.decoder.vae.save_pretrained(os.path.join(out, "vae"))
+    FlowMatchEulerDiscreteScheduler(shift=models.decoder.shift).save_pretrained(os.path.join(out, "scheduler"))
+    import diffusers
+
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump({**MODEL_INDEX, "_diffusers_version": diffusers.__version__}, f, indent=2)
+    return "decoder (merged)"
+
+
 def _export_connector(models, recipe, out: str) -> None:
     from safetensors.torch import save_file
 
@@ -212,6 +241,20 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
     ]
     if merged:
         lines += ["`encoder_merged/` holds the encoder with its LoRA merged in.", ""]
+    if "(merged)" in bases["encoder"] or "(merged)" in bases["decoder"]:
+        # LoKr and the Kronecker adapter are exported merged into their base: plain models.
+        lines += [
+            "## Loading (merged adapters)", "",
+            f"The encoder adapter is `{enc.adapter.kind}` and the decoder adapter `{dec.adapter.kind}`; "
+            "a non-LoRA adapter is merged into its base weights (dW = sum_i A_i kron u_i v_i^T for "
+            "`kadapter`), so the folder is a plain model:", "", "```python",
+            "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration",
+            "from diffusers import SD3Transformer2DModel", "",
+            "encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(\"encoder\")  # if merged",
+            "processor = AutoProcessor.from_pretrained(\"encoder\")",
+            "transformer = SD3Transformer2DModel.from_pretrained(\"decoder\", subfolder=\"transformer\")  # if merged",
+            "```", "", "A LoRA part, if any, loads as below.", "",
+        ]
     lines += [
         "## Loading", "", "```python",
         "from peft import PeftModel",

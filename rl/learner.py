@@ -169,7 +169,9 @@ class Learner:
 
     def _decoder_lora(self) -> dict[str, torch.Tensor]:
         """The live decoder LoRA tensors, keyed as in `trainable_state()` (`decoder.<name>`)."""
-        return {f"decoder.{n}": p for n, p in self.models.decoder.transformer.named_parameters() if "lora_" in n}
+        from rl.adapters import named_adapter_parameters
+
+        return {f"decoder.{n}": p for n, p in named_adapter_parameters(self.models.decoder.transformer)}
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
         """EMA of the decoder LoRA weights (CPU, float32, keys as in `trainable_state()`), for

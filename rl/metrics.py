@@ -21,7 +21,8 @@ TAGS = {
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str, tensorboard: bool = True):
+    def __init__(self, out_dir: str, tensorboard: bool = True, wandb_project: str | None = None,
+                 config: dict[str, Any] | None = None):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.out_dir = out_dir
@@ -30,12 +31,20 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        self.wandb = None
+        if wandb_project:  # optional; the recipe check refuses a project name without wandb installed
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=out_dir, resume="allow")
 
     def log(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.wandb is not None:
+            self.wandb.log({TAGS.get(k, k): v for k, v in row.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=row["step"])
         if self.writer is not None:
             step = row["step"]
             for key, value in row.items():
@@ -49,6 +58,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -163,7 +163,7 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("scale", 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,17 +267,19 @@ def clip_sensitivity(model, preprocess, world: World, n: int = 64) -> dict[str, 
     much a reconstruction-like degradation moves it: the reward can only prefer correct details if
     the first is clearly larger. Returns mean cosines (1 = identical embeddings)."""
     from rl.learner import clip_pixels
-    from rl.shapes import CELLS, COLORS, SIZES, ShapeObject, render
+    from rl.shapes import CELLS, COLORS, KINDS, SIZES, ShapeObject, render
 
     exs = examples(world, n, seed=12345, split="heldout")
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
-    edited = {"color": [], "size": [], "cell": []}
+    edited = {"kind": [], "color": [], "size": [], "cell": []}
     for e in exs:
         i = int(rng.integers(len(e.objects)))
         o = e.objects[i]
         free = [c for c in CELLS if c not in {p.cell for p in e.objects}]
+        other_kinds = [k for k in KINDS if k not in {p.kind for p in e.objects}]
         swaps = {
+            "kind": ShapeObject(str(rng.choice(other_kinds)), o.color, o.size, o.cell, world.size),
             "color": ShapeObject(o.kind, str(rng.choice([c for c in COLORS if c != o.color])), o.size, o.cell, world.size),
             "size": ShapeObject(o.kind, o.color, [s for s in SIZES if s != o.size][0], o.cell, world.size),
             "cell": ShapeObject(o.kind, o.color, o.size, str(rng.choice(free)), world.size),
@@ -382,13 +384,27 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     (rollouts.captions.completion_logprobs, the learner's own log-prob function)."""
     from safetensors.torch import save_file
 
-    from rl.models.encoder import build_encoder
+    from rl.models.encoder import TINY_CONFIG_FILE, build_encoder
     from rl.shapes import VOCABULARY
     from rollouts.captions import CaptionGroup, completion_logprobs
 
-    encoder = build_encoder("tiny", vocabulary=VOCABULARY, **enc_kwargs)
+    vision = {"vision_hidden_size": cfg.vision_hidden_size, "vision_depth": cfg.vision_depth}
+    encoder = build_encoder("tiny", vocabulary=VOCABULARY, **enc_kwargs, **vision)
     model = encoder.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    # The vision tower learns at vision_lr_scale * lr: trained end to end at the language model's
+    # rate, the tiny tower collapsed its patch features to "is there a shape here" (colours lost)
+    # within a few hundred steps. Its merger (into the LM's width) learns at the full rate.
+    visual = model.model.visual
+    tower = [p for n, p in visual.named_parameters() if not n.startswith("merger.")]
+    tower_ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    visual.requires_grad_(cfg.vision_lr_scale > 0)
+    visual.merger.requires_grad_(True)
+    groups = [{"params": rest, "scale": 1.0}]
+    if cfg.vision_lr_scale > 0:
+        groups.append({"params": tower, "scale": cfg.vision_lr_scale})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     suppressed = encoder.suppressed_ids
     losses = []
@@ -404,7 +420,7 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
         loss = -logp.sum() / mask.sum()  # token-mean negative log-likelihood
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(float(loss))
         if step % 50 == 0 or step == cfg.steps - 1:
@@ -413,6 +429,9 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     # Clone every tensor: the tied input / output embeddings would otherwise share storage.
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
               str(out / "model.safetensors"))
+    # The folder describes its own vision tower (the recipe has no field for it); build_encoder reads it.
+    arch = {"hidden_size": enc_kwargs["hidden_size"], "num_layers": enc_kwargs["num_layers"], **vision}
+    (out / TINY_CONFIG_FILE).write_text(json.dumps(arch, indent=1))
     return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **encoder_probe(encoder, world)}
 
 

@@ -19,10 +19,12 @@ after which the learner's LoRA weights (and connector) go to the rollout workers
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -98,29 +100,106 @@ class Trainer:
             ray.init(address=address, logging_level=logging.WARNING)
 
     def _setup_actors(self) -> None:
+        """Learner ranks, rollout and reward actors, in one placement group (`resources`)."""
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rewards.actors import RewardWorker
         from rl.learner import LearnerWorker
         from rollouts.actors import RolloutWorker
 
-        r = self.recipe.ray
-        opts = {"num_cpus": r.cpus_per_actor, "num_gpus": r.gpus_per_actor}
-        self.learner = ray.remote(**opts)(LearnerWorker).remote(self.recipe, r.colocate)
-        self.rollouts = [] if r.colocate else [
-            ray.remote(**opts)(RolloutWorker).remote(self.recipe) for _ in range(r.rollout_workers)
+        r = self.recipe.resources
+        n_rollout = 0 if r.colocate else r.rollout_workers
+        kinds = ["learner"] * r.learner_workers + ["rollout"] * n_rollout + ["reward"] * r.reward_workers
+        res = {"learner": _bundle(r.cpus_per_actor, r.gpus_per_actor), "rollout": _bundle(r.cpus_per_actor, r.gpus_per_actor),
+               "reward": _bundle(r.cpus_per_actor, r.gpus_per_actor / 2)}
+        self.placement_group = None
+        if r.placement != "none":
+            from ray.util.placement_group import placement_group
+
+            self.placement_group = placement_group([res[k] for k in kinds], strategy=r.placement)
+            try:
+                ray.get(self.placement_group.ready(), timeout=300)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"resources: a {r.placement} placement group of {len(kinds)} bundles "
+                                   f"({', '.join(kinds)}; {res}) could not be placed in 300 s on a cluster "
+                                   f"with {ray.cluster_resources()}") from None
+
+        def opts(i: int, kind: str, **extra: Any) -> dict[str, Any]:
+            o = {"num_cpus": res[kind].get("CPU", 0), "num_gpus": res[kind].get("GPU", 0), **extra}
+            if self.placement_group is not None:
+                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+            return o
+
+        # step 1. the learner group: DeepSpeed ranks meet at rank 0's node on a port it picks
+        addr, port = ray.get(_rendezvous.options(**{k: v for k, v in opts(0, "learner").items()
+                                                    if k == "scheduling_strategy"}, num_cpus=0).remote())
+        self.learners = [
+            ray.remote(LearnerWorker).options(**opts(i, "learner")).remote(
+                self.recipe, r.colocate and i == 0, i, r.learner_workers, port, addr)
+            for i in range(r.learner_workers)
         ]
-        self.rewards = [
-            ray.remote(num_cpus=r.cpus_per_actor)(RewardWorker).remote(self.recipe, self.recipe_dir)
-            for _ in range(r.reward_workers)
-        ]
-        ray.get([a.ready.remote() for a in [self.learner, *self.rollouts, *self.rewards]])
+        self.learner = self.learners[0]
+        # step 2. rollout and reward actors restart when they die; the driver retries their step
+        restart = {"max_restarts": r.max_restarts, "max_task_retries": 0}
+        base = r.learner_workers
+        self.rollouts = [ray.remote(RolloutWorker).options(**opts(base + j, "rollout", **restart)).remote(self.recipe)
+                         for j in range(n_rollout)]
+        base += n_rollout
+        self.rewards = [ray.remote(RewardWorker).options(**opts(base + k, "reward", **restart)).remote(self.recipe, self.recipe_dir)
+                        for k in range(r.reward_workers)]
+        ray.get([a.ready.remote() for a in [*self.learners, *self.rollouts, *self.rewards]])
+        self.failures: list[dict[str, Any]] = []
+        self._write_actors()
         self._sync_weights()  # identical adapters everywhere before the first rollout
+
+    def _write_actors(self) -> None:
+        """`actors.json` in the output directory: each actor's role, index and process id."""
+        import json
+
+        import ray
+
+        table = [{"role": role, "index": i, "pid": ray.get(a.pid.remote())}
+                 for role, actors in (("learner", self.learners), ("rollout", self.rollouts), ("reward", self.rewards))
+                 for i, a in enumerate(actors)]
+        self._pids = {(t["role"], t["index"]): t["pid"] for t in table}
+        with open(os.path.join(self.out_dir, "actors.json"), "w") as f:
+            json.dump(table, f, indent=1)
+
+    def _log_failure(self, step: int, role: str, index: int, error: str, attempt: int = 1) -> None:
+        event = {"step": step, "actor": f"{role}-{index}", "error": error, "attempt": attempt}
+        self.failures.append(event)
+        with open(os.path.join(self.out_dir, "failures.jsonl"), "a") as f:
+            f.write(json.dumps(event) + "\n")
+        log.warning("step %d: %s actor %d: %s", step, role, index, error)
+
+    def _check_restarted(self, step: int, role: str, index: int) -> None:
+        """An actor that died between calls comes back from Ray with fresh (base) weights: notice
+        it by its process id, log it, and give a rollout actor the last synced weights."""
+        import ray
+
+        actor = self.rollouts[index] if role == "rollout" else self.rewards[index]
+        deadline = time.time() + 600
+        while True:  # while Ray restarts it the actor answers "unavailable" for a while
+            try:
+                pid = ray.get(actor.pid.remote(), timeout=600)
+                break
+            except ray.exceptions.ActorUnavailableError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1.0)
+        if pid != self._pids.get((role, index)):
+            self._log_failure(step, role, index, f"restarted (pid {self._pids.get((role, index))} -> {pid})")
+            if role == "rollout":
+                ray.get(actor.set_weights.remote(self._state_ref, self.version))
+            self._write_actors()
 
     def _setup_logging(self) -> None:
         from rl.metrics import MetricsLogger
 
-        self.metrics = MetricsLogger(self.out_dir, tensorboard=self.recipe.output.tensorboard)
+        self.metrics = MetricsLogger(self.out_dir, tensorboard=self.recipe.output.tensorboard,
+                                     wandb_project=self.recipe.output.wandb_project,
+                                     config=self.recipe.model_dump(mode="json"))
         if self._resume_from is not None and self.metrics.writer is not None:
             # What SummaryWriter(purge_step=step) writes: TensorBoard drops the killed run's events
             # at steps >= this one, so the curves match metrics.jsonl.
@@ -173,7 +252,7 @@ class Trainer:
         from rl.checkpoint import restore_rng
 
         t0 = time.time()
-        ray.get(self.learner.load_state_dict.remote({"weights": c.weights, **c.state["learner"]}))
+        self._learners("load_state_dict", {"weights": c.weights, **c.state["learner"]})  # every rank
         self._sync_weights()  # rollout workers must act with the restored adapters
         self.step = c.step
         self.data_position = int(c.trainer["data_position"])
@@ -187,25 +266,25 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # plumbing
     # ------------------------------------------------------------------------------------------
-    def _rollout(self, method: str, *args: Any):
-        """An ObjectRef of a rollout worker's method (round-robin), or the learner's when colocated."""
-        if not self.rollouts:
-            return self.learner.rollout_call.remote(method, *args)
-        actor = self.rollouts[self.step % len(self.rollouts)]
-        return getattr(actor, method).remote(*args)
-
-    def _score(self, prompts, completions, **kwargs):
-        actor = self.rewards[self.step % len(self.rewards)]
-        return actor.score.remote(prompts, completions, step=self.step, **kwargs)
-
     def _sync_weights(self) -> None:
-        """LoRA weights (and connector) from the learner to every rollout worker, once via the store."""
+        """LoRA weights (and connector) from learner rank 0 to every rollout worker, once via the
+        object store. The reference is kept: a restarted rollout actor gets the same weights."""
         import ray
 
         self.version = ray.get(self.learner.version.remote())
+        self._state_ref = self.learner.trainable_state.remote() if self.rollouts else None
         if self.rollouts:
-            state = self.learner.trainable_state.remote()
-            ray.get([a.set_weights.remote(state, self.version) for a in self.rollouts])
+            ray.get([a.set_weights.remote(self._state_ref, self.version) for a in self.rollouts])
+
+    def _learners(self, method: str, *args: Any) -> list[Any]:
+        """Call every learner rank; a dead learner ends the run (the last checkpoint stays)."""
+        import ray
+
+        try:
+            return ray.get([getattr(w, method).remote(*args) for w in self.learners])
+        except ray.exceptions.RayActorError as e:
+            raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
+                              f"checkpoint: {self.checkpoint_path or 'none'}") from None
 
     def _advantages(self, batch) -> grpo.Advantages:
         g = self.recipe.grpo
@@ -216,87 +295,152 @@ class Trainer:
     # the loop
     # ------------------------------------------------------------------------------------------
     def train(self) -> None:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(self.stages), initial=self.step, disable=not self.recipe.output.progress,
-                   dynamic_ncols=True, file=sys.stderr)
         batches = self.dataset.batches(self.recipe.rollout.batch_size, self.recipe.seed, start=self.data_position)
-        while self.step < len(self.stages):
+        overlap = self.recipe.resources.async_rollouts == 1
+        total = len(self.stages)
+        pending = self._launch(self.step, next(batches), batches.position) if self.step < total else None
+        bar, bar_stage = None, None
+        while self.step < total:
             stage = self.stages[self.step]
-            records = next(batches)
-            self.data_position = batches.position
+            if stage != bar_stage:  # one progress bar per phase
+                bar, bar_stage = self._progress(bar, stage), stage
             t0 = time.time()
-            row = {"cold_start": self._cold_start_step, "encoder": self._encoder_step,
-                   "decoder": self._decoder_step}[stage](records)
+            # step 1-2. rollouts and rewards of this step (launched earlier when overlapping)
+            rollout, batch = self._collect(pending)
+            waited = time.time() - t0  # the learner is idle until its batch is here
+            # step 3-4. advantages, then the update on every learner rank (not waited on yet)
+            train_refs, extras = self._update(stage, pending, rollout, batch)
+            following = None
+            if overlap and self.step + 1 < total:
+                # rollouts of step t+1 with the weights of step t, while the learner trains step t
+                following = self._launch(self.step + 1, next(batches), batches.position)
+            stats = self._wait_learners(train_refs)
+            # step 5. LoRA weights to the rollout workers (queued after any rollout in flight)
             self._sync_weights()
-            row = {"step": self.step, "stage": stage, **row, "seconds": round(time.time() - t0, 4)}
+            if not overlap and self.step + 1 < total:
+                following = self._launch(self.step + 1, next(batches), batches.position)
+            row = self._row(stage, stats, extras)
+            row = {"step": self.step, "stage": stage, **row, "learner_wait": round(waited, 4),
+                   "seconds": round(time.time() - t0, 4)}
             self.metrics.log(row)
             self.last_metrics[stage] = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "seconds"}
+            self.data_position = pending.position
             self.step += 1
-            bar.set_description(f"{stage:10s}")
-            bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", s=f"{row['seconds']:.1f}")
-            bar.update(1)
+            pending = following
+            if bar is not None:
+                bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", s=f"{row['seconds']:.1f}")
+                bar.update(1)
             if self.recipe.output.save_every and self.step % self.recipe.output.save_every == 0:
                 self.save_checkpoint()
-        bar.close()
+        if bar is not None:
+            bar.close()
 
-    def _seed(self) -> int:
-        return self.recipe.seed * 1_000_003 + self.step
+    def _progress(self, bar, stage: str):
+        from tqdm import tqdm
 
-    def _cold_start_step(self, records) -> dict[str, Any]:
-        """Stage 1 (UAE eq. 3): joint reconstruction loss, no RL."""
+        if bar is not None:
+            bar.close()
+        n = 0
+        while self.step + n < len(self.stages) and self.stages[self.step + n] == stage:
+            n += 1
+        return tqdm(total=n, desc=f"{stage:10s}", disable=not self.recipe.output.progress, dynamic_ncols=True,
+                    file=sys.stderr, unit="step")
+
+    def _seed(self, step: int) -> int:
+        return self.recipe.seed * 1_000_003 + step
+
+    def _launch(self, step: int, records, position: int) -> "_Pending":
+        """Start the rollout of `step` and, chained on its result inside Ray, its rewards."""
+        stage = self.stages[step]
+        images, ids = [r.image for r in records], [r.image_id for r in records]
+        p = _Pending(step=step, stage=stage, records=records, position=position,
+                     rollout_actor=None if not self.rollouts else step % len(self.rollouts),
+                     reward_actor=step % len(self.rewards))
+        if p.rollout_actor is not None:
+            self._check_restarted(step, "rollout", p.rollout_actor)
+        self._check_restarted(step, "reward", p.reward_actor)
+        actor = self.learner if p.rollout_actor is None else self.rollouts[p.rollout_actor]
+        call = (lambda m, *a: actor.rollout_call.remote(m, *a)) if p.rollout_actor is None else \
+               (lambda m, *a: getattr(actor, m).remote(*a))
+        seed = self._seed(step)
+        if stage == "cold_start":
+            p.rollout_ref = call("cold_start_rollout", images, seed)
+        elif stage == "encoder":
+            p.rollout_ref = call("encoder_rollout", images, ids, seed, self.recipe.rewards.renders_needed())
+        else:
+            p.rollout_ref = call("decoder_rollout", images, seed)
+        if stage != "cold_start":
+            p.reward_ref = self.rewards[p.reward_actor].score_rollout.remote(
+                stage, p.rollout_ref, ids, images, [r.elements for r in records], step)
+        return p
+
+    def _collect(self, p: "_Pending"):
+        """(rollout, reward batch) of a launched step. A rollout or reward actor that died is
+        restarted by Ray; the step is then launched again with the last synced weights."""
+        import ray
+
+        for attempt in range(self.recipe.resources.max_restarts + 1):
+            role, index = "rollout", p.rollout_actor
+            try:
+                rollout = ray.get(p.rollout_ref)
+                role, index = "reward", p.reward_actor
+                batch = ray.get(p.reward_ref) if p.reward_ref is not None else None
+                return rollout, batch
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if role == "rollout" and index is None:  # colocated: the rollout ran in the learner
+                    raise LearnerDied(f"the learner (hosting rollouts) died at step {p.step}; last complete "
+                                      f"checkpoint: {self.checkpoint_path or 'none'}") from None
+                self._log_failure(p.step, role, index, f"{type(e).__name__}; retrying the step with weights "
+                                  f"version {self.version}", attempt + 1)
+                try:  # _launch waits for the restart and re-syncs the restarted rollout actor
+                    retry = self._launch(p.step, p.records, p.position)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e2:
+                    raise RuntimeError(f"step {p.step}: {role} actor {index} did not come back "
+                                       f"({type(e2).__name__}); resources.max_restarts is "
+                                       f"{self.recipe.resources.max_restarts}") from None
+                p.rollout_ref, p.reward_ref = retry.rollout_ref, retry.reward_ref
+        raise RuntimeError(f"step {p.step}: rollouts failed {self.recipe.resources.max_restarts + 1} times")
+
+    def _update(self, stage: str, p: "_Pending", rollout, batch):
+        """Advantages (UAE eq. 1) and the learner call of this stage; returns (refs, row extras)."""
         import ray
 
         from rollouts.actors import image_seed
 
-        images, ids = [r.image for r in records], [r.image_id for r in records]
-        # step 1. one caption per image from the current encoder (no gradient)
-        group = ray.get(self._rollout("cold_start_rollout", images, self._seed()))
-        # step 2. learner re-reads the caption with gradient, renders, and descends 1 - cos
-        stats = ray.get(self.learner.train.remote("cold_start", images, ids, group.completion_ids,
-                                                  group.completion_mask, [image_seed(i) for i in ids]))
-        rewards = torch.tensor(stats["rewards"])
-        return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                "loss": stats["loss"], "kl": 0.0, **_caption_stats(group.captions), "grad_norm": stats["grad_norm"],
-                "version": stats["version"], "layer_weights": stats["layer_weights"], "captions": group.captions[:2]}
+        if stage == "cold_start":
+            ids = [r.image_id for r in p.records]
+            args = ([r.image for r in p.records], ids, rollout.completion_ids, rollout.completion_mask,
+                    [image_seed(i) for i in ids])
+            return self._train_refs(stage, *args), {"captions": rollout.captions}
+        adv = self._advantages(batch)
+        if stage == "encoder":
+            payload, captions = rollout[0], rollout[0].captions
+        else:
+            payload, captions = rollout[0], rollout[1]
+        ref = ray.put(payload)  # one copy in the object store for every rank
+        return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions}
 
-    def _encoder_step(self, records) -> dict[str, Any]:
-        """Stage 2 (UAE sec. 2.3): the encoder is the policy; the decoder and CLIP are the environment."""
+    def _train_refs(self, stage: str, *args: Any) -> list[Any]:
+        return [w.train.remote(stage, *args) for w in self.learners]
+
+    def _wait_learners(self, refs: list[Any]) -> list[dict[str, Any]]:
         import ray
 
-        images, ids = [r.image for r in records], [r.image_id for r in records]
-        g = self.recipe.rollout.group_size
-        # step 1. G captions per image, each rendered by the frozen decoder from its image's noise
-        group, renders = ray.get(self._rollout("encoder_rollout", images, ids, self._seed(),
-                                               self.recipe.rewards.renders_needed()))
-        # step 2. rewards on every (source, render) pair
-        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731 - align per-image data to N rows
-        batch = ray.get(self._score(
-            rep(ids), group.captions, images=rep(images), renders=renders, image_ids=rep(ids),
-            elements=rep([r.elements for r in records]), group_ids=rep(range(len(records)))))
-        # step 3. group-relative advantages (UAE eq. 1)
-        adv = self._advantages(batch)
-        # step 4. clipped GRPO update of the encoder LoRA (UAE eq. 2)
-        stats = ray.get(self.learner.train.remote("encoder", group, adv.advantages, adv.valid))
-        return _row(batch, adv, stats, group.captions)
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
+                              f"checkpoint: {self.checkpoint_path or 'none'}") from None
 
-    def _decoder_step(self, records) -> dict[str, Any]:
-        """Stage 3 (UAE eq. 4): the decoder is the policy; captions come from the frozen encoder."""
-        import ray
-
-        images, ids = [r.image for r in records], [r.image_id for r in records]
-        g = self.recipe.rollout.group_size
-        # step 1. one caption per image, G SDE trajectories from shared noise
-        traj, captions, renders = ray.get(self._rollout("decoder_rollout", images, self._seed()))
-        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
-        # step 2. rewards
-        batch = ray.get(self._score(
-            rep(ids), rep(captions), images=rep(images), renders=renders, image_ids=rep(ids),
-            elements=rep([r.elements for r in records]), group_ids=rep(range(len(records)))))
-        # step 3. advantages; step 4. per-step clipped GRPO update of the decoder LoRA
-        adv = self._advantages(batch)
-        stats = ray.get(self.learner.train.remote("decoder", traj, adv.advantages, adv.valid))
-        return _row(batch, adv, stats, captions)
+    def _row(self, stage: str, stats: list[dict[str, Any]], extras: dict[str, Any]) -> dict[str, Any]:
+        """One metrics row; rank 0's statistics, rewards over every rank for the cold start."""
+        if stage == "cold_start":
+            rewards = torch.tensor([x for s in stats for x in s["rewards"]])
+            s0 = stats[0]
+            return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                    "loss": s0["loss"], "kl": 0.0, **_caption_stats(extras["captions"]), "grad_norm": s0["grad_norm"],
+                    "version": s0["version"], "layer_weights": s0["layer_weights"], "captions": extras["captions"][:2]}
+        return _row(extras["batch"], extras["adv"], stats[0], extras["captions"])
 
     # ------------------------------------------------------------------------------------------
     # save / cleanup
@@ -337,6 +481,52 @@ class Trainer:
                 plot_layer_weights(read_metrics(self.metrics.path), os.path.join(self.out_dir, "layer_weights.png"))
         if ray.is_initialized():
             ray.shutdown()
+
+
+class LearnerDied(RuntimeError):
+    """The learner actor is gone: the run ends, its checkpoints stay as they are."""
+
+
+@dataclass
+class _Pending:
+    """A launched step: its batch and the ObjectRefs of its rollout and rewards."""
+
+    step: int
+    stage: str
+    records: list
+    position: int  # data position after this step's batch
+    rollout_actor: int | None  # None: colocated in learner rank 0
+    reward_actor: int
+    rollout_ref: Any = None
+    reward_ref: Any = None
+
+
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+
+
+def _rendezvous_fn() -> tuple[str, int]:
+    """(node address, free port) where learner rank 0 will run: the DeepSpeed rendezvous."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+class _RemoteRendezvous:
+    """`ray.remote(_rendezvous_fn)`, made on first use so that importing this module needs no Ray."""
+
+    def options(self, **kw: Any):
+        import ray
+
+        return ray.remote(_rendezvous_fn).options(**kw)
+
+
+_rendezvous = _RemoteRendezvous()
 
 
 def _truncate_metrics(path: str, step: int) -> int:
@@ -382,7 +572,8 @@ def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]
         "loss": stats["loss"], "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0),
         "ratio_mean": stats.get("ratio_mean", 1.0), "entropy": stats.get("entropy", 0.0),
         "zero_var_frac": adv.zero_var_frac, "grad_norm": stats.get("grad_norm", 0.0),
-        "version": stats.get("version"), **_caption_stats(captions), "captions": captions[:2],
+        "version": stats.get("version"), "stale": stats.get("stale_rollout", 0.0), **_caption_stats(captions),
+        "captions": captions[:2],
     }
     for name, mean in batch.means.items():
         row[f"reward/{name}"] = mean
@@ -417,6 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LearnerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if hasattr(trainer, "metrics"):
             trainer.cleanup()

@@ -45,6 +45,9 @@ class RolloutWorker:
         self.recipe = recipe
         self.models = models or build_models(recipe, resolve_device(recipe.device))
         self.version = 0
+        self.vllm = None
+        if recipe.rollout.caption.backend == "vllm":  # recipe validation made sure vLLM and a GPU exist
+            self._start_vllm()
 
     def ready(self) -> bool:
         return True
@@ -56,7 +59,29 @@ class RolloutWorker:
         """Load the learner's adapters + connector (LoRA weights only, never the base model)."""
         self.models.load_trainable_state(state)
         self.version = version
+        if self.vllm is not None:  # the engine takes the encoder LoRA as a LoRA request
+            path = os.path.join(self._vllm_dir, f"lora-v{version}")
+            self.models.encoder.model.save_pretrained(path)
+            self.vllm.load_lora(path, version)
         return version
+
+    def _start_vllm(self) -> None:
+        """A vLLM engine over the encoder's base weights (saved to a folder when built from code)."""
+        import tempfile
+
+        from rollouts.captions import VLLMCaptioner
+
+        self._vllm_dir = tempfile.mkdtemp(prefix="unified-grpo-vllm-")
+        enc = self.recipe.models.encoder
+        base = enc.path or enc.name
+        if enc.name == "tiny":
+            base = os.path.join(self._vllm_dir, "base")
+            import copy
+
+            # the tiny base without its LoRA layers (unload removes them, merging nothing)
+            copy.deepcopy(self.models.encoder.model).unload().save_pretrained(base)
+            self.models.encoder.processor.save_pretrained(base)
+        self.vllm = VLLMCaptioner(base, max_lora_rank=max(8, enc.adapter.r))
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         return self.models.trainable_state()
@@ -64,6 +89,9 @@ class RolloutWorker:
     # ------------------------------------------------------------------------------------------
     def captions(self, images: Sequence[Image.Image], group_size: int, seed: int, greedy: bool = False) -> CaptionGroup:
         c = self.recipe.rollout.caption
+        if self.vllm is not None and not greedy:
+            return self.vllm.caption_group(self.models.encoder, images, group_size, max_new_tokens=c.max_new_tokens,
+                                           temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version)
         return generate_captions(self.models.encoder, images, group_size, max_new_tokens=c.max_new_tokens,
                                  temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version,
                                  greedy=greedy)

@@ -170,6 +170,30 @@ class VLLMCaptioner:
             result.append([(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs]) for c in o.outputs])
         return result
 
+    def caption_group(self, encoder: Encoder, images: Sequence[Image.Image], group_size: int, *,
+                      max_new_tokens: int, temperature: float, top_p: float, seed: int, version: int) -> CaptionGroup:
+        """The same `CaptionGroup` as `generate_captions`, sampled by vLLM: prompt tensors from the
+        encoder's processor (the learner re-reads them), tokens and log-probs from the engine."""
+        inputs = encoder.prepare(images)
+        if encoder.image_size is not None:
+            images = [im.convert("RGB").resize((encoder.image_size,) * 2, Image.BICUBIC) for im in images]
+        outs = self.generate([encoder.prompt_text()] * len(images), list(images), group_size,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        rows = [c for per_image in outs for c in per_image]  # image-major, as generate_captions
+        t = max(1, max(len(ids) for ids, _ in rows))
+        ids = torch.full((len(rows), t), encoder.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros(len(rows), t)
+        for i, (tok, lp) in enumerate(rows):
+            ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
+            logprobs[i, : len(lp)] = torch.tensor(lp)
+        mask = completion_mask(ids, encoder.eos_token_id)
+        return CaptionGroup(
+            prompt_ids=inputs["input_ids"], prompt_mask=inputs["attention_mask"],
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+            completion_ids=ids, completion_mask=mask, logprobs=logprobs.masked_fill(mask == 0, 0.0),
+            captions=encoder.decode(ids, mask), group_size=group_size, version=version,
+        )
+
 
 def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup:
     """The images (and their G captions) that learner rank `rank` of `world_size` trains on:

@@ -144,7 +144,7 @@ def _prompt_words() -> list[str]:
 
 
 def tiny_encoder_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2,
-                        patch_size: int = 4) -> dict:
+                        patch_size: int = 4, vision_hidden_size: int = 32, vision_depth: int = 2) -> dict:
     """Numbers for a tiny random Qwen2.5-VL that runs a forward pass in milliseconds on a CPU."""
     heads = 4
     head_dim = hidden_size // heads
@@ -164,16 +164,16 @@ def tiny_encoder_config(vocab_size: int, hidden_size: int = 64, num_layers: int 
             "tie_word_embeddings": True,
         },
         "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
+            "depth": vision_depth,
+            "hidden_size": vision_hidden_size,
+            "intermediate_size": vision_hidden_size * 2,
+            "num_heads": max(2, vision_hidden_size // 16),
             "out_hidden_size": hidden_size,
             "patch_size": patch_size,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": patch_size * 4,
-            "fullatt_block_indexes": [1],
+            "fullatt_block_indexes": list(range(1, vision_depth, 2)),
         },
     }
 
@@ -185,6 +185,8 @@ def build_tiny_encoder(
     num_layers: int = 2,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    vision_hidden_size: int = 32,
+    vision_depth: int = 2,
 ) -> Encoder:
     """A randomly initialised Qwen2_5_VLForConditionalGeneration with an in-process tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
@@ -193,7 +195,7 @@ def build_tiny_encoder(
 
     tokenizer = build_word_tokenizer([*_prompt_words(), *vocabulary])
     patch = 4
-    cfg_dict = tiny_encoder_config(len(tokenizer), hidden_size, num_layers, patch)
+    cfg_dict = tiny_encoder_config(len(tokenizer), hidden_size, num_layers, patch, vision_hidden_size, vision_depth)
     special = {
         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -237,6 +239,7 @@ def build_encoder(name: str, *, vocabulary: Sequence[str] = (), image_size: int 
     """
     torch_dtype = getattr(torch, dtype)
     if name == "tiny":
+        tiny = {**tiny, **_saved_tiny_config(path, tiny)}
         enc = build_tiny_encoder(vocabulary, image_size=image_size or 32, seed=seed, dtype=torch_dtype, **tiny)
         if path:
             _load_weights(enc.model, path)
@@ -253,6 +256,28 @@ def build_encoder(name: str, *, vocabulary: Sequence[str] = (), image_size: int 
 def qwen25_vl_3b() -> dict:
     """The paper's encoder (UAE sec. 2.1): Qwen2.5-VL-3B-Instruct, hidden size 2048."""
     return {"name": "Qwen/Qwen2.5-VL-3B-Instruct", "dtype": "bfloat16", "image_size": None}
+
+
+TINY_CONFIG_FILE = "tiny_config.json"
+# Architecture numbers a saved tiny encoder folder may fix that the recipe has no field for.
+_FOLDER_ONLY = ("vision_hidden_size", "vision_depth")
+
+
+def _saved_tiny_config(path: str | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The vision-tower numbers saved beside tiny weights (`tiny_config.json`, written by
+    rl.pretrain), so that a folder describes its own architecture. Numbers the recipe also sets
+    (hidden_size, num_layers) must agree with it: a mismatch would load weights into the wrong shapes."""
+    if not path or not os.path.isfile(os.path.join(path, TINY_CONFIG_FILE)):
+        return {}
+    import json
+
+    with open(os.path.join(path, TINY_CONFIG_FILE)) as f:
+        saved = json.load(f)
+    for key, value in saved.items():
+        if key not in _FOLDER_ONLY and key in given and given[key] != value:
+            raise ValueError(f"the tiny encoder in {path} has {key}={value}, the recipe asks for {given[key]}: "
+                             f"set models.encoder.{key}: {value}, or point models.encoder.path elsewhere")
+    return {k: v for k, v in saved.items() if k in _FOLDER_ONLY}
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:

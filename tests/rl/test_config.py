@@ -57,6 +57,8 @@ def test_overrides_and_max_steps(tmp_path):
         (lambda t: t["data"].update(source="/nonexistent/images"), "data.source"),
         (lambda t: t["rewards"].update(functions=[{"name": "no_such_reward"}]), "rewards.functions.0.name"),
         (lambda t: t["rollout"]["trajectory"].update(sde_window=50), "sde_window"),
+        (lambda t: t["output"].update(wandb_project="x"), "output.wandb_project"),  # wandb not installed
+        (lambda t: t.setdefault("resources", {}).update(learner_workers=3), "resources.learner_workers"),
     ],
 )
 def test_bad_recipes_name_the_field(tmp_path, edit, field):

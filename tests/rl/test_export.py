@@ -80,6 +80,17 @@ def test_exported_folders_load_in_a_fresh_process_without_the_project(exported):
     """peft + transformers + diffusers only: the outputs equal the project's."""
     script = textwrap.dedent("""
         import json, sys
+
+        # The project may be installed (pip install -e .): refuse its packages outright, so
+        # whatever loads below loads without any of its code.
+        class _NoProject:
+
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("rl", "rollouts", "rewards"):
+                    raise ImportError(f"{name} is blocked: this process must not use the project")
+                return None
+
+        sys.meta_path.insert(0, _NoProject())
         import torch
         from safetensors.torch import load_file
         from peft import PeftModel

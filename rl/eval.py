@@ -1,0 +1,294 @@
+"""Unified-Bench on the shapes world (UAE sec. 3): caption, regenerate from the caption, compare.
+
+    python -m rl.eval unified-bench --checkpoint runs/tiny/checkpoints/step-000040 --split heldout
+    python -m rl.eval unified-bench --checkpoint none --recipe recipes/tiny.yaml   # before RL
+    python -m rl.eval unified-bench --checkpoint DIR --baseline before.json --out after.json
+
+The protocol of UAE sec. 3 on generated images with known ground truth: each image is captioned
+greedily by the encoder under the UAE prompt, the decoder regenerates an image from that caption
+alone (ODE, `rollout.trajectory.eval_steps`, the image's fixed noise), and the reconstruction is
+compared with the source by every configured backbone:
+
+- `clip`   the reward's backbone (the one RL optimised against);
+- `clip_b` with pretraining, a second shapes-world CLIP trained from another seed on other scenes
+           (never a reward: a check that gains are not an artefact of one backbone);
+- every entry of `eval.backbones` (open_clip names, `timm:<name>`, or tiny-CLIP .safetensors).
+
+The unified score is the mean over backbones of the mean cosine (UAE table 1's "Overall"). Because
+the scenes are generated, the caption is also scored exactly: element coverage (recall of the
+ground-truth facts, rl.shapes.coverage), precision (share of stated facts that are true), and
+caption length in words. A table is printed and everything, per image too, is written as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("unified_grpo")
+
+CAPTION_METRICS = ("coverage", "precision", "caption_length")
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic (pure; tests/rl/test_eval.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def mean(xs: Sequence[float]) -> float:
+    """Plain mean; NaN for an empty list (never a silent 0)."""
+    return sum(xs) / len(xs) if len(xs) else float("nan")
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per-image rows -> the benchmark's numbers.
+
+    rows[i] = {"similarity": {backbone: cosine}, "coverage": c, "precision": p,
+               "caption_length": words, ...}.
+    Returns {"n", "sim/<backbone>" (mean cosine per backbone), "unified" (mean over backbones of
+    those means), "coverage", "precision", "caption_length" (means over images)}.
+    """
+    backbones = list(rows[0]["similarity"]) if rows else []
+    out: dict[str, float] = {"n": len(rows)}
+    for name in backbones:
+        out[f"sim/{name}"] = mean([r["similarity"][name] for r in rows])
+    out["unified"] = mean([out[f"sim/{name}"] for name in backbones])
+    for key in CAPTION_METRICS:
+        out[key] = mean([r[key] for r in rows])
+    return out
+
+
+def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """after - before for every numeric key the two summaries share (except n)."""
+    return {k: after[k] - before[k] for k in before
+            if k != "n" and k in after and isinstance(before[k], (int, float))}
+
+
+def format_table(columns: dict[str, dict[str, float]], title: str = "") -> str:
+    """Summaries side by side: one column per summary (e.g. before / after / delta), one row per
+    metric, in the order of the first summary."""
+    names = list(columns)
+    keys = [k for k in next(iter(columns.values())) if k != "n"] if columns else []
+    width = max([len(k) for k in keys] + [10])
+    lines = [title] if title else []
+    lines.append(f"{'metric':{width}s} " + " ".join(f"{n:>10s}" for n in names))
+    for k in keys:
+        cells = []
+        for n in names:
+            v = columns[n].get(k, float("nan"))
+            cells.append(f"{v:>+10.4f}" if n == "delta" else f"{v:>10.4f}")
+        lines.append(f"{k:{width}s} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def score_captions(captions: Sequence[str], examples) -> list[dict[str, float]]:
+    """Exact caption scores against the ground truth of each example (rl.shapes)."""
+    from rl.shapes import caption_length, coverage, precision
+
+    return [{"coverage": coverage(c, e), "precision": precision(c, e), "caption_length": caption_length(c)}
+            for c, e in zip(captions, examples)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and backbones
+# ---------------------------------------------------------------------------------------------
+
+
+def load_for_eval(checkpoint: str | None, recipe_path: str | None = None, overrides: Sequence[str] = ()):
+    """(recipe, trainable weights or None). A checkpoint folder carries its recipe (recipe.yaml,
+    with the pretrained paths it ran with) and its adapters; `None` means the pretrained models
+    before RL, from `recipe_path` (pretrained first if missing)."""
+    from rl.config import Recipe, load_recipe
+    from rl.pretrain import prepare_recipe
+
+    if checkpoint is None:
+        if recipe_path is None:
+            raise ValueError("--checkpoint none needs --recipe RECIPE (the models before RL)")
+        recipe = load_recipe(recipe_path, list(overrides))
+        prepare_recipe(recipe)
+        return recipe, None
+    import yaml
+
+    from rl.checkpoint import load_adapters
+
+    if recipe_path is not None:
+        recipe = load_recipe(recipe_path, list(overrides))
+        prepare_recipe(recipe)
+    else:
+        tree = yaml.safe_load((Path(checkpoint) / "recipe.yaml").read_text())
+        recipe = Recipe.model_validate(tree)
+    return recipe, load_adapters(checkpoint)
+
+
+def eval_backbones(recipe) -> dict[str, dict[str, Any]]:
+    """Extra backbones as `ClipReward(extra_backbones=...)` specs: the second pretrained CLIP
+    (`clip_b`) when the recipe uses pretraining and it exists, then `eval.backbones`."""
+    from rewards.clip import tiny_clip_config
+
+    size = recipe.models.decoder.image_size
+    out: dict[str, dict[str, Any]] = {}
+    if recipe.pretrain.enabled and recipe.pretrain.clip.eval_backbone:
+        from rl.pretrain import pretrained_paths
+
+        path = pretrained_paths(recipe).clip_eval
+        if path and os.path.exists(path):
+            out["clip_b"] = {"model": tiny_clip_config(image_size=size), "checkpoint": path}
+        else:
+            log.warning("eval: the second pretrained CLIP %s is missing; scoring without clip_b", path)
+    for name, spec in recipe.eval.backbones.items():
+        if spec.endswith(".safetensors"):
+            out[name] = {"model": tiny_clip_config(image_size=size), "checkpoint": spec}
+        else:
+            out[name] = {"model": spec}
+    return out
+
+
+def build_scorer(recipe, device: str = "cpu"):
+    """The reward's CLIP plus every evaluation backbone, as one ClipReward."""
+    from rewards.clip import ClipReward, tiny_clip_config
+
+    c = recipe.models.clip
+    model = tiny_clip_config(image_size=recipe.models.decoder.image_size) if c.model == "tiny" else c.model
+    # seed as rl.learner.make_clip_reward, so a random tiny CLIP is the reward's own
+    return ClipReward(model, pretrained=c.pretrained, seed=recipe.seed + 4, device=device,
+                      checkpoint=c.checkpoint, extra_backbones=eval_backbones(recipe))
+
+
+def heldout_examples(recipe, n: int, split: str = "heldout", seed: int | None = None):
+    from rl.shapes import generate_shapes
+
+    g = recipe.data.generate
+    return generate_shapes(n, recipe.eval.seed if seed is None else seed, size=recipe.models.decoder.image_size,
+                           max_objects=g.max_objects, split=split)
+
+
+def evaluate(worker, scorer, examples, seed: int = 0) -> list[dict[str, Any]]:
+    """Unified-Bench rows for `examples`: greedy caption, ODE render at eval_steps, similarity
+    with every backbone, exact caption scores. `worker` is a rollouts.actors.RolloutWorker."""
+    images, ids = [e.image for e in examples], [e.image_id for e in examples]
+    captions, renders = worker.eval_render(images, ids, seed)
+    sims = scorer.scores_all_backbones(images, renders)  # backbone -> (N,)
+    rows = []
+    for i, (e, c, s) in enumerate(zip(examples, captions, score_captions(captions, examples))):
+        rows.append({"image_id": e.image_id, "caption": c, "truth": e.captions["full"], **s,
+                     "similarity": {name: float(v[i]) for name, v in sims.items()}})
+    return rows, renders
+
+
+def run_unified_bench(checkpoint: str | None, recipe_path: str | None = None, *, split: str = "heldout",
+                      n: int | None = None, overrides: Sequence[str] = (), grid: str | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns {"summary", "rows", ...} (what --out writes)."""
+    import torch
+
+    from rollouts.actors import RolloutWorker
+
+    t0 = time.time()
+    recipe, weights = load_for_eval(checkpoint, recipe_path, overrides)
+    recipe.device = "cpu" if not torch.cuda.is_available() else recipe.device
+    worker = RolloutWorker(recipe)
+    if weights is not None:
+        worker.set_weights(weights, version=-1)
+    scorer = build_scorer(recipe, str(worker.models.device))
+    examples = heldout_examples(recipe, n or recipe.eval.n, split)
+    rows, renders = evaluate(worker, scorer, examples, seed=recipe.eval.seed)
+    if grid:
+        k = recipe.eval.grid_images or 4
+        render_grid([e.image for e in examples[:k]], [r["caption"] for r in rows[:k]], renders[:k], grid,
+                    title=f"{checkpoint or 'before RL'}", scores=[r["coverage"] for r in rows[:k]])
+    return {"benchmark": "unified-bench", "world": "shapes", "split": split, "checkpoint": checkpoint or "none",
+            "eval_steps": recipe.rollout.trajectory.eval_steps, "backbones": list(rows[0]["similarity"]),
+            "summary": summarize(rows), "seconds": round(time.time() - t0, 1), "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid: source | caption | reconstruction
+# ---------------------------------------------------------------------------------------------
+
+
+def render_grid(sources, captions: Sequence[str], renders, out_png: str, title: str = "",
+                scores: Sequence[float] | None = None) -> None:
+    """One row per image: the source, its caption (wrapped; with its coverage when given) and the
+    reconstruction from that caption."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(sources)
+    fig, axes = plt.subplots(k, 3, figsize=(8, 1.9 * k + 0.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2.6, 1]})
+    for i in range(k):
+        axes[i][0].imshow(sources[i], interpolation="nearest")
+        axes[i][2].imshow(renders[i], interpolation="nearest")
+        text = "\n".join(textwrap.wrap(captions[i] or "(empty)", 44))
+        if scores is not None:
+            text += f"\n[coverage {scores[i]:.2f}]"
+        axes[i][1].text(0.0, 0.5, text, va="center", ha="left", fontsize=8, family="monospace")
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i][1].axis("off")
+    axes[0][0].set_title("source", fontsize=9)
+    axes[0][1].set_title("caption", fontsize=9)
+    axes[0][2].set_title("reconstruction", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rl.eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ub = sub.add_parser("unified-bench", help="caption -> regenerate -> compare (UAE sec. 3)")
+    ub.add_argument("--checkpoint", required=True,
+                    help="a checkpoint folder (runs/x/checkpoints/step-N), or `none` for the models before RL")
+    ub.add_argument("--recipe", help="recipe YAML (required with --checkpoint none; default: the checkpoint's recipe.yaml)")
+    ub.add_argument("--split", default="heldout", choices=["train", "val", "heldout"], help="shapes split (default heldout)")
+    ub.add_argument("--n", type=int, help="images (default: eval.n of the recipe)")
+    ub.add_argument("--out", help="write the JSON here (default: <checkpoint>/unified_bench_<split>.json, or stdout only for none)")
+    ub.add_argument("--grid", help="also write a source | caption | reconstruction PNG here")
+    ub.add_argument("--baseline", help="a JSON written earlier (e.g. before RL): print before / after / delta")
+    ub.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field of --recipe")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
+    try:
+        result = run_unified_bench(checkpoint, args.recipe, split=args.split, n=args.n, overrides=args.set,
+                                   grid=args.grid)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    title = f"Unified-Bench, shapes world, split {args.split}, n={result['summary']['n']}, checkpoint {result['checkpoint']}"
+    columns = {"score": result["summary"]}
+    if args.baseline:
+        before = json.loads(Path(args.baseline).read_text())["summary"]
+        columns = {"before": before, "after": result["summary"], "delta": compare(before, result["summary"])}
+    print(format_table(columns, title))
+    for r in result["rows"][:3]:
+        print(f"  {r['image_id']}: {r['caption']!r} (coverage {r['coverage']:.2f})")
+    out = args.out or (os.path.join(checkpoint, f"unified_bench_{args.split}.json") if checkpoint else None)
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
