@@ -293,7 +293,7 @@ class HTTPJudge:
         self.temperature, self.max_tokens, self.prompt = temperature, max_tokens, prompt
         # A judge on this machine must not go through an HTTP(S)_PROXY from the environment.
         host = urllib.parse.urlsplit(self.endpoint).hostname or ""
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(host) else []
+        handlers = [urllib.request.ProxyHandler({})] if is_loopback(host) else []
         self._opener = urllib.request.build_opener(*handlers)
 
     def __repr__(self) -> str:  # no api key
@@ -402,7 +402,8 @@ class _Fatal(_Retryable):
     pass
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
     if host == "localhost":
         return True
     try:

@@ -23,7 +23,6 @@ n = 1 only, no authentication, so it listens on 127.0.0.1 unless --host says oth
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import threading
@@ -31,6 +30,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from rewards.judge import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -243,13 +244,6 @@ def _handler(chat: ChatModel) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(model: str | ChatModel = "tiny", host: str = DEFAULT_HOST, port: int = 0, *,
@@ -258,7 +252,7 @@ def serve(model: str | ChatModel = "tiny", host: str = DEFAULT_HOST, port: int =
     from `server.server_address[1]`, or use `server.base_url` ("http://host:port/v1").
     Stop with `server.shutdown(); server.server_close()`. A non-loopback host needs allow_remote.
     """
-    if not _is_loopback(host) and not allow_remote:
+    if not is_loopback(host) and not allow_remote:
         raise ValueError(f"refusing to listen on {host!r} (not loopback; the server has no "
                          "authentication); pass allow_remote=True, or --host on the command line")
     chat = model if isinstance(model, ChatModel) else ChatModel.load(model)
@@ -283,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = args.host or DEFAULT_HOST
-    if not _is_loopback(host):
+    if not is_loopback(host):
         logger.warning("listening on %s: anyone who can reach it can use the model (no authentication)", host)
     server, thread = serve(args.model, host, args.port, allow_remote=args.host is not None)
     port = server.server_address[1]
