@@ -36,7 +36,7 @@ def run(async_rollouts: int, steps: int, batch: int, group: int) -> dict[str, di
         f"resources.async_rollouts={async_rollouts}", "schedule.cold_start_steps=0", "schedule.cycles=1",
         f"schedule.phases=[{{stage: encoder, steps: {steps}}}, {{stage: decoder, steps: {steps}}}]",
         f"rollout.batch_size={batch}", f"rollout.group_size={group}", "output.progress=false",
-        "output.tensorboard=false", "output.plot=false",
+        "output.tensorboard=false", "output.plot=false", "pretrain.enabled=false",
     ], output_dir=out)
     trainer = Trainer(recipe, recipe_dir=str(ROOT / "recipes"))
     try:

@@ -295,7 +295,7 @@ class OutputConfig(_Section):
 class ClipPretrain(_Section):
     """Contrastive training of the tiny CLIP's image tower against FULL captions."""
 
-    steps: int = Field(300, gt=0, description="Optimiser steps (fresh scenes every step).")
+    steps: int = Field(200, gt=0, description="Optimiser steps (fresh scenes every step).")
     batch_size: int = Field(128, gt=1, description="Image-caption pairs per step (the contrastive negatives).")
     lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (warm-up, cosine decay).")
     eval_backbone: bool = Field(True, description="Also train a second, independently seeded CLIP on other scenes: an evaluation backbone (rl.eval `clip_b`) that RL never optimised against.")
@@ -315,26 +315,31 @@ class VaePretrain(_Section):
 class EncoderPretrain(_Section):
     """Supervised fine-tuning of the tiny Qwen2.5-VL on (image, caption) pairs."""
 
-    steps: int = Field(500, gt=0, description="Optimiser steps.")
+    steps: int = Field(1000, gt=0, description="Optimiser steps.")
     batch_size: int = Field(32, gt=0, description="Images per step.")
-    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate.")
-    vision_hidden_size: int = Field(32, gt=0, description="Width of the tiny vision tower (saved with the weights in tiny_config.json).")
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate.")
+    vision_hidden_size: int = Field(64, gt=0, description="Width of the tiny vision tower (saved with the weights in tiny_config.json).")
     vision_depth: int = Field(2, gt=0, description="Depth of the tiny vision tower (saved with the weights).")
-    vision_lr_scale: float = Field(0.1, ge=0, description="The vision tower's learning rate as a fraction of `lr` (its merger into the LM learns at `lr`). At the full rate the tiny tower collapsed its patch features (colours lost); 0 freezes it (random features separate colours but hardly shapes).")
-    detail_share: float = Field(0.15, ge=0, le=1, description="Probability that a training caption is the FULL one (every fact) rather than the SHORT one (kinds only). Small: the SFT'd encoder is terse under greedy decoding but samples detailed captions now and then, which encoder GRPO can then reinforce (UAE sec. 4.4). 0: RL has nothing to find; >= 0.5: the encoder is detailed before RL.")
+    rope_theta: float = Field(5.0, gt=0, description="RoPE base of the tiny LM (saved with the weights). With 16-dim heads, M-RoPE gives the image rows and columns the lowest frequencies; at Qwen's 10000 they hardly rotate over 4 tokens, so the LM cannot tell image tokens apart by position and cannot pick out the first shape in reading order. A small base makes them rotate.")
+    qk_init_std: float = Field(0.15, ge=0, description="Re-initialise the LM's query/key projections with this std before SFT (0: keep HF's 0.02). With 0.02 the attention of caption tokens stayed nearly uniform over the ~100 prompt and image tokens for hundreds of steps: the LM learned where shapes are (count, cells, sizes) but could not copy what they are (colour) from the shape's token; 0.15 halved the time to a given loss, 0.3 was worse.")
+    vision_steps: int = Field(300, ge=0, description="Steps of the vision warm-up before SFT (a stand-in for a pretrained ViT): a linear probe on every merged vision token learns the colour, kind and size of the shape under it. 0: none.")
+    vision_batch_size: int = Field(64, gt=0, description="Images per vision warm-up step.")
+    vision_lr: float = Field(3e-3, gt=0, description="Learning rate of the vision warm-up.")
+    vision_lr_scale: float = Field(0.0, ge=0, description="The vision tower's learning rate as a fraction of `lr` (its merger into the LM learns at `lr`). At the full rate the tiny tower collapsed its patch features (colours lost); 0 freezes it (random features separate colours but hardly shapes).")
+    detail_share: float = Field(0.2, ge=0, le=1, description="Probability that a training caption is the FULL one (every fact) rather than the SHORT one (kinds only). Small: the SFT'd encoder is terse under greedy decoding but samples detailed captions now and then, which encoder GRPO can then reinforce (UAE sec. 4.4). 0: RL has nothing to find; >= 0.5: the encoder is detailed before RL.")
 
 
 class DecoderPretrain(_Section):
     """Flow-matching training of the DiT and the connector on FULL captions (UAE sec. 2.2's long-caption warm-up)."""
 
-    steps: int = Field(800, gt=0, description="Optimiser steps.")
+    steps: int = Field(1200, gt=0, description="Optimiser steps.")
     batch_size: int = Field(64, gt=0, description="Latents per step.")
-    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (transformer and connector).")
+    lr: float = Field(2e-3, gt=0, description="AdamW peak learning rate (transformer and connector).")
     pool_size: int = Field(4096, gt=0, description="Scenes encoded once by the VAE; batches are drawn from them.")
     num_layers: int = Field(4, gt=0, description="DiT depth.")
     num_heads: int = Field(4, gt=0, description="Attention heads (width = num_heads * head_dim).")
     head_dim: int = Field(16, gt=0, description="Width of one head.")
-    patch_size: int = Field(1, gt=0, description="Latent patch side (1: one token per latent pixel).")
+    patch_size: int = Field(2, gt=0, description="Latent patch side (1: one token per latent pixel).")
     joint_attention_dim: int = Field(64, gt=0, description="Width of the conditioning the connector produces.")
 
 
@@ -347,6 +352,8 @@ class PretrainConfig(_Section):
     vae: VaePretrain = Field(default_factory=VaePretrain)
     encoder: EncoderPretrain = Field(default_factory=EncoderPretrain)
     decoder: DecoderPretrain = Field(default_factory=DecoderPretrain)
+    workers: int = Field(2, ge=1, description="Processes that train independent parts side by side (encoder then decoder in one; VAE and the CLIPs in the other). 1: one after the other in this process.")
+    threads: int = Field(1, ge=1, description="torch threads per process. Tiny models are overhead-bound: on 2 cores, two 1-thread processes beat one 2-thread process, and a busy machine hurts multi-threaded runs most.")
 
 
 class EvalConfig(_Section):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -168,9 +167,10 @@ def heldout_examples(recipe, n: int, split: str = "heldout", seed: int | None = 
                            max_objects=g.max_objects, split=split)
 
 
-def evaluate(worker, scorer, examples, seed: int = 0) -> list[dict[str, Any]]:
-    """Unified-Bench rows for `examples`: greedy caption, ODE render at eval_steps, similarity
-    with every backbone, exact caption scores. `worker` is a rollouts.actors.RolloutWorker."""
+def evaluate(worker, scorer, examples, seed: int = 0) -> tuple[list[dict[str, Any]], list]:
+    """(rows, renders) for `examples`: greedy caption, ODE render at eval_steps from the image's
+    fixed noise, similarity with every backbone, exact caption scores.
+    `worker` is a rollouts.actors.RolloutWorker, `scorer` a ClipReward (build_scorer)."""
     images, ids = [e.image for e in examples], [e.image_id for e in examples]
     captions, renders = worker.eval_render(images, ids, seed)
     sims = scorer.scores_all_backbones(images, renders)  # backbone -> (N,)

@@ -253,9 +253,9 @@ def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("pretrain clip step %d/%d loss %.3f", step + 1, cfg.steps, loss)
+            log.info("pretrain clip step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
     model.eval().requires_grad_(False)
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **clip_sensitivity(model, preprocess, world)}
@@ -335,9 +335,9 @@ def train_vae(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("pretrain vae step %d/%d loss %.4f", step + 1, cfg.steps, loss)
+            log.info("pretrain vae step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     vae.eval()
     with torch.no_grad():
         x = to_tensor([e.image for e in examples(world, 128, seed=777, split="heldout")])
@@ -373,6 +373,59 @@ def _completion_batch(encoder, captions: list[str]) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def token_labels(example, grid: int) -> torch.Tensor:
+    """(grid * grid, 3) labels of the merged vision tokens of a scene, row-major: the colour, kind
+    and size index of the object covering most of the token's pixels, or the last index ("none")."""
+    from rl.shapes import COLORS, KINDS, SIZES, render
+
+    size = example.image.size[0]
+    cell = size // grid
+    none = torch.tensor([len(COLORS), len(KINDS), len(SIZES)])
+    labels = none.repeat(grid * grid, 1)
+    counts = torch.zeros(grid * grid)
+    bg = np.asarray(render([], example.background, size))
+    for obj in example.objects:
+        mask = np.any(np.asarray(render([obj], example.background, size)) != bg, axis=-1)  # (H, W)
+        per_token = torch.from_numpy(mask[: grid * cell, : grid * cell].reshape(grid, cell, grid, cell).sum((1, 3)))
+        per_token = per_token.flatten().float()
+        win = per_token > counts
+        labels[win] = torch.tensor([list(COLORS).index(obj.color), KINDS.index(obj.kind), list(SIZES).index(obj.size)])
+        counts = torch.maximum(counts, per_token)
+    return labels
+
+
+def warm_up_vision(encoder, world: World, cfg, seed: int) -> dict[str, float]:
+    """Supervised warm-up of the tiny vision tower, standing in for the pretrained ViT every real
+    LVLM starts from: a linear probe on each merged vision token predicts the colour, kind and
+    size of the object under it (or none). Without it the LM had to discover appearance through
+    its captions alone and, in a few hundred steps, learned where shapes are but not what they are."""
+    from rl.shapes import COLORS, KINDS, SIZES
+
+    visual = encoder.model.model.visual
+    heads = nn.ModuleList([nn.Linear(encoder.hidden_size, len(v) + 1) for v in (COLORS, KINDS, SIZES)])
+    params = [*visual.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0)
+    losses, accs = [], []
+    for step in range(cfg.vision_steps):
+        _set_lr(opt, _cosine_lr(step, cfg.vision_steps, cfg.vision_lr, max(1, cfg.vision_steps // 20)))
+        batch = examples(world, cfg.vision_batch_size, seed=seed * 100_003 + 50_000 + step)
+        inputs = encoder.prepare([e.image for e in batch])
+        feats = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output  # (B * T, H)
+        grid = int(round(math.sqrt(feats.shape[0] // len(batch))))
+        labels = torch.cat([token_labels(e, grid) for e in batch])  # (B * T, 3)
+        logits = [head(feats) for head in heads]
+        loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        accs.append(float(np.mean([(lg.argmax(-1) == labels[:, i]).float().mean().item() for i, lg in enumerate(logits)])))
+        if step % 50 == 0 or step == cfg.vision_steps - 1:
+            log.info("pretrain encoder vision step %d/%d loss %.3f acc %.3f", step + 1, cfg.vision_steps, losses[-1], accs[-1])
+    return {"vision_loss_last": float(np.mean(losses[-10:])), "vision_token_acc": float(np.mean(accs[-10:]))}
+
+
 def encoder_kwargs(recipe: Recipe) -> dict[str, Any]:
     e = recipe.models.encoder
     return {"image_size": e.image_size, "hidden_size": e.hidden_size, "num_layers": e.num_layers, "seed": recipe.seed}
@@ -388,9 +441,19 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     from rl.shapes import VOCABULARY
     from rollouts.captions import CaptionGroup, completion_logprobs
 
-    vision = {"vision_hidden_size": cfg.vision_hidden_size, "vision_depth": cfg.vision_depth}
+    vision = {"vision_hidden_size": cfg.vision_hidden_size, "vision_depth": cfg.vision_depth, "rope_theta": cfg.rope_theta}
     encoder = build_encoder("tiny", vocabulary=VOCABULARY, **enc_kwargs, **vision)
     model = encoder.model.train()
+    warm = warm_up_vision(encoder, world, cfg, seed) if cfg.vision_steps else {}
+    if cfg.qk_init_std:
+        # Sharper attention from the start: with HF's 0.02 init the LM's attention from caption
+        # tokens stayed nearly uniform over the ~100 prompt and image tokens for hundreds of steps,
+        # so nothing could be copied from the shape being described (only "where", not "what").
+        gen = torch.Generator().manual_seed(seed)
+        for name, param in model.model.language_model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                with torch.no_grad():
+                    param.copy_(torch.randn(param.shape, generator=gen) * cfg.qk_init_std)
     # The vision tower learns at vision_lr_scale * lr: trained end to end at the language model's
     # rate, the tiny tower collapsed its patch features to "is there a shape here" (colours lost)
     # within a few hundred steps. Its merger (into the LM's width) learns at the full rate.
@@ -422,9 +485,9 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("pretrain encoder step %d/%d loss %.3f", step + 1, cfg.steps, loss)
+            log.info("pretrain encoder step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
     model.eval()
     # Clone every tensor: the tied input / output embeddings would otherwise share storage.
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
@@ -432,7 +495,7 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     # The folder describes its own vision tower (the recipe has no field for it); build_encoder reads it.
     arch = {"hidden_size": enc_kwargs["hidden_size"], "num_layers": enc_kwargs["num_layers"], **vision}
     (out / TINY_CONFIG_FILE).write_text(json.dumps(arch, indent=1))
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **encoder_probe(encoder, world)}
+    return {**warm, "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **encoder_probe(encoder, world)}
 
 
 @torch.no_grad()
@@ -475,11 +538,15 @@ def transformer_config(world: World, cfg) -> dict[str, Any]:
 
 
 def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Path, vae_dir: Path,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, clip_path: str | None = None, probe_steps: int | None = None) -> dict[str, Any]:
     """Rectified flow (SD3's convention, rollouts/sde.py): x_s = (1 - s) z0 + s eps, target
     v = eps - z0, s drawn as SD3's shifted schedule spends steps (shift(u), u ~ U(0, 1)); loss
     ||v_theta(x_s, s, c) - v||^2 with c = connector(encoder LM hidden states of the FULL caption).
-    Trains the transformer's base weights and the connector; the encoder and VAE are frozen."""
+    Trains the transformer's base weights and the connector; the encoder and VAE are frozen.
+    `clip_path` (when it exists) serves the quality probe in done.json only."""
+    probe_steps = probe_steps or recipe.rollout.trajectory.render_steps
+    if clip_path and not os.path.exists(clip_path):
+        clip_path = None
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from safetensors.torch import save_file
 
@@ -504,12 +571,13 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
     )
     models = Models(encoder=encoder, connector=connector, decoder=decoder, device=torch.device("cpu"))
 
-    # A pool of scenes encoded once by the frozen VAE; batches are drawn from it.
+    # A pool of scenes encoded once by the frozen VAE, and their FULL captions read once by the
+    # frozen encoder LM (exactly as Models.condition reads them); batches are drawn from the pool.
     pool = examples(world, cfg.pool_size, seed=seed * 100_003)
     with torch.no_grad():
         latents = torch.cat([decoder.encode(to_tensor([e.image for e in pool[i: i + 256]]))
                              for i in range(0, len(pool), 256)])  # (P, C, h, w)
-    captions = [e.captions["full"] for e in pool]
+        hidden, hmask = caption_features(models, [e.captions["full"] for e in pool])  # (L+1, P, T, H), (P, T)
 
     params = [*transformer.parameters(), *connector.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -520,8 +588,8 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
         idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen)
         z0 = latents[idx]
-        ids, mask = _completion_batch(encoder, [captions[i] for i in idx.tolist()])
-        cond, cmask, pooled = models.condition(ids, mask)  # encoder frozen: only the connector learns
+        cmask = hmask[idx]
+        cond, pooled = connector(list(hidden[:, idx]), cmask)  # = Models.condition with a frozen encoder
         u = torch.rand(len(idx), generator=gen)
         sigma = shift * u / (1 + (shift - 1) * u)  # (B,)
         eps = torch.randn(z0.shape, generator=gen)
@@ -533,15 +601,65 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         connector.after_optimizer_step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
-            log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, loss)
+            log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     transformer.eval()
+    probe = decoder_probe(models, clip_path, world, steps=probe_steps) if probe_steps else {}
     transformer.save_pretrained(str(out / "transformer"))
     vae.save_pretrained(str(out / "vae"))
     save_file({k: v.detach().contiguous().clone() for k, v in connector.state_dict().items()},
               str(out / "connector.safetensors"))
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **probe}
+
+
+class _Recorder(nn.Module):
+    """Stands in for the connector inside Models.condition to capture what it would be fed."""
+
+    def forward(self, hidden_states, mask=None):
+        self.hidden_states, self.mask = hidden_states, mask
+        h = hidden_states[-1]
+        return h, h[:, 0]
+
+
+@torch.no_grad()
+def caption_features(models, captions: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder LM's hidden states of captions read as text, as `Models.condition` computes them
+    (same prefix, masking and padding): ((L+1, N, T, H), mask (N, T)), right-padded to one T."""
+    from rl.models.unified import Models
+
+    recorder = _Recorder()
+    reader = Models(encoder=models.encoder, connector=recorder, decoder=models.decoder, device=models.device)
+    ids, mask = _completion_batch(models.encoder, captions)
+    states, masks = [], []
+    for i in range(0, len(captions), chunk):
+        _, m, _ = reader.condition(ids[i: i + chunk], mask[i: i + chunk])
+        states.append(torch.stack(list(recorder.hidden_states)))  # (L+1, n, T, H)
+        masks.append(m)
+    return torch.cat(states, 1), torch.cat(masks, 0)
+
+
+@torch.no_grad()
+def decoder_probe(models, clip_path: str | None, world: World, steps: int, n: int = 32) -> dict[str, float]:
+    """What encoder GRPO will see: on held-out scenes, the CLIP cosine between the source and the
+    decoder's render (ODE, `steps`, fixed noise) of the FULL and of the SHORT ground-truth caption.
+    RL has something to find only if full > short clearly."""
+    from rewards.clip import ClipReward, tiny_clip_config
+    from rollouts.actors import image_seed, to_pil
+    from rollouts.trajectories import render
+
+    exs = examples(world, n, seed=999, split="heldout")
+    clip = ClipReward(tiny_clip_config(image_size=world.size), checkpoint=clip_path) if clip_path else None
+    out: dict[str, float] = {}
+    for level in ("full", "short"):
+        ids, mask = _completion_batch(models.encoder, [e.captions[level] for e in exs])
+        cond, cmask, pooled = models.condition(ids, mask)
+        images = to_pil(render(models.decoder, cond, cmask, pooled, steps, [image_seed(e.image_id) for e in exs]))
+        x, y = to_tensor([e.image for e in exs]), to_tensor(images)
+        out[f"pixel_l1_{level}"] = float((x - y).abs().mean())
+        if clip is not None:
+            out[f"clip_{level}"] = float(clip.similarity([e.image for e in exs], images).mean())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,25 +703,64 @@ def pretrained_paths(recipe: Recipe, out: str | None = None) -> PretrainedPaths:
     )
 
 
-def pretrain(recipe: Recipe, out: str | None = None) -> tuple[PretrainedPaths, dict[str, dict[str, Any]]]:
-    """Build every missing part for `recipe` (order: CLIPs, VAE, encoder SFT, decoder + connector).
-    Returns the paths and each part's done.json (its timings and quality probes)."""
-    check_pretrainable(recipe)
+def train_part(name: str, recipe: Recipe, out: str | None = None) -> dict[str, Any]:
+    """Train one part (unless done) in this process; what each pool worker runs."""
     p, world = recipe.pretrain, world_of(recipe)
     specs, dirs = part_specs(recipe), part_dirs(recipe, out)
+    seed = specs[name]["seed"]
+    train: Callable[[Path], dict[str, Any]] = {
+        "clip": lambda o: train_clip(o, world, p.clip, seed),
+        "clip_eval": lambda o: train_clip(o, world, p.clip, seed),
+        "vae": lambda o: train_vae(o, world, p.vae, seed),
+        "encoder": lambda o: train_encoder(o, world, p.encoder, encoder_kwargs(recipe), seed),
+        "decoder": lambda o: train_decoder(o, world, p.decoder, recipe, dirs["encoder"], dirs["vae"], seed,
+                                           clip_path=str(dirs["clip"] / "model.safetensors")),
+    }[name]
+    return run_part(dirs[name], train, specs[name])
+
+
+def _worker_init(threads: int) -> None:
+    # Tiny models are overhead-bound: one intra-op thread per process, and the parts side by side,
+    # use two cores better than two threads on one part (and far better on a busy machine).
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def pretrain(recipe: Recipe, out: str | None = None) -> tuple[PretrainedPaths, dict[str, dict[str, Any]]]:
+    """Build every missing part for `recipe`; returns the paths and each part's done.json (its
+    timings and quality probes).
+
+    Dependencies: decoder <- encoder, vae; the rest are independent. With `pretrain.workers: 2`
+    the parts run in two processes: one does encoder then decoder (the long chain), the other
+    vae, clip, then clip_eval (which overlaps the decoder).
+    """
+    check_pretrainable(recipe)
+    p, dirs = recipe.pretrain, part_dirs(recipe, out)
+    names = [n for n in ("encoder", "vae", "clip", "decoder", "clip_eval") if n != "clip_eval" or p.clip.eval_backbone]
+    todo = [n for n in names if not is_done(dirs[n])]
     info: dict[str, dict[str, Any]] = {}
-    info["clip"] = run_part(dirs["clip"], lambda o: train_clip(o, world, p.clip, specs["clip"]["seed"]), specs["clip"])
-    if p.clip.eval_backbone:
-        info["clip_eval"] = run_part(dirs["clip_eval"], lambda o: train_clip(o, world, p.clip, specs["clip_eval"]["seed"]),
-                                     specs["clip_eval"])
-    info["vae"] = run_part(dirs["vae"], lambda o: train_vae(o, world, p.vae, specs["vae"]["seed"]), specs["vae"])
-    info["encoder"] = run_part(
-        dirs["encoder"], lambda o: train_encoder(o, world, p.encoder, encoder_kwargs(recipe), specs["encoder"]["seed"]),
-        specs["encoder"])
-    info["decoder"] = run_part(
-        dirs["decoder"], lambda o: train_decoder(o, world, p.decoder, recipe, dirs["encoder"], dirs["vae"],
-                                                 specs["decoder"]["seed"]), specs["decoder"])
-    return pretrained_paths(recipe, out), info
+    if p.workers > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(p.workers, mp_context=ctx, initializer=_worker_init, initargs=(p.threads,)) as pool:
+            first = {n: pool.submit(train_part, n, recipe, out) for n in ("encoder", "vae", "clip")}
+            for n in ("encoder", "vae"):
+                info[n] = first[n].result()  # the decoder needs both; clip keeps the other worker busy
+            later = {n: pool.submit(train_part, n, recipe, out) for n in ("decoder", "clip_eval") if n in names}
+            info["clip"] = first["clip"].result()
+            for n, future in later.items():
+                info[n] = future.result()
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(p.threads)
+        try:
+            for n in names:
+                info[n] = train_part(n, recipe, out)
+        finally:
+            torch.set_num_threads(threads)
+    return pretrained_paths(recipe, out), {n: info[n] for n in names}
 
 
 def check_pretrainable(recipe: Recipe) -> None:

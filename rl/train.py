@@ -62,6 +62,7 @@ class Trainer:
 
         seed_rng(self.recipe.seed)  # a resume restores the driver's RNG over this
         os.makedirs(self.out_dir, exist_ok=True)
+        self._setup_pretrained()  # before anything reads models.*.path (checkpoints compare them too)
         self._resume_from = self._find_checkpoint()  # before Ray: a refused resume fails at once
         self._setup_data()
         self._setup_ray()
@@ -69,6 +70,20 @@ class Trainer:
         if self._resume_from is not None:
             self._load_checkpoint(self._resume_from)
         self._setup_logging()
+
+    def _setup_pretrained(self) -> None:
+        """`pretrain.enabled`: build the missing shapes-world models (rl/pretrain.py; cached, so a
+        no-op once built) and point every unset `models` path at them."""
+        if not self.recipe.pretrain.enabled:
+            return
+        from rl.pretrain import prepare_recipe
+
+        t0 = time.time()
+        info = prepare_recipe(self.recipe)
+        m = self.recipe.models
+        log.info("pretrained shapes-world models ready in %.0f s (%s): encoder %s, decoder %s, clip %s",
+                 time.time() - t0, ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in info.items()),
+                 m.encoder.path, m.decoder.path, m.clip.checkpoint)
 
     def _setup_data(self) -> None:
         from rl.data import load_dataset_from_config
@@ -467,6 +482,26 @@ class Trainer:
         log.info("checkpoint: %s", path)
         return path
 
+    def eval_grid(self, tag: str) -> None:
+        """`grid_<tag>.png`: `eval.grid_images` held-out shapes with the greedy caption and its
+        render at eval_steps (rl.eval's protocol), captions scored against the ground truth."""
+        k = self.recipe.eval.grid_images
+        if not k or self.recipe.data.source is not None:
+            return
+        import ray
+
+        from rl.eval import heldout_examples, render_grid, score_captions
+
+        exs = heldout_examples(self.recipe, k)
+        args = ([e.image for e in exs], [e.image_id for e in exs], self.recipe.eval.seed)
+        ref = self.rollouts[0].eval_render.remote(*args) if self.rollouts else \
+            self.learner.rollout_call.remote("eval_render", *args)
+        captions, renders = ray.get(ref)
+        coverage = [s["coverage"] for s in score_captions(captions, exs)]
+        path = os.path.join(self.out_dir, f"grid_{tag}.png")
+        render_grid(args[0], captions, renders, path, title=f"held-out, {tag} (step {self.step})", scores=coverage)
+        log.info("grid %s: %s (mean coverage %.2f, e.g. %r)", tag, path, sum(coverage) / k, captions[0])
+
     def cleanup(self) -> None:
         import ray
 
@@ -603,7 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         trainer.setup()
+        if trainer.step == 0:
+            trainer.eval_grid("start")  # held-out source | caption | reconstruction before RL
         trainer.train()
+        trainer.eval_grid("end")
         path = trainer.save_checkpoint()
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

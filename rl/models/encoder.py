@@ -144,7 +144,8 @@ def _prompt_words() -> list[str]:
 
 
 def tiny_encoder_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2,
-                        patch_size: int = 4, vision_hidden_size: int = 32, vision_depth: int = 2) -> dict:
+                        patch_size: int = 4, vision_hidden_size: int = 32, vision_depth: int = 2,
+                        rope_theta: float = 10000.0) -> dict:
     """Numbers for a tiny random Qwen2.5-VL that runs a forward pass in milliseconds on a CPU."""
     heads = 4
     head_dim = hidden_size // heads
@@ -160,7 +161,7 @@ def tiny_encoder_config(vocab_size: int, hidden_size: int = 64, num_layers: int 
             "num_attention_heads": heads,
             "num_key_value_heads": 2,
             "max_position_embeddings": 1024,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope},
             "tie_word_embeddings": True,
         },
         "vision_config": {
@@ -187,6 +188,7 @@ def build_tiny_encoder(
     dtype: torch.dtype = torch.float32,
     vision_hidden_size: int = 32,
     vision_depth: int = 2,
+    rope_theta: float = 10000.0,
 ) -> Encoder:
     """A randomly initialised Qwen2_5_VLForConditionalGeneration with an in-process tokenizer."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
@@ -195,7 +197,8 @@ def build_tiny_encoder(
 
     tokenizer = build_word_tokenizer([*_prompt_words(), *vocabulary])
     patch = 4
-    cfg_dict = tiny_encoder_config(len(tokenizer), hidden_size, num_layers, patch, vision_hidden_size, vision_depth)
+    cfg_dict = tiny_encoder_config(len(tokenizer), hidden_size, num_layers, patch, vision_hidden_size, vision_depth,
+                                   rope_theta)
     special = {
         "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -260,7 +263,7 @@ def qwen25_vl_3b() -> dict:
 
 TINY_CONFIG_FILE = "tiny_config.json"
 # Architecture numbers a saved tiny encoder folder may fix that the recipe has no field for.
-_FOLDER_ONLY = ("vision_hidden_size", "vision_depth")
+_FOLDER_ONLY = ("vision_hidden_size", "vision_depth", "rope_theta")
 
 
 def _saved_tiny_config(path: str | None, given: dict[str, Any]) -> dict[str, Any]:

@@ -142,7 +142,8 @@ def test_resume_refuses_a_recipe_that_changes_the_models(tmp_path, capsys):
     recipe = load_recipe(TINY).model_dump(mode="json")
     recipe["models"]["decoder"]["adapter"]["r"] = 4
     _save(tmp_path / "checkpoints", 2, recipe=recipe)
-    rc = main([str(TINY), "--output-dir", str(tmp_path), "--resume", "--set", "output.progress=false"])
+    rc = main([str(TINY), "--output-dir", str(tmp_path), "--resume", "--set", "output.progress=false",
+               "--set", "pretrain.enabled=false"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "changes the models" in err and "models.decoder.adapter.r: checkpoint 4, recipe 8" in err
@@ -166,7 +167,7 @@ def test_resume_drops_metrics_rows_it_will_run_again(tmp_path):
 OVERRIDES = [
     "schedule.cold_start_steps=2", "schedule.phases=[{stage: encoder, steps: 2}, {stage: decoder, steps: 2}]",
     "schedule.cycles=1", "output.save_every=3", "output.keep_last=3", "rollout.batch_size=2",
-    "rollout.group_size=2", "output.progress=false", "output.plot=false",
+    "rollout.group_size=2", "output.progress=false", "output.plot=false", "pretrain.enabled=false",
 ]
 N = 6
 

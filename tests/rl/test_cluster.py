@@ -44,7 +44,11 @@ def ray_head():
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats",
+         # fixed default ports would clash with any other Ray on this machine: take free ones
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+         f"--ray-client-server-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -81,7 +85,7 @@ def test_ray_job_submit_runs_the_tiny_recipe(ray_head, tmp_path):
         "--", "python", "-m", "rl.train", "recipes/tiny.yaml", "--output-dir", str(out),
         "--set", "schedule.cold_start_steps=1", "--set", "schedule.cycles=1",
         "--set", "schedule.phases=[{stage: encoder, steps: 1}, {stage: decoder, steps: 1}]",
-        "--set", "rollout.batch_size=2", "--set", "rollout.group_size=2",
+        "--set", "rollout.batch_size=2", "--set", "rollout.group_size=2", "--set", "pretrain.enabled=false",
     ]
     deadline = time.time() + 300
     while True:  # the head's job agent comes up a little after its dashboard

@@ -41,6 +41,7 @@ def test_killed_rollout_and_reward_actors_do_not_stop_the_run(tmp_path):
         "--set", "schedule.cold_start_steps=0", "--set", "schedule.cycles=1",
         "--set", f"schedule.phases=[{{stage: encoder, steps: {steps // 2}}}, {{stage: decoder, steps: {steps // 2}}}]",
         "--set", "rollout.batch_size=2", "--set", "rollout.group_size=2", "--set", "resources.max_restarts=3",
+        "--set", "pretrain.enabled=false",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

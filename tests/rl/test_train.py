@@ -60,6 +60,7 @@ def test_main_job_runs_all_three_stages(tmp_path):
         "--set", "schedule.cold_start_steps=1", "--set", "schedule.cycles=1",
         "--set", "schedule.phases=[{stage: encoder, steps: 2}, {stage: decoder, steps: 2}]",
         "--set", "rollout.batch_size=2", "--set", "rollout.group_size=2",
+        "--set", "pretrain.enabled=false",  # random tiny models: the loop, not the shapes-world pretraining
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
