@@ -338,7 +338,9 @@ class Trainer:
             row = {"step": self.step, "stage": stage, **row, "learner_wait": round(waited, 4),
                    "seconds": round(time.time() - t0, 4)}
             self.metrics.log(row)
-            self.last_metrics[stage] = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "seconds"}
+            # timings differ from run to run: keep them out of what checkpoints and model cards hold
+            self.last_metrics[stage] = {k: v for k, v in row.items()
+                                        if isinstance(v, (int, float)) and k not in ("seconds", "learner_wait")}
             self.data_position = pending.position
             self.step += 1
             pending = following
