@@ -16,9 +16,11 @@ ground truth lets rl.eval count exactly which facts a caption carries:
               its own text tower untouched, because the reward reads images only.
 2. `clip_eval` the same with another seed and other images: a second backbone for rl.eval's unified
               score that the policy was never optimised against (UAE sec. 3 scores with several).
-3. `vae`      the decoder's AutoencoderKL, trained as an autoencoder (L1 + MSE + a small KL) and
-              its `scaling_factor` set so that latents have unit standard deviation.
-4. `encoder`  supervised fine-tuning of the whole tiny Qwen2.5-VL on (image, caption) with the UAE
+3. `vae`      the decoder's AutoencoderKL, trained as a deterministic autoencoder (shape pixels
+              weighted up) and its scaling/shift factors set so that latents are zero-mean, unit-std.
+4. `encoder`  the tiny Qwen2.5-VL: a short supervised warm-up of the vision tower (a per-token probe
+              of colour / kind / size, standing in for the pretrained ViT every LVLM starts from),
+              then supervised fine-tuning of the merger and LM on (image, caption) under the UAE
               prompt: SHORT captions ("a circle and a square") with probability 1 - detail_share,
               FULL ones otherwise. The policy starts terse (greedy captions are short) yet samples a
               detailed caption now and then: RL has details to discover and the exploration to
@@ -26,6 +28,9 @@ ground truth lets rl.eval count exactly which facts a caption carries:
 5. `decoder`  the DiT and the connector trained with the rectified-flow loss on VAE latents,
               conditioned on FULL captions read by the frozen SFT'd encoder (`Models.condition`,
               the exact path RL uses): UAE's long-caption decoder warm-up (sec. 2.2).
+
+With `pretrain.workers: 2` the parts run in two single-threaded processes (encoder then decoder in
+one, VAE and the CLIPs in the other): about 6 minutes on a quiet 2-core machine.
 
 Each part lives in `<cache>/<part>-<key>/`, where key hashes everything the part depends on (its
 settings, the world, the architectures, the parts it builds on); `done.json` is written last, after
@@ -432,9 +437,10 @@ def encoder_kwargs(recipe: Recipe) -> dict[str, Any]:
 
 
 def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Supervised fine-tuning of all weights of the tiny Qwen2.5-VL: cross-entropy on caption tokens
-    (and EOS) given the image under the UAE prompt, with the same suppressed tokens as generation
-    (rollouts.captions.completion_logprobs, the learner's own log-prob function)."""
+    """Supervised fine-tuning of the tiny Qwen2.5-VL (after `warm_up_vision`): cross-entropy on
+    caption tokens (and EOS) given the image under the UAE prompt, with the same suppressed tokens as
+    generation (rollouts.captions.completion_logprobs, the learner's own log-prob function).
+    Writes `model.safetensors` and `tiny_config.json` (the architecture numbers the recipe lacks)."""
     from safetensors.torch import save_file
 
     from rl.models.encoder import TINY_CONFIG_FILE, build_encoder

@@ -20,6 +20,7 @@ FAST = [
     "pretrain.clip.steps=2", "pretrain.clip.batch_size=8",
     "pretrain.vae.steps=2", "pretrain.vae.batch_size=4",
     "pretrain.encoder.steps=2", "pretrain.encoder.batch_size=4",
+    "pretrain.encoder.vision_steps=2", "pretrain.encoder.vision_batch_size=4",
     "pretrain.decoder.steps=2", "pretrain.decoder.batch_size=4", "pretrain.decoder.pool_size=8",
 ]
 
