@@ -109,6 +109,7 @@ class ConnectorConfig(_Section):
     mlp_ratio: float = Field(2.0, gt=0, description="Hidden width of the 2-layer MLP projector, as a multiple of the decoder width.")
     freeze_after_steps: int | None = Field(None, ge=0, description="`learned` only: freeze the layer weights after this many optimiser steps (None: never). GRAN-TED trains them jointly for 12k of 20k steps, then freezes (appendix C.1).")
     pooled: Literal["learned", "zeros", "mean"] = Field("learned", description="What fills SD3's pooled conditioning vector (its CLIP pooled text embedding has no counterpart here). `learned` (default): one trainable vector shared by all captions. `zeros`: a fixed zero vector. `mean`: masked mean of the selected hidden state over caption tokens through a trainable Linear to the pooled width.")
+    reader: Literal["policy", "base"] = Field("policy", description="Which encoder re-reads a caption to condition the decoder. `policy` (UAE sec. 3.3): the encoder with its adapter on, so stage 1 trains the encoder adapter through the conditioning and encoder GRPO also moves what the decoder hears (\"the LVLM emits last-hidden representations that maximize reconstruction\"). `base`: the adapter off, so encoder GRPO changes only what the caption says and the decoder keeps the conditioning it was trained on (UAE sec. 6's decoupled encoder/decoder); stage 1 then trains connector and decoder only.")
     path: str | None = Field(None, description="A connector.safetensors to start from.")
 
 

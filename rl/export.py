@@ -269,7 +269,10 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
         "pipe.load_lora_weights(\"decoder\")",
         "```", "",
         "The decoder is conditioned by the connector's output (its `encoder_hidden_states` and "
-        "`pooled_projections`), not by SD3's text encoders.", "",
+        "`pooled_projections`), not by SD3's text encoders. It reads the caption's hidden states from "
+        + ("the encoder with its adapter on" if recipe.models.connector.reader == "policy"
+           else "the base encoder, adapter off")
+        + f" (`connector.reader: {recipe.models.connector.reader}`).", "",
         "## Training stages", "",
         f"Checkpoint step {c.step} of {len(recipe.stages())}: "
         + ", ".join(f"{k} {v} steps" for k, v in counts.items() if v) + ".", "",

@@ -688,7 +688,7 @@ def part_specs(recipe: Recipe) -> dict[str, dict[str, Any]]:
     }
     specs["decoder"] = {
         "world": world, "cfg": p.decoder.model_dump(), "seed": recipe.seed + 1,
-        "connector": m.connector.model_dump(exclude={"path"}), "shift": m.decoder.shift,
+        "connector": m.connector.model_dump(exclude={"path", "reader"}), "shift": m.decoder.shift,
         "encoder": part_key(specs["encoder"]), "vae": part_key(specs["vae"]),
     }
     return specs

@@ -35,6 +35,7 @@ class Models:
     connector: Connector
     decoder: Decoder  # decoder.transformer carries a diffusers/peft adapter or KAdapter layers
     device: torch.device
+    reader: str = "policy"  # models.connector.reader: caption re-read with the encoder adapter on / off
 
     def parameters(self, policy: str) -> list[torch.nn.Parameter]:
         """Trainable parameters of `encoder` (adapter), `decoder` (adapter) or `connector`."""
@@ -95,7 +96,8 @@ class Models:
         The caption is re-read by the encoder's language model as text (no image), so that the
         reconstruction depends on what the caption says and nothing else: the caption is the
         auto-encoder's bottleneck. A leading <|im_start|> keeps empty captions non-empty.
-        Differentiable: stage 1 calls it with gradients on.
+        Differentiable: stage 1 calls it with gradients on. With `reader == "base"` the encoder's
+        adapter is off here, so training the caption policy leaves the conditioning unchanged.
         """
         n = caption_ids.shape[0]
         start = torch.full((n, 1), self.encoder.tokenizer.convert_tokens_to_ids("<|im_start|>"),
@@ -107,7 +109,9 @@ class Models:
         mask = mask * (ids != eos).to(mask.dtype)
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, self.encoder.pad_token_id))
         # Right-align nothing: causal attention with right padding leaves real tokens untouched.
-        out = self.encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        read = adapters.disabled(self.encoder.model) if self.reader == "base" else contextlib.nullcontext()
+        with read:
+            out = self.encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         cond, pooled = self.connector(out.hidden_states, mask)
         return cond, mask.bool(), pooled
 
@@ -160,7 +164,7 @@ def build_models(recipe: Recipe, device: torch.device | None = None, vocabulary:
     torch.manual_seed(recipe.seed + 3)
     encoder.model = _encoder_lora(encoder.model, m.encoder.adapter)
     _decoder_lora(decoder.transformer, m.decoder.adapter)
-    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=device)
+    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=device, reader=m.connector.reader)
     encoder.model.to(device)
     decoder.transformer.to(device)
     decoder.vae.to(device)

@@ -122,3 +122,26 @@ def test_dims_come_from_the_model_configs_not_the_recipe(monkeypatch):
     assert c.proj[0].in_features == 48 and c.num_layers == 3  # encoder config, not recipe's 64 / 2
     assert c.proj[-1].out_features == 24 == models.decoder.joint_attention_dim
     assert c.proj[0].out_features == int(24 * recipe.models.connector.mlp_ratio)
+
+
+@pytest.mark.parametrize("reader", ["policy", "base"])
+def test_reader_decides_whether_the_encoder_adapter_shapes_the_conditioning(reader):
+    recipe = Recipe.model_validate({
+        "device": "cpu", "models": {"encoder": {"adapter": {"r": 2, "alpha": 4}}, "connector": {"reader": reader}},
+    })
+    models = unified.build_models(recipe)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = models.condition(ids, mask)[0]
+        for n, p in models.encoder.model.named_parameters():
+            if "lora_B" in n:  # move the caption policy as encoder GRPO would
+                p.add_(0.5)
+        after = models.condition(ids, mask)[0]
+        with models.reference("encoder"):
+            base = models.condition(ids, mask)[0]
+    assert torch.equal(before, base)  # B = 0 at start: both readers agree
+    if reader == "base":
+        assert torch.equal(after, base)
+    else:
+        assert not torch.allclose(after, base, atol=1e-4)
