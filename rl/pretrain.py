@@ -226,6 +226,15 @@ def degrade(x: torch.Tensor, gen: torch.Generator, max_sigma: float = 1.2, max_n
     return (y * gain + noise).clamp(0, 1)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any) -> float:
+    """One plain update (zero grads, backward, clip the norm at 1, step); the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
 def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
     """Contrastive image / FULL-caption training of the tiny CLIP's image tower (CLIP loss, with
     open_clip's learnable temperature). Writes `model.safetensors` (the whole open_clip model)."""
@@ -254,11 +263,7 @@ def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.T  # (B, B)
         target = torch.arange(len(batch))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, params))
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain clip step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
     model.eval().requires_grad_(False)
@@ -336,11 +341,7 @@ def train_vae(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
         w = 1 + cfg.foreground_weight * fg
         err = (y - x).abs() + (y - x) ** 2
         loss = (w * err).mean() / w.mean() + cfg.latent_weight * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, vae.parameters()))
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain vae step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     vae.eval()
@@ -420,11 +421,7 @@ def warm_up_vision(encoder, world: World, cfg, seed: int) -> dict[str, float]:
         labels = torch.cat([token_labels(e, grid) for e in batch])  # (B * T, 3)
         logits = [head(feats) for head in heads]
         loss = sum(F.cross_entropy(lg, labels[:, i]) for i, lg in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, params))
         accs.append(float(np.mean([(lg.argmax(-1) == labels[:, i]).float().mean().item() for i, lg in enumerate(logits)])))
         if step % 50 == 0 or step == cfg.vision_steps - 1:
             log.info("pretrain encoder vision step %d/%d loss %.3f acc %.3f", step + 1, cfg.vision_steps, losses[-1], accs[-1])
@@ -487,11 +484,7 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
                              inputs["image_grid_thw"], ids, mask, torch.zeros(ids.shape), captions, 1, 0)
         logp, _ = completion_logprobs(model, group, 1.0, suppressed)  # (B, T), 0 on padding
         loss = -logp.sum() / mask.sum()  # token-mean negative log-likelihood
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, params))
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain encoder step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
     model.eval()
@@ -602,12 +595,8 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         s = sigma.view(-1, 1, 1, 1)
         v = decoder.velocity((1 - s) * z0 + s * eps, sigma, cond, pooled, cmask)
         loss = F.mse_loss(v.float(), eps - z0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        losses.append(optimizer_step(opt, loss, params))
         connector.after_optimizer_step()
-        losses.append(loss.item())
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     transformer.eval()
