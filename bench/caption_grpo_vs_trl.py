@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from rewards.api import completion_text
 from rl.shapes import COLORS, caption_words, generate_shapes
 
 COLOUR_WORDS = frozenset(COLORS)
@@ -40,7 +41,7 @@ def colour_reward(prompts=None, completions=None, **kwargs) -> list[float]:
     """
     out = []
     for c in completions:
-        text = c if isinstance(c, str) else c[-1]["content"]
+        text = completion_text(c)
         if not isinstance(text, str):  # structured content blocks
             text = " ".join(b.get("text", "") for b in text)
         words = [w for w in caption_words(text) if w[0].isalnum()]
@@ -116,18 +117,13 @@ def run_trl(args, records) -> tuple[list[float], list[float]]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rl.models.encoder import UAE_CAPTION_PROMPT, USER_INSTRUCTION, build_encoder
-    from rl.models.unified import _encoder_lora
-    from rl.shapes import VOCABULARY
+    from rl.models.encoder import UAE_CAPTION_PROMPT, USER_INSTRUCTION
+    from rl.models.unified import build_models
 
     recipe = make_recipe(args)
     m = recipe.models.encoder
-    torch.manual_seed(recipe.seed)  # build_models' order: seed, base encoder (seeded inside), LoRA
-    enc = build_encoder(m.name, vocabulary=VOCABULARY, image_size=m.image_size, dtype=m.dtype,
-                        seed=recipe.seed, hidden_size=m.hidden_size, num_layers=m.num_layers)
-    enc.model.requires_grad_(False)
-    torch.manual_seed(recipe.seed + 3)
-    model = _encoder_lora(enc.model, m.adapter)  # the same PeftModel build_models makes
+    enc = build_models(recipe, torch.device("cpu")).encoder  # the same PeftModel as our side's
+    model = enc.model
     enc.processor.chat_template = JINJA_TEMPLATE
     enc.tokenizer.chat_template = JINJA_TEMPLATE
 

@@ -106,22 +106,21 @@ def load_for_eval(checkpoint: str | None, recipe_path: str | None = None, overri
     from rl.config import Recipe, load_recipe
     from rl.pretrain import prepare_recipe
 
-    if checkpoint is None:
-        if recipe_path is None:
-            raise ValueError("--checkpoint none needs --recipe RECIPE (the models before RL)")
-        recipe = load_recipe(recipe_path, list(overrides))
-        prepare_recipe(recipe)
-        return recipe, None
-    import yaml
-
-    from rl.checkpoint import load_adapters
-
     if recipe_path is not None:
         recipe = load_recipe(recipe_path, list(overrides))
         prepare_recipe(recipe)
+    elif checkpoint is None:
+        raise ValueError("--checkpoint none needs --recipe RECIPE (the models before RL)")
     else:
-        tree = yaml.safe_load((Path(checkpoint) / "recipe.yaml").read_text())
-        recipe = Recipe.model_validate(tree)
+        import yaml
+
+        from rl.checkpoint import RECIPE_YAML
+
+        recipe = Recipe.model_validate(yaml.safe_load((Path(checkpoint) / RECIPE_YAML).read_text()))
+    if checkpoint is None:
+        return recipe, None
+    from rl.checkpoint import load_adapters
+
     return recipe, load_adapters(checkpoint)
 
 
@@ -150,21 +149,16 @@ def eval_backbones(recipe) -> dict[str, dict[str, Any]]:
 
 def build_scorer(recipe, device: str = "cpu"):
     """The reward's CLIP plus every evaluation backbone, as one ClipReward."""
-    from rewards.clip import ClipReward, tiny_clip_config
+    from rl.learner import make_clip_reward
 
-    c = recipe.models.clip
-    model = tiny_clip_config(image_size=recipe.models.decoder.image_size) if c.model == "tiny" else c.model
-    # seed as rl.learner.make_clip_reward, so a random tiny CLIP is the reward's own
-    return ClipReward(model, pretrained=c.pretrained, seed=recipe.seed + 4, device=device,
-                      checkpoint=c.checkpoint, extra_backbones=eval_backbones(recipe))
+    return make_clip_reward(recipe, device, extra_backbones=eval_backbones(recipe))
 
 
-def heldout_examples(recipe, n: int, split: str = "heldout", seed: int | None = None):
-    from rl.shapes import generate_shapes
+def heldout_examples(recipe, n: int, split: str = "heldout"):
+    """`n` scenes of `split` from the recipe's world, seeded by `eval.seed`."""
+    from rl.pretrain import examples, world_of
 
-    g = recipe.data.generate
-    return generate_shapes(n, recipe.eval.seed if seed is None else seed, size=recipe.models.decoder.image_size,
-                           max_objects=g.max_objects, split=split)
+    return examples(world_of(recipe), n, recipe.eval.seed, split)
 
 
 def evaluate(worker, scorer, examples, seed: int = 0) -> tuple[list[dict[str, Any]], list]:

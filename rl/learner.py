@@ -313,8 +313,6 @@ class Learner:
     # ------------------------------------------------------------------------------------------
     def clip(self):
         if self._clip is None:
-            from rewards.clip import ClipReward
-
             self._clip = make_clip_reward(self.recipe, self.device)
         return self._clip
 
@@ -360,13 +358,15 @@ def clip_pixels(images: torch.Tensor, preprocess) -> torch.Tensor:
     return (images - mean) / std
 
 
-def make_clip_reward(recipe: Recipe, device: torch.device | str = "cpu"):
-    """The CLIP reward model named by the recipe (a tiny custom config on CPU)."""
+def make_clip_reward(recipe: Recipe, device: torch.device | str = "cpu", extra_backbones: dict | None = None):
+    """The CLIP reward model named by the recipe (a tiny custom config on CPU); `extra_backbones`
+    as `ClipReward`'s (evaluation only: the reward is the first backbone's)."""
     from rewards.clip import ClipReward, tiny_clip_config
 
     c = recipe.models.clip
     model = tiny_clip_config(image_size=recipe.models.decoder.image_size) if c.model == "tiny" else c.model
-    reward = ClipReward(model, pretrained=c.pretrained, seed=recipe.seed + 4, device=device, checkpoint=c.checkpoint)
+    reward = ClipReward(model, pretrained=c.pretrained, seed=recipe.seed + 4, device=device, checkpoint=c.checkpoint,
+                        extra_backbones=extra_backbones)
     reward.model.requires_grad_(False)
     return reward
 

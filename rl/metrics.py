@@ -62,9 +62,21 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; safe on a live run: a missing file gives [], and reading stops
+    at a line still being written."""
+    if not os.path.exists(path):
+        return []
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the run is writing this line
+                break
+    return rows
 
 
 def plot_metrics(rows: list[dict[str, Any]], out_png: str) -> None:

@@ -64,7 +64,6 @@ log = logging.getLogger("unified_grpo")
 
 DONE = "done.json"
 CACHE_ENV = "UNIFIED_GRPO_CACHE"
-PARTS = ("clip", "clip_eval", "vae", "encoder", "decoder")
 
 
 @dataclass
@@ -158,17 +157,32 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
 
 
-def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """1) linear warm-up over `warmup` steps, 2) cosine decay to 5% of `base` at `total`."""
+def _cosine_lr(step: int, total: int, base: float) -> float:
+    """1) linear warm-up over the first 5% of `total` steps, 2) cosine decay to 5% of `base`."""
+    warmup = max(1, total // 20)
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+def _set_lr(opt: torch.optim.Optimizer, step: int, total: int, base: float) -> None:
+    """The learning rate of `step` of `total` (`_cosine_lr`) on every group, times its `scale`."""
+    lr = _cosine_lr(step, total, base)
     for group in opt.param_groups:
         group["lr"] = lr * group.get("scale", 1.0)
+
+
+def _losses(losses: list[float]) -> dict[str, float]:
+    """What done.json says of a part's training loss: the first, and the mean of the last 10."""
+    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:]))}
+
+
+def _save_module(module: nn.Module, path: Path) -> None:
+    """A module's state as safetensors; cloned because tied weights share storage."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +252,6 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Any) 
 def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
     """Contrastive image / FULL-caption training of the tiny CLIP's image tower (CLIP loss, with
     open_clip's learnable temperature). Writes `model.safetensors` (the whole open_clip model)."""
-    from safetensors.torch import save_file
 
     from rewards.clip import build_clip, tiny_clip_config
     from rl.learner import clip_pixels
@@ -255,7 +268,7 @@ def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for step in range(cfg.steps):
-        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        _set_lr(opt, step, cfg.steps, cfg.lr)
         batch = examples(world, cfg.batch_size, seed=seed * 100_003 + step)
         x = degrade(to_tensor([e.image for e in batch]), gen)
         img = F.normalize(model.encode_image(clip_pixels(x, preprocess)), dim=-1)  # (B, E)
@@ -267,8 +280,8 @@ def train_clip(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain clip step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
     model.eval().requires_grad_(False)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **clip_sensitivity(model, preprocess, world)}
+    _save_module(model, out / "model.safetensors")
+    return {**_losses(losses), **clip_sensitivity(model, preprocess, world)}
 
 
 @torch.no_grad()
@@ -329,7 +342,7 @@ def train_vae(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     losses = []
     for step in range(cfg.steps):
-        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        _set_lr(opt, step, cfg.steps, cfg.lr)
         x = to_tensor([e.image for e in examples(world, cfg.batch_size, seed=seed * 100_003 + step)])
         x = x.contiguous(memory_format=torch.channels_last)
         z = vae.encode(x * 2 - 1).latent_dist.mode()  # (B, C, h, w)
@@ -353,7 +366,7 @@ def train_vae(out: Path, world: World, cfg, seed: int) -> dict[str, Any]:
     vae.register_to_config(scaling_factor=scale, shift_factor=float(z.mean()))  # Decoder.encode: (z - shift) * scale
     vae.to(memory_format=torch.contiguous_format)
     vae.save_pretrained(str(out))
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])),
+    return {**_losses(losses),
             "heldout_l1": float((y - x).abs().mean()), "scaling_factor": scale}
 
 
@@ -413,7 +426,7 @@ def warm_up_vision(encoder, world: World, cfg, seed: int) -> dict[str, float]:
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0)
     losses, accs = [], []
     for step in range(cfg.vision_steps):
-        _set_lr(opt, _cosine_lr(step, cfg.vision_steps, cfg.vision_lr, max(1, cfg.vision_steps // 20)))
+        _set_lr(opt, step, cfg.vision_steps, cfg.vision_lr)
         batch = examples(world, cfg.vision_batch_size, seed=seed * 100_003 + 50_000 + step)
         inputs = encoder.prepare([e.image for e in batch])
         feats = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output  # (B * T, H)
@@ -438,7 +451,6 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     caption tokens (and EOS) given the image under the UAE prompt, with the same suppressed tokens as
     generation (rollouts.captions.completion_logprobs, the learner's own log-prob function).
     Writes `model.safetensors` and `tiny_config.json` (the architecture numbers the recipe lacks)."""
-    from safetensors.torch import save_file
 
     from rl.models.encoder import TINY_CONFIG_FILE, build_encoder
     from rl.shapes import VOCABULARY
@@ -475,7 +487,7 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     suppressed = encoder.suppressed_ids
     losses = []
     for step in range(cfg.steps):
-        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        _set_lr(opt, step, cfg.steps, cfg.lr)
         batch = examples(world, cfg.batch_size, seed=seed * 100_003 + step)
         captions = [e.captions[caption_level(rng, cfg.detail_share)] for e in batch]
         inputs = encoder.prepare([e.image for e in batch])
@@ -489,12 +501,11 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
             log.info("pretrain encoder step %d/%d loss %.3f", step + 1, cfg.steps, losses[-1])
     model.eval()
     # Clone every tensor: the tied input / output embeddings would otherwise share storage.
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-              str(out / "model.safetensors"))
+    _save_module(model, out / "model.safetensors")
     # The folder describes its own vision tower (the recipe has no field for it); build_encoder reads it.
     arch = {"hidden_size": enc_kwargs["hidden_size"], "num_layers": enc_kwargs["num_layers"], **vision}
     (out / TINY_CONFIG_FILE).write_text(json.dumps(arch, indent=1))
-    return {**warm, "loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **encoder_probe(encoder, world)}
+    return {**warm, **_losses(losses), **encoder_probe(encoder, world)}
 
 
 @torch.no_grad()
@@ -537,22 +548,20 @@ def transformer_config(world: World, cfg) -> dict[str, Any]:
 
 
 def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Path, vae_dir: Path,
-                  seed: int, clip_path: str | None = None, probe_steps: int | None = None) -> dict[str, Any]:
+                  seed: int, clip_path: str | None = None) -> dict[str, Any]:
     """Rectified flow (SD3's convention, rollouts/sde.py): x_s = (1 - s) z0 + s eps, target
     v = eps - z0, s drawn as SD3's shifted schedule spends steps (shift(u), u ~ U(0, 1)); loss
     ||v_theta(x_s, s, c) - v||^2 with c = connector(encoder LM hidden states of the FULL caption).
     Trains the transformer's base weights and the connector; the encoder and VAE are frozen.
     `clip_path` (when it exists) serves the quality probe in done.json only."""
-    probe_steps = probe_steps or recipe.rollout.trajectory.render_steps
     if clip_path and not os.path.exists(clip_path):
         clip_path = None
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from safetensors.torch import save_file
 
-    from rl.models.connector import Connector
     from rl.models.decoder import Decoder
     from rl.models.encoder import build_encoder
-    from rl.models.unified import Models
+    from rl.models.unified import Models, build_connector
+    from rollouts.sde import shift_sigma
     from rl.shapes import VOCABULARY
 
     m = recipe.models
@@ -562,12 +571,7 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(**transformer_config(world, cfg))
     decoder = Decoder(transformer=transformer, vae=vae, shift=m.decoder.shift, image_size=world.size)
-    connector = Connector(
-        hidden_size=encoder.hidden_size, cond_dim=decoder.joint_attention_dim,
-        pooled_dim=decoder.pooled_projection_dim, num_layers=encoder.num_layers,
-        layers=m.connector.layers, mlp_ratio=m.connector.mlp_ratio,
-        freeze_after_steps=m.connector.freeze_after_steps, pooled=m.connector.pooled,
-    )
+    connector = build_connector(m.connector, encoder, decoder)
     models = Models(encoder=encoder, connector=connector, decoder=decoder, device=torch.device("cpu"))
 
     # A pool of scenes encoded once by the frozen VAE, and their FULL captions read once by the
@@ -584,13 +588,13 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
     shift = m.decoder.shift
     losses = []
     for step in range(cfg.steps):
-        _set_lr(opt, _cosine_lr(step, cfg.steps, cfg.lr, max(1, cfg.steps // 20)))
+        _set_lr(opt, step, cfg.steps, cfg.lr)
         idx = torch.randint(len(pool), (cfg.batch_size,), generator=gen)
         z0 = latents[idx]
         cmask = hmask[idx]
         cond, pooled = connector(list(hidden[:, idx]), cmask)  # = Models.condition with a frozen encoder
         u = torch.rand(len(idx), generator=gen)
-        sigma = shift * u / (1 + (shift - 1) * u)  # (B,)
+        sigma = shift_sigma(u, shift)  # (B,)
         eps = torch.randn(z0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         v = decoder.velocity((1 - s) * z0 + s * eps, sigma, cond, pooled, cmask)
@@ -600,37 +604,23 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     transformer.eval()
-    probe = decoder_probe(models, clip_path, world, steps=probe_steps) if probe_steps else {}
+    probe = decoder_probe(models, clip_path, world, steps=recipe.rollout.trajectory.render_steps)
     transformer.save_pretrained(str(out / "transformer"))
     vae.save_pretrained(str(out / "vae"))
-    save_file({k: v.detach().contiguous().clone() for k, v in connector.state_dict().items()},
-              str(out / "connector.safetensors"))
-    return {"loss_first": losses[0], "loss_last": float(np.mean(losses[-10:])), **probe}
-
-
-class _Recorder(nn.Module):
-    """Stands in for the connector inside Models.condition to capture what it would be fed."""
-
-    def forward(self, hidden_states, mask=None):
-        self.hidden_states, self.mask = hidden_states, mask
-        h = hidden_states[-1]
-        return h, h[:, 0]
+    _save_module(connector, out / "connector.safetensors")
+    return {**_losses(losses), **probe}
 
 
 @torch.no_grad()
 def caption_features(models, captions: list[str], chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder LM's hidden states of captions read as text, as `Models.condition` computes them
-    (same prefix, masking and padding): ((L+1, N, T, H), mask (N, T)), right-padded to one T."""
-    from rl.models.unified import Models
-
-    recorder = _Recorder()
-    reader = Models(encoder=models.encoder, connector=recorder, decoder=models.decoder, device=models.device)
+    """The encoder LM's hidden states of captions read as text, by `Models.read_captions` (what
+    `Models.condition` feeds the connector): ((L+1, N, T, H), mask (N, T)), right-padded to one T."""
     ids, mask = _completion_batch(models.encoder, captions)
     states, masks = [], []
     for i in range(0, len(captions), chunk):
-        _, m, _ = reader.condition(ids[i: i + chunk], mask[i: i + chunk])
-        states.append(torch.stack(list(recorder.hidden_states)))  # (L+1, n, T, H)
-        masks.append(m)
+        hidden, m = models.read_captions(ids[i: i + chunk], mask[i: i + chunk])
+        states.append(torch.stack(list(hidden)))  # (L+1, n, T, H)
+        masks.append(m.bool())
     return torch.cat(states, 1), torch.cat(masks, 0)
 
 

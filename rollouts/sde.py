@@ -155,6 +155,11 @@ def step_with_logprob(kind: Literal["sde", "cps"], velocity: Tensor, sample: Ten
     return steps[kind](velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator)
 
 
+def shift_sigma(t: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift, shift(t) = shift * t / (1 + (shift - 1) * t): more steps at high noise."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
 def shifted_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> Tensor:
     """SD3's shifted schedule, float32 (num_steps + 1,), from 1 down to a trailing 0.
 
@@ -165,16 +170,13 @@ def shifted_sigmas(num_steps: int, shift: float = 3.0, num_train_timesteps: int 
     Note sigma_min is itself shifted before the second shift: diffusers takes it from its training
     schedule, which is already shifted; we mirror that (and its float32 / float64 rounding) exactly.
     """
-    def _shift(t: Tensor) -> Tensor:
-        return shift * t / (1 + (shift - 1) * t)
-
     # 1) sigma_min of the (shifted) training schedule, in float32 as diffusers builds it.
-    sigma_min = _shift(torch.tensor(1.0, dtype=torch.float32) / num_train_timesteps).item()
+    sigma_min = shift_sigma(torch.tensor(1.0, dtype=torch.float32) / num_train_timesteps, shift).item()
     # 2) linearly spaced timesteps in float64 (numpy's linspace in diffusers), then shifted.
     t = torch.linspace(num_train_timesteps, sigma_min * num_train_timesteps, num_steps,
                        dtype=torch.float64) / num_train_timesteps
     # 3) cast to float32 and append the terminal 0.
-    return torch.cat([_shift(t).float(), torch.zeros(1)])
+    return torch.cat([shift_sigma(t, shift).float(), torch.zeros(1)])
 
 
 def gaussian_kl_same_std(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:

@@ -17,16 +17,10 @@ from typing import Iterator
 import torch
 
 from rl import adapters
-from rl.config import AdapterConfig, Recipe
+from rl.config import ConnectorConfig, Recipe
 from rl.models.connector import Connector
 from rl.models.decoder import Decoder, build_decoder
 from rl.models.encoder import Encoder, build_encoder
-
-# Default adapter targets (defined in rl/adapters.py; the names are kept for existing imports).
-ENCODER_LORA_TARGETS = adapters.ENCODER_TARGETS
-DECODER_LORA_TARGETS = adapters.DECODER_TARGETS
-
-ADAPTER = adapters.ADAPTER
 
 
 @dataclass
@@ -50,12 +44,13 @@ class Models:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Adapters and connector as one flat CPU state dict (what crosses to rollout actors)."""
         state = {}
+        # One copy to CPU whatever the device (.cpu().clone() would copy twice on a GPU).
         for n, p in adapters.named_adapter_parameters(self.encoder.model):
-            state[f"encoder.{n}"] = p.detach().cpu().clone()
+            state[f"encoder.{n}"] = p.detach().to("cpu", copy=True)
         for n, p in adapters.named_adapter_parameters(self.decoder.transformer):
-            state[f"decoder.{n}"] = p.detach().cpu().clone()
+            state[f"decoder.{n}"] = p.detach().to("cpu", copy=True)
         for n, t in self.connector.state_dict().items():
-            state[f"connector.{n}"] = t.detach().cpu().clone()
+            state[f"connector.{n}"] = t.detach().to("cpu", copy=True)
         return state
 
     @torch.no_grad()
@@ -89,15 +84,15 @@ class Models:
         else:
             raise ValueError(f"no reference for {policy!r}")
 
-    def condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decoder conditioning from captions alone: (cond (N, L, D), mask (N, L), pooled (N, P)).
+    def read_captions(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
+                      ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The encoder LM's hidden states of captions read as text: (hidden_states (L+1 of (N, L', H)),
+        mask (N, L')), what the connector turns into the decoder's conditioning.
 
-        The caption is re-read by the encoder's language model as text (no image), so that the
-        reconstruction depends on what the caption says and nothing else: the caption is the
-        auto-encoder's bottleneck. A leading <|im_start|> keeps empty captions non-empty.
-        Differentiable: stage 1 calls it with gradients on. With `reader == "base"` the encoder's
-        adapter is off here, so training the caption policy leaves the conditioning unchanged.
+        The caption is re-read as text (no image), so that the reconstruction depends on what the
+        caption says and nothing else: the caption is the auto-encoder's bottleneck. A leading
+        <|im_start|> keeps empty captions non-empty. With `reader == "base"` the encoder's adapter is
+        off here, so training the caption policy leaves the conditioning unchanged.
         """
         n = caption_ids.shape[0]
         start = torch.full((n, 1), self.encoder.tokenizer.convert_tokens_to_ids("<|im_start|>"),
@@ -112,18 +107,25 @@ class Models:
         read = adapters.disabled(self.encoder.model) if self.reader == "base" else contextlib.nullcontext()
         with read:
             out = self.encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        cond, pooled = self.connector(out.hidden_states, mask)
+        return out.hidden_states, mask
+
+    def condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder conditioning from captions alone: (cond (N, L, D), mask (N, L), pooled (N, P)).
+        Differentiable: stage 1 calls it with gradients on."""
+        hidden_states, mask = self.read_captions(caption_ids, caption_mask)
+        cond, pooled = self.connector(hidden_states, mask)
         return cond, mask.bool(), pooled
 
 
-def _encoder_lora(model: torch.nn.Module, cfg: AdapterConfig) -> torch.nn.Module:
-    """The encoder with `cfg`'s adapter (any kind; a PeftModel for lora/lokr). See rl/adapters.py."""
-    return adapters.apply_adapter(model, cfg, "encoder")
-
-
-def _decoder_lora(transformer: torch.nn.Module, cfg: AdapterConfig) -> None:
-    """Install `cfg`'s adapter (any kind) on the decoder's transformer in place. See rl/adapters.py."""
-    adapters.apply_adapter(transformer, cfg, "decoder")
+def build_connector(cfg: ConnectorConfig, encoder: Encoder, decoder: Decoder) -> Connector:
+    """The connector between these two models as `cfg` says; widths and depth from the models."""
+    return Connector(
+        hidden_size=encoder.hidden_size, cond_dim=decoder.joint_attention_dim,
+        pooled_dim=decoder.pooled_projection_dim, num_layers=encoder.num_layers,
+        layers=cfg.layers, mlp_ratio=cfg.mlp_ratio, freeze_after_steps=cfg.freeze_after_steps,
+        pooled=cfg.pooled,
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,19 +153,14 @@ def build_models(recipe: Recipe, device: torch.device | None = None, vocabulary:
     encoder.model.requires_grad_(False)
     decoder.transformer.requires_grad_(False)
     torch.manual_seed(recipe.seed + 2)
-    connector = Connector(
-        hidden_size=encoder.hidden_size, cond_dim=decoder.joint_attention_dim,
-        pooled_dim=decoder.pooled_projection_dim, num_layers=encoder.num_layers,
-        layers=m.connector.layers, mlp_ratio=m.connector.mlp_ratio,
-        freeze_after_steps=m.connector.freeze_after_steps, pooled=m.connector.pooled,
-    )
+    connector = build_connector(m.connector, encoder, decoder)
     if m.connector.path:
         from safetensors.torch import load_file
 
         connector.load_state_dict(load_file(m.connector.path), strict=True)
     torch.manual_seed(recipe.seed + 3)
-    encoder.model = _encoder_lora(encoder.model, m.encoder.adapter)
-    _decoder_lora(decoder.transformer, m.decoder.adapter)
+    encoder.model = adapters.apply_adapter(encoder.model, m.encoder.adapter, "encoder")  # a PeftModel for lora/lokr
+    adapters.apply_adapter(decoder.transformer, m.decoder.adapter, "decoder")  # in place
     models = Models(encoder=encoder, connector=connector, decoder=decoder, device=device, reader=m.connector.reader)
     encoder.model.to(device)
     decoder.transformer.to(device)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rl import checkpoint as ckpt
+from rl.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "tiny.yaml"
@@ -184,16 +185,7 @@ def _train(out: Path, *extra: str) -> subprocess.Popen:
 
 
 def _rows(out: Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    return rows
+    return read_metrics(out / "metrics.jsonl")
 
 
 def _comparable(rows: list[dict]) -> list[dict]:

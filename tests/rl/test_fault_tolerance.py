@@ -9,20 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from rl.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny.yaml"
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def _wait(cond, timeout: float, what: str, proc) -> None:
@@ -48,18 +38,18 @@ def test_killed_rollout_and_reward_actors_do_not_stop_the_run(tmp_path):
                             start_new_session=True)
     try:
         metrics = out / "metrics.jsonl"
-        _wait(lambda: len(_rows(metrics)) >= 2, 300, "the first steps", proc)
+        _wait(lambda: len(read_metrics(metrics)) >= 2, 300, "the first steps", proc)
         actors = {(a["role"], a["index"]): a["pid"] for a in json.loads((out / "actors.json").read_text())}
         os.kill(actors[("rollout", 0)], signal.SIGKILL)
-        n = len(_rows(metrics))
-        _wait(lambda: len(_rows(metrics)) >= n + 2, 300, "steps after the rollout actor's death", proc)
+        n = len(read_metrics(metrics))
+        _wait(lambda: len(read_metrics(metrics)) >= n + 2, 300, "steps after the rollout actor's death", proc)
         os.kill(actors[("reward", 0)], signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, output[-4000:]
-    rows = _rows(out / "metrics.jsonl")
+    rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(steps))  # every step once, none lost
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert {f["actor"] for f in failures} == {"rollout-0", "reward-0"}
