@@ -38,18 +38,17 @@ class RewardWorker:
     def score(self, prompts: Sequence[Any], completions: Sequence[str], *, step: int, **kwargs: Any) -> RewardBatch:
         return compute_rewards(self.fns, prompts, completions, step=step, on_error=self.recipe.rewards.on_error, **kwargs)
 
-    def score_rollout(self, stage: str, rollout: tuple, image_ids: Sequence[str], images: Sequence[Any],
-                      elements: Sequence[Any], step: int) -> RewardBatch:
-        """Score a rollout worker's result directly (the driver passes its ObjectRef, so rollout and
-        reward chain inside Ray without the driver waiting in between). Per-image data are
-        repeated to the N = B * G rows."""
+    def score_rollout(self, stage: str, captions: Sequence[Any], renders: Sequence[Any] | None,
+                      image_ids: Sequence[str], images: Sequence[Any], elements: Sequence[Any], step: int) -> RewardBatch:
+        """Score a rollout worker's result directly: the driver passes the ObjectRefs of its
+        captions (the encoder's CaptionGroup, or the decoder's one caption per image) and renders,
+        so rollout and reward chain inside Ray without the driver waiting in between. Per-image
+        data are repeated to the N = B * G rows."""
         g = self.recipe.rollout.group_size
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
         if stage == "encoder":
-            group, renders = rollout
-            captions = group.captions
+            captions = captions.captions
         elif stage == "decoder":
-            _, captions, renders = rollout
             captions = rep(captions)
         else:
             raise ValueError(f"no rewards for stage {stage!r}")

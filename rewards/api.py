@@ -284,7 +284,7 @@ def from_verl(compute_score: Callable) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_awaitable(result: Any) -> Any:
+def run_awaitable(result: Any) -> Any:
     """Return `result`, awaiting it first if it is awaitable (an `async def` reward)."""
     if not inspect.isawaitable(result):
         return result
@@ -330,7 +330,7 @@ class RewardFn:
         """Scores for the N completions: floats, or None where absent (or skipped)."""
         n = len(completions)
         try:
-            out = _run_awaitable(self.fn(prompts=prompts, completions=completions, step=step, **kwargs))
+            out = run_awaitable(self.fn(prompts=prompts, completions=completions, step=step, **kwargs))
         except Exception as e:  # noqa: BLE001 - a plugin may raise anything
             return self._fail(step, f"raised {type(e).__name__}: {e}", on_error, cause=e, n=n)
         if hasattr(out, "tolist"):  # a tensor or an array is fine too

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
@@ -136,7 +137,15 @@ def build_clip(
         if isinstance(model, str) and model.startswith("timm:"):
             encoder, preprocess = _build_timm(model[len("timm:"):], pretrained, image_size, model_kwargs)
         else:
-            encoder, preprocess = _build_open_clip(model, pretrained, model_kwargs)
+            # open_clip warns "No pretrained weights loaded ... initialized randomly" at build time;
+            # with a checkpoint to load next that is not so, and it misleads whoever reads the log.
+            root, quiet = logging.getLogger(), _QuietRandomInit()
+            if checkpoint is not None:
+                root.addFilter(quiet)
+            try:
+                encoder, preprocess = _build_open_clip(model, pretrained, model_kwargs)
+            finally:
+                root.removeFilter(quiet)  # a no-op when it was not added
     if checkpoint is not None:
         from safetensors.torch import load_file
 
@@ -144,6 +153,11 @@ def build_clip(
         target.load_state_dict(load_file(checkpoint), strict=True)
     encoder = encoder.to(device).eval().requires_grad_(False)
     return encoder, preprocess
+
+
+class _QuietRandomInit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 def _build_open_clip(model: str | dict, pretrained: str | None, model_kwargs: dict):

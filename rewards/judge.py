@@ -50,7 +50,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
-from rewards.api import completion_text, register
+from rewards.api import completion_text, register, run_awaitable
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ class HTTPJudge:
 
     def judge(self, caption: str, elements: Sequence[str]) -> list[Verdict]:
         """Blocking, one caption."""
-        return _run_sync(self.judge_batch([(caption, elements)]))[0]
+        return run_awaitable(self.judge_batch([(caption, elements)]))[0]
 
     async def judge_batch(self, items: Sequence[tuple[str, Sequence[str]]]) -> list[list[Verdict]]:
         """All items concurrently, at most `max_concurrency` requests in flight; input order kept."""
@@ -589,7 +589,7 @@ class JudgedCaptionReward:
     def components(self, prompts, completions, **kwargs) -> list[dict | None]:
         """Per completion: {"user", "detail", "supplementary": coverage in [0, 1] or None (empty
         group), "contra": 0.0 | 1.0, "reward": eq. 4}, or None where there is no score."""
-        return _run_sync(self.acomponents(prompts, completions, **kwargs))
+        return run_awaitable(self.acomponents(prompts, completions, **kwargs))
 
     async def acomponents(self, prompts, completions, **kwargs) -> list[dict | None]:
         """`components` for callers already inside an event loop."""
@@ -659,16 +659,6 @@ def _check_groups(groups: Any) -> dict[str, list[str]] | None:
             raise TypeError(f"elements[{g!r}] must be a list of strings, got {values!r:.80}")
         out[g] = list(values)
     return out
-
-
-def _run_sync(coro):
-    """Run a coroutine to completion from sync code, also when this thread already runs a loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
 
 
 # ---------------------------------------------------------------------------------------------

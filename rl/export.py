@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import yaml
 
+from rl.adapters import merge_into_base
+
 log = logging.getLogger("unified_grpo.export")
 
 TAGS = ["unified-grpo", "grpo", "lora"]
@@ -54,18 +56,19 @@ class ExportError(RuntimeError):
     """An export or push that cannot be done; the message says why and what to do."""
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or the newest complete one under a run's output or checkpoints dir."""
+def resolve_checkpoint(path: str) -> tuple[str, bool]:
+    """(a checkpoint directory, whether its files were already checked against the manifest):
+    `path` itself, or the newest complete one under a run's output or checkpoints dir."""
     from rl import checkpoint as ckpt
 
     if os.path.isfile(os.path.join(path, ckpt.MANIFEST)):
-        return path
+        return path, False
     for root in (os.path.join(path, "checkpoints"), path):
-        found, skipped = ckpt.find_latest(root)
+        found, skipped = ckpt.find_latest(root)  # checks every file's sha256
         for bad, reason in skipped:
             log.warning("ignoring incomplete checkpoint %s: %s", bad, reason)
         if found:
-            return found
+            return found, True
     raise ExportError(f"no complete checkpoint at {path} (expected a checkpoints/step-NNNNNN directory "
                       f"with a {ckpt.MANIFEST}, or a run directory holding some)")
 
@@ -80,10 +83,10 @@ def export_checkpoint(checkpoint: str, out_dir: str, merge_encoder: bool = False
     from rl.config import Recipe
     from rl.models.unified import build_models
 
-    path = resolve_checkpoint(checkpoint)
+    path, verified = resolve_checkpoint(checkpoint)
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ExportError(f"{out_dir} exists and is not empty; export into a new folder")
-    c = ckpt.load_checkpoint(path)
+    c = ckpt.load_checkpoint(path, verify=not verified)
     try:
         recipe = Recipe.model_validate(c.recipe)
     except ValueError as e:
@@ -129,21 +132,24 @@ def _export_encoder(models, out: str, final_root: str, save_base: bool, hub_base
     base_ref = os.path.join(final_root, "encoder", "base") if save_base else hub_base
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
     peft_model.save_pretrained(out, save_embedding_layers=False)  # LoRA on attention only: no embeddings
-    if merge:
-        merged = copy.deepcopy(peft_model).merge_and_unload()
-        merged.save_pretrained(os.path.join(os.path.dirname(out), "encoder_merged"))
-        processor.save_pretrained(os.path.join(os.path.dirname(out), "encoder_merged"))
-    if save_base:
-        base = peft_model.unload()  # the LoRA modules removed, nothing merged: the exact base weights
-        base.save_pretrained(os.path.join(out, "base"))
-        processor.save_pretrained(os.path.join(out, "base"))
+    if merge:  # on a copy: the adapter itself is saved above and the base below
+        _save_encoder_folder(merge_into_base(copy.deepcopy(peft_model)), processor,
+                             os.path.join(os.path.dirname(out), "encoder_merged"))
+    if save_base:  # the LoRA modules removed, nothing merged: the exact base weights
+        _save_encoder_folder(peft_model.unload(), processor, os.path.join(out, "base"))
     return "encoder/base" if save_base else hub_base
+
+
+def _save_encoder_folder(model, processor, out: str) -> None:
+    """A transformers folder: the model and its processor."""
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
 def _export_decoder(models, out: str, save_base: bool, hub_base: str) -> str:
     """LoRA in diffusers' format (`transformer.` keys, LoRA config in the safetensors metadata so
     that alpha/r survive); the base pipeline folder in `out/base` when it exists nowhere else."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from diffusers import StableDiffusion3Pipeline
     from peft.utils import get_peft_model_state_dict
 
     transformer = models.decoder.transformer
@@ -151,26 +157,27 @@ def _export_decoder(models, out: str, save_base: bool, hub_base: str) -> str:
         out, transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name="default"),
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
     if save_base:
-        base = os.path.join(out, "base")
         transformer.unload_lora()
-        transformer.save_pretrained(os.path.join(base, "transformer"))
-        models.decoder.vae.save_pretrained(os.path.join(base, "vae"))
-        FlowMatchEulerDiscreteScheduler(shift=models.decoder.shift).save_pretrained(os.path.join(base, "scheduler"))
-        import diffusers
-
-        with open(os.path.join(base, "model_index.json"), "w") as f:
-            json.dump({**MODEL_INDEX, "_diffusers_version": diffusers.__version__}, f, indent=2)
+        _save_sd3_folder(transformer, models.decoder, os.path.join(out, "base"))
     return "decoder/base" if save_base else hub_base
+
+
+def _save_sd3_folder(transformer, decoder, out: str) -> None:
+    """A diffusers SD3 folder without text encoders: transformer/, vae/, scheduler/, model_index.json."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer.save_pretrained(os.path.join(out, "transformer"))
+    decoder.vae.save_pretrained(os.path.join(out, "vae"))
+    FlowMatchEulerDiscreteScheduler(shift=decoder.shift).save_pretrained(os.path.join(out, "scheduler"))
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+        json.dump({**MODEL_INDEX, "_diffusers_version": diffusers.__version__}, f, indent=2)
 
 
 def _export_merged_encoder(models, out: str) -> str:
     """A non-LoRA encoder adapter merged into the base: `Qwen2_5_VLForConditionalGeneration
     .from_pretrained(out)` and `AutoProcessor.from_pretrained(out)` load it, no peft needed."""
-    from rl.adapters import merge_into_base
-
-    merged = merge_into_base(models.encoder.model)
-    merged.save_pretrained(out)
-    models.encoder.processor.save_pretrained(out)
+    _save_encoder_folder(merge_into_base(models.encoder.model), models.encoder.processor, out)
     return "encoder (merged)"
 
 
@@ -178,18 +185,7 @@ def _export_merged_decoder(models, out: str) -> str:
     """A non-LoRA decoder adapter merged into the base: a diffusers folder (transformer/, vae/,
     scheduler/) whose transformer loads with `SD3Transformer2DModel.from_pretrained(out,
     subfolder="transformer")`, no peft needed."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from rl.adapters import merge_into_base
-
-    merged = merge_into_base(models.decoder.transformer)
-    merged.save_pretrained(os.path.join(out, "transformer"))
-    models.decoder.vae.save_pretrained(os.path.join(out, "vae"))
-    FlowMatchEulerDiscreteScheduler(shift=models.decoder.shift).save_pretrained(os.path.join(out, "scheduler"))
-    import diffusers
-
-    with open(os.path.join(out, "model_index.json"), "w") as f:
-        json.dump({**MODEL_INDEX, "_diffusers_version": diffusers.__version__}, f, indent=2)
+    _save_sd3_folder(merge_into_base(models.decoder.transformer), models.decoder, out)
     return "decoder (merged)"
 
 

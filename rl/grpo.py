@@ -293,3 +293,10 @@ def kl_in_reward(rewards: Tensor, kl_per_token: Tensor, mask: Tensor, beta: floa
     """
     penalty = (kl_per_token.detach() * mask.to(kl_per_token.dtype)).sum(dim=-1)  # (N,)
     return to_reward_tensor(rewards) - beta * penalty.to(torch.float32)
+
+
+def shard_rows(n: int, group_size: int, rank: int, world_size: int) -> torch.Tensor:
+    """Row indices (long) of the whole groups that learner rank `rank` of `world_size` trains on:
+    groups rank, rank + world_size, ... of the n // group_size groups of `group_size` rows."""
+    groups = range(rank, n // group_size, world_size)
+    return torch.tensor([i * group_size + j for i in groups for j in range(group_size)], dtype=torch.long)

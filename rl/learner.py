@@ -54,11 +54,12 @@ def init_distributed(rank: int = 0, world_size: int = 1, port: int | None = None
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now ("" for every interface)."""
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -108,6 +109,7 @@ class Learner:
             model=_Policies(self.models), optimizer=optimizer, config=ds_config)
         self._clip = None
         self._stage: str | None = None
+        self._decoder_params: dict[str, torch.Tensor] | None = None  # _decoder_lora()
         # EMA of the decoder LoRA for evaluation and export only (rl/ema.py); training never reads it.
         decay = g.decoder.ema_decay
         self._ema = EMA(self._decoder_lora(), decay) if decay is not None else None
@@ -168,10 +170,13 @@ class Learner:
         return self.models.trainable_state()
 
     def _decoder_lora(self) -> dict[str, torch.Tensor]:
-        """The live decoder LoRA tensors, keyed as in `trainable_state()` (`decoder.<name>`)."""
-        from rl.adapters import named_adapter_parameters
+        """The live decoder LoRA tensors, keyed as in `trainable_state()` (`decoder.<name>`); found
+        once (weights are loaded in place, so the parameters never change)."""
+        if self._decoder_params is None:
+            from rl.adapters import named_adapter_parameters
 
-        return {f"decoder.{n}": p for n, p in named_adapter_parameters(self.models.decoder.transformer)}
+            self._decoder_params = {f"decoder.{n}": p for n, p in named_adapter_parameters(self.models.decoder.transformer)}
+        return self._decoder_params
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
         """EMA of the decoder LoRA weights (CPU, float32, keys as in `trainable_state()`), for
@@ -183,13 +188,14 @@ class Learner:
         (`rl.checkpoint` writes it without pickle): adapters + connector (with its `steps_done`),
         the optimizer (AdamW moments, step counts, per-group lr), the LR scheduler if any, the
         weight version, DeepSpeed's counters, the active stage, the EMA and this process's RNG."""
-        from rl.checkpoint import capture_rng
+        from rl.checkpoint import capture_rng, flatten_state, unflatten_state
 
-        ema = getattr(self, "_ema", None)
+        ema = self._ema
         scheduler = self.engine.lr_scheduler
         return {
             "weights": self.trainable_state(),
-            "optimizer": self.optimizer.state_dict(),
+            # CPU copies here: CUDA tensors sent through Ray would be rebuilt on a GPU by the driver
+            "optimizer": unflatten_state(*reversed(flatten_state(self.optimizer.state_dict()))),
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
             "version": self.version,
@@ -209,7 +215,7 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])  # after _set_stage: the saved lr values win
         if state.get("lr_scheduler") is not None and self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        ema = getattr(self, "_ema", None)
+        ema = self._ema
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         self.version = int(state["version"])
@@ -230,7 +236,7 @@ class Learner:
     # ------------------------------------------------------------------------------------------
     def train_encoder(self, group: CaptionGroup, advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         if self.world_size > 1:  # this rank's whole groups; DeepSpeed averages the gradients
-            rows = _shard_rows(len(group.captions), group.group_size, self.rank, self.world_size)
+            rows = grpo.shard_rows(len(group.captions), group.group_size, self.rank, self.world_size)
             group, advantages, valid = shard_group(group, self.rank, self.world_size), advantages[rows], valid[rows]
         self._set_stage("encoder")
         cfg, g = self.recipe.grpo.encoder, self.recipe.grpo
@@ -270,7 +276,7 @@ class Learner:
     # ------------------------------------------------------------------------------------------
     def train_decoder(self, traj: Trajectory, advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         if self.world_size > 1:
-            rows = _shard_rows(traj.log_probs.shape[0], traj.group_size, self.rank, self.world_size)
+            rows = grpo.shard_rows(traj.log_probs.shape[0], traj.group_size, self.rank, self.world_size)
             traj, advantages, valid = shard_trajectory(traj, self.rank, self.world_size), advantages[rows], valid[rows]
         self._set_stage("decoder")
         cfg, g = self.recipe.grpo.decoder, self.recipe.grpo
@@ -320,7 +326,7 @@ class Learner:
                          caption_mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
         """One joint step of 1 - cos(f_I(x), f_I(D(E(x)))) on B images with one caption each."""
         if self.world_size > 1:  # images rank, rank + world_size, ...
-            idx = list(range(self.rank, len(images), self.world_size))
+            idx = grpo.shard_rows(len(images), 1, self.rank, self.world_size).tolist()
             images, image_ids, seeds = [images[i] for i in idx], [image_ids[i] for i in idx], [seeds[i] for i in idx]
             caption_ids, caption_mask = caption_ids[idx], caption_mask[idx]
         self._set_stage("cold_start")
@@ -339,12 +345,6 @@ class Learner:
         grad_norm = self._step(loss)
         return {"loss": float(loss.detach()), "grad_norm": grad_norm, "rewards": cos.detach().cpu().tolist(),
                 "version": self.version, "layer_weights": self.models.connector.layer_weights().tolist()}
-
-
-def _shard_rows(n: int, group_size: int, rank: int, world_size: int) -> torch.Tensor:
-    """Row indices of the groups rank, rank + world_size, ... (matches shard_group/shard_trajectory)."""
-    groups = range(rank, n // group_size, world_size)
-    return torch.tensor([i * group_size + j for i in groups for j in range(group_size)], dtype=torch.long)
 
 
 def clip_pixels(images: torch.Tensor, preprocess) -> torch.Tensor:
@@ -398,9 +398,6 @@ class LearnerWorker:
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.learner.trainable_state()
-
-    def ema_state(self) -> dict[str, torch.Tensor] | None:
-        return self.learner.ema_state()
 
     def state_dict(self) -> dict[str, Any]:
         return self.learner.state_dict()

@@ -22,7 +22,9 @@ TAGS = {
 
 class MetricsLogger:
     def __init__(self, out_dir: str, tensorboard: bool = True, wandb_project: str | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, purge_step: int | None = None):
+        """`purge_step` (on resume): TensorBoard drops a killed run's events at steps >= it, so
+        the curves match metrics.jsonl."""
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.out_dir = out_dir
@@ -30,7 +32,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=purge_step)
         self.wandb = None
         if wandb_project:  # optional; the recipe check refuses a project name without wandb installed
             import wandb

@@ -147,8 +147,8 @@ class Trainer:
             return o
 
         # step 1. the learner group: DeepSpeed ranks meet at rank 0's node on a port it picks
-        addr, port = ray.get(_rendezvous.options(**{k: v for k, v in opts(0, "learner").items()
-                                                    if k == "scheduling_strategy"}, num_cpus=0).remote())
+        addr, port = ray.get(ray.remote(_rendezvous_fn).options(
+            **{k: v for k, v in opts(0, "learner").items() if k == "scheduling_strategy"}, num_cpus=0).remote())
         self.learners = [
             ray.remote(LearnerWorker).options(**opts(i, "learner")).remote(
                 self.recipe, r.colocate and i == 0, i, r.learner_workers, port, addr)
@@ -166,7 +166,7 @@ class Trainer:
         ray.get([a.ready.remote() for a in [*self.learners, *self.rollouts, *self.rewards]])
         self.failures: list[dict[str, Any]] = []
         self._write_actors()
-        self._sync_weights()  # identical adapters everywhere before the first rollout
+        self._sync_weights(ray.get(self.learner.version.remote()))  # identical adapters before the first rollout
 
     def _write_actors(self) -> None:
         """`actors.json` in the output directory: each actor's role, index and process id."""
@@ -214,14 +214,8 @@ class Trainer:
 
         self.metrics = MetricsLogger(self.out_dir, tensorboard=self.recipe.output.tensorboard,
                                      wandb_project=self.recipe.output.wandb_project,
-                                     config=self.recipe.model_dump(mode="json"))
-        if self._resume_from is not None and self.metrics.writer is not None:
-            # What SummaryWriter(purge_step=step) writes: TensorBoard drops the killed run's events
-            # at steps >= this one, so the curves match metrics.jsonl.
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
-            self.metrics.writer._get_file_writer().add_event(
-                Event(step=self.step, session_log=SessionLog(status=SessionLog.START)))
+                                     config=self.recipe.model_dump(mode="json"),
+                                     purge_step=self.step if self._resume_from is not None else None)
 
     def _find_checkpoint(self):
         """The checkpoint to resume from (`output.resume: auto`), read and checked, or None."""
@@ -267,8 +261,9 @@ class Trainer:
         from rl.checkpoint import restore_rng
 
         t0 = time.time()
-        self._learners("load_state_dict", {"weights": c.weights, **c.state["learner"]})  # every rank
-        self._sync_weights()  # rollout workers must act with the restored adapters
+        state = ray.put({"weights": c.weights, **c.state["learner"]})  # one copy for every rank
+        version = self._learners("load_state_dict", state)[0]
+        self._sync_weights(version)  # rollout workers must act with the restored adapters
         self.step = c.step
         self.data_position = int(c.trainer["data_position"])
         self.last_metrics = c.trainer.get("metrics", {})
@@ -281,25 +276,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # plumbing
     # ------------------------------------------------------------------------------------------
-    def _sync_weights(self) -> None:
-        """LoRA weights (and connector) from learner rank 0 to every rollout worker, once via the
-        object store. The reference is kept: a restarted rollout actor gets the same weights."""
+    def _sync_weights(self, version: int) -> None:
+        """LoRA weights (and connector) of learner `version` from rank 0 to every rollout worker,
+        once via the object store. The reference is kept: a restarted rollout actor gets the same
+        weights."""
         import ray
 
-        self.version = ray.get(self.learner.version.remote())
+        self.version = version
         self._state_ref = self.learner.trainable_state.remote() if self.rollouts else None
         if self.rollouts:
             ray.get([a.set_weights.remote(self._state_ref, self.version) for a in self.rollouts])
 
     def _learners(self, method: str, *args: Any) -> list[Any]:
-        """Call every learner rank; a dead learner ends the run (the last checkpoint stays)."""
-        import ray
-
-        try:
-            return ray.get([getattr(w, method).remote(*args) for w in self.learners])
-        except ray.exceptions.RayActorError as e:
-            raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
-                              f"checkpoint: {self.checkpoint_path or 'none'}") from None
+        """Call every learner rank and wait; a dead learner ends the run (the last checkpoint stays)."""
+        return self._wait_learners([getattr(w, method).remote(*args) for w in self.learners])
 
     def _advantages(self, batch) -> grpo.Advantages:
         g = self.recipe.grpo
@@ -331,7 +321,7 @@ class Trainer:
                 following = self._launch(self.step + 1, next(batches), batches.position)
             stats = self._wait_learners(train_refs)
             # step 5. LoRA weights to the rollout workers (queued after any rollout in flight)
-            self._sync_weights()
+            self._sync_weights(stats[0]["version"])
             if not overlap and self.step + 1 < total:
                 following = self._launch(self.step + 1, next(batches), batches.position)
             row = self._row(stage, stats, extras)
@@ -370,26 +360,39 @@ class Trainer:
         """Start the rollout of `step` and, chained on its result inside Ray, its rewards."""
         stage = self.stages[step]
         images, ids = [r.image for r in records], [r.image_id for r in records]
-        p = _Pending(step=step, stage=stage, records=records, position=position,
+        p = _Pending(step=step, records=records, position=position,
                      rollout_actor=None if not self.rollouts else step % len(self.rollouts),
                      reward_actor=step % len(self.rewards))
         if p.rollout_actor is not None:
             self._check_restarted(step, "rollout", p.rollout_actor)
         self._check_restarted(step, "reward", p.reward_actor)
-        actor = self.learner if p.rollout_actor is None else self.rollouts[p.rollout_actor]
-        call = (lambda m, *a: actor.rollout_call.remote(m, *a)) if p.rollout_actor is None else \
-               (lambda m, *a: getattr(actor, m).remote(*a))
         seed = self._seed(step)
+        # One ObjectRef per returned item, so that each consumer gets only what it reads: the
+        # reward actor the captions and renders, the learners the trajectory or caption group,
+        # the driver the captions (a trajectory never passes through the driver).
         if stage == "cold_start":
-            p.rollout_ref = call("cold_start_rollout", images, seed)
-        elif stage == "encoder":
-            p.rollout_ref = call("encoder_rollout", images, ids, seed, self.recipe.rewards.renders_needed())
-        else:
-            p.rollout_ref = call("decoder_rollout", images, seed)
-        if stage != "cold_start":
-            p.reward_ref = self.rewards[p.reward_actor].score_rollout.remote(
-                stage, p.rollout_ref, ids, images, [r.elements for r in records], step)
+            p.rollout_ref = [self._rollout_remote(p.rollout_actor, "cold_start_rollout", 1, images, seed)]
+            p.driver_ref = p.rollout_ref[0]
+            return p
+        if stage == "encoder":  # (group, renders)
+            p.rollout_ref = self._rollout_remote(p.rollout_actor, "encoder_rollout", 2, images, ids, seed,
+                                                 self.recipe.rewards.renders_needed())
+            captions, renders = p.rollout_ref
+            p.driver_ref = p.rollout_ref[0]
+        else:  # (trajectory, one caption per image, renders)
+            p.rollout_ref = self._rollout_remote(p.rollout_actor, "decoder_rollout", 3, images, seed)
+            captions, renders = p.rollout_ref[1:]
+            p.driver_ref = captions
+        p.reward_ref = self.rewards[p.reward_actor].score_rollout.remote(
+            stage, captions, renders, ids, images, [r.elements for r in records], step)
         return p
+
+    def _rollout_remote(self, index: int | None, method: str, num_returns: int, *args: Any):
+        """`method` of rollout actor `index`, or of the rollout worker inside learner rank 0 (None):
+        one ObjectRef, or a list of `num_returns` > 1 (one per item of the returned tuple)."""
+        if index is None:
+            return self.learner.rollout_call.options(num_returns=num_returns).remote(method, *args)
+        return getattr(self.rollouts[index], method).options(num_returns=num_returns).remote(*args)
 
     def _collect(self, p: "_Pending"):
         """(rollout, reward batch) of a launched step. A rollout or reward actor that died is
@@ -399,7 +402,7 @@ class Trainer:
         for attempt in range(self.recipe.resources.max_restarts + 1):
             role, index = "rollout", p.rollout_actor
             try:
-                rollout = ray.get(p.rollout_ref)
+                rollout = ray.get(p.driver_ref)
                 role, index = "reward", p.reward_actor
                 batch = ray.get(p.reward_ref) if p.reward_ref is not None else None
                 return rollout, batch
@@ -415,13 +418,11 @@ class Trainer:
                     raise RuntimeError(f"step {p.step}: {role} actor {index} did not come back "
                                        f"({type(e2).__name__}); resources.max_restarts is "
                                        f"{self.recipe.resources.max_restarts}") from None
-                p.rollout_ref, p.reward_ref = retry.rollout_ref, retry.reward_ref
+                p.rollout_ref, p.driver_ref, p.reward_ref = retry.rollout_ref, retry.driver_ref, retry.reward_ref
         raise RuntimeError(f"step {p.step}: rollouts failed {self.recipe.resources.max_restarts + 1} times")
 
     def _update(self, stage: str, p: "_Pending", rollout, batch):
         """Advantages (UAE eq. 1) and the learner call of this stage; returns (refs, row extras)."""
-        import ray
-
         from rollouts.actors import image_seed
 
         if stage == "cold_start":
@@ -430,17 +431,14 @@ class Trainer:
                     [image_seed(i) for i in ids])
             return self._train_refs(stage, *args), {"captions": rollout.captions}
         adv = self._advantages(batch)
-        if stage == "encoder":
-            payload, captions = rollout[0], rollout[0].captions
-        else:
-            payload, captions = rollout[0], rollout[1]
-        ref = ray.put(payload)  # one copy in the object store for every rank
+        captions = rollout.captions if stage == "encoder" else rollout
+        ref = p.rollout_ref[0]  # the group or trajectory, already in the object store: one copy for every rank
         return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions}
 
     def _train_refs(self, stage: str, *args: Any) -> list[Any]:
         return [w.train.remote(stage, *args) for w in self.learners]
 
-    def _wait_learners(self, refs: list[Any]) -> list[dict[str, Any]]:
+    def _wait_learners(self, refs: list[Any]) -> list[Any]:
         import ray
 
         try:
@@ -496,9 +494,7 @@ class Trainer:
 
         exs = heldout_examples(self.recipe, k)
         args = ([e.image for e in exs], [e.image_id for e in exs], self.recipe.eval.seed)
-        ref = self.rollouts[0].eval_render.remote(*args) if self.rollouts else \
-            self.learner.rollout_call.remote("eval_render", *args)
-        captions, renders = ray.get(ref)
+        captions, renders = ray.get(self._rollout_remote(0 if self.rollouts else None, "eval_render", 2, *args))
         coverage = [s["coverage"] for s in score_captions(captions, exs)]
         path = os.path.join(self.out_dir, f"grid_{tag}.png")
         render_grid(args[0], captions, renders, path, title=f"held-out, {tag} (step {self.step})", scores=coverage)
@@ -509,13 +505,12 @@ class Trainer:
 
         self.metrics.close()
         if self.recipe.output.plot:
-            from rl.metrics import plot_metrics, read_metrics
+            from rl.metrics import plot_layer_weights, plot_metrics, read_metrics
 
-            plot_metrics(read_metrics(self.metrics.path), os.path.join(self.out_dir, "reward.png"))
+            rows = read_metrics(self.metrics.path)
+            plot_metrics(rows, os.path.join(self.out_dir, "reward.png"))
             if self.recipe.models.connector.layers == "learned":
-                from rl.metrics import plot_layer_weights
-
-                plot_layer_weights(read_metrics(self.metrics.path), os.path.join(self.out_dir, "layer_weights.png"))
+                plot_layer_weights(rows, os.path.join(self.out_dir, "layer_weights.png"))
         if ray.is_initialized():
             ray.shutdown()
 
@@ -529,12 +524,12 @@ class _Pending:
     """A launched step: its batch and the ObjectRefs of its rollout and rewards."""
 
     step: int
-    stage: str
     records: list
     position: int  # data position after this step's batch
     rollout_actor: int | None  # None: colocated in learner rank 0
     reward_actor: int
-    rollout_ref: Any = None
+    rollout_ref: Any = None  # one ObjectRef per item the rollout method returns
+    driver_ref: Any = None  # the item the driver itself reads: the caption group, or the captions
     reward_ref: Any = None
 
 
@@ -544,26 +539,11 @@ def _bundle(cpus: float, gpus: float) -> dict[str, float]:
 
 def _rendezvous_fn() -> tuple[str, int]:
     """(node address, free port) where learner rank 0 will run: the DeepSpeed rendezvous."""
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    from rl.learner import _free_port
 
-
-class _RemoteRendezvous:
-    """`ray.remote(_rendezvous_fn)`, made on first use so that importing this module needs no Ray."""
-
-    def options(self, **kw: Any):
-        import ray
-
-        return ray.remote(_rendezvous_fn).options(**kw)
-
-
-_rendezvous = _RemoteRendezvous()
+    return ray.util.get_node_ip_address(), _free_port("")
 
 
 def _truncate_metrics(path: str, step: int) -> int:

@@ -155,7 +155,8 @@ class RolloutWorker:
             timestep_fraction=t.timestep_fraction, version=self.version, uncond=self.uncond(),
             cfg_scale=t.cfg_scale, cfg_in_training=t.cfg_in_training,
         )
-        return traj, group.captions, to_pil(traj.images)
+        # The renders go out as PIL images; the tensor copy would only travel along unread.
+        return traj._replace(images=None), group.captions, to_pil(traj.images)
 
     def cold_start_rollout(self, images: Sequence[Image.Image], seed: int) -> CaptionGroup:
         """Stage 1: one sampled caption per image (no gradient; the learner re-reads it)."""

@@ -17,6 +17,7 @@ from typing import NamedTuple, Sequence
 import torch
 from PIL import Image
 
+from rl.grpo import shard_rows
 from rl.models.encoder import Encoder
 
 
@@ -174,9 +175,8 @@ class VLLMCaptioner:
                       max_new_tokens: int, temperature: float, top_p: float, seed: int, version: int) -> CaptionGroup:
         """The same `CaptionGroup` as `generate_captions`, sampled by vLLM: prompt tensors from the
         encoder's processor (the learner re-reads them), tokens and log-probs from the engine."""
+        images = encoder.resized(images)  # once, for both the processor and the engine
         inputs = encoder.prepare(images)
-        if encoder.image_size is not None:
-            images = [im.convert("RGB").resize((encoder.image_size,) * 2, Image.BICUBIC) for im in images]
         outs = self.generate([encoder.prompt_text()] * len(images), list(images), group_size,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         rows = [c for per_image in outs for c in per_image]  # image-major, as generate_captions
@@ -202,8 +202,8 @@ def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup
     if world_size == 1:
         return group
     g = group.group_size
-    images = list(range(rank, group.prompt_ids.shape[0], world_size))
-    rows = [i * g + j for i in images for j in range(g)]
+    images = shard_rows(group.prompt_ids.shape[0], 1, rank, world_size).tolist()
+    rows = shard_rows(len(group.captions), g, rank, world_size).tolist()
     chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
     return group._replace(
         prompt_ids=group.prompt_ids[images], prompt_mask=group.prompt_mask[images],

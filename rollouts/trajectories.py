@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 
+from rl.grpo import shard_rows
 from rl.models.decoder import Decoder
 from rollouts.sde import shifted_sigmas, step_with_logprob
 
@@ -50,7 +51,7 @@ class Trajectory(NamedTuple):
     sigmas: torch.Tensor  # (S,) sigma_j of the trained steps
     sigmas_next: torch.Tensor  # (S,) sigma_{j+1}
     steps: torch.Tensor  # (S,) indices j of the trained steps in the schedule, increasing
-    images: torch.Tensor  # (N, 3, H, W) final decoded images in [0, 1]
+    images: torch.Tensor | None  # (N, 3, H, W) final decoded images in [0, 1]; None once rendered out
     group_size: int
     version: int
     uncond: Uncond | None = None  # the CFG unconditional condition the rollout used (None: no CFG)
@@ -111,7 +112,8 @@ def _pad_to(cond: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.
 
 def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
                     cond_mask: torch.Tensor, pooled: torch.Tensor, uncond: Uncond | None = None,
-                    cfg_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    cfg_scale: float = 1.0, doubled: tuple[torch.Tensor, ...] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity with classifier-free guidance (Ho & Salimans 2022; SD3's sampler):
 
         v = v_u + s (v_c - v_u),   v_c = v_theta(x, sigma, c),  v_u = v_theta(x, sigma, empty caption)
@@ -120,24 +122,34 @@ def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond
     s = 1 (or no `uncond`): the conditional velocity alone, one pass over N rows. Otherwise ONE
     transformer call over 2N rows [unconditional; conditional] concatenated along the batch; both
     conditions are right-padded to the longer length first (masked positions are zeros).
+    `doubled`: that 2N-row condition if already built (`guidance_condition`).
     Returns (v (N, C, h, w), v_c (N, C, h, w)); without guidance both are the same tensor.
     """
     if cfg_scale == 1.0:
         v = decoder.velocity(x, sigma, cond, pooled, cond_mask)
         return v, v
+    c2, p2, m2 = doubled if doubled is not None else guidance_condition(cond, cond_mask, pooled, uncond, cfg_scale)
+    v_u, v_c = decoder.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), c2, p2, m2).chunk(2)  # 2 x (N, ...)
+    return v_u + cfg_scale * (v_c - v_u), v_c
+
+
+def guidance_condition(cond: torch.Tensor, cond_mask: torch.Tensor, pooled: torch.Tensor,
+                       uncond: Uncond | None, cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The 2N-row condition of a guided pass, (cond, pooled, mask) of [unconditional; conditional],
+    both right-padded to the longer length; None without guidance (`cfg_scale` 1). The same at
+    every denoising step: samplers build it once and pass it to `guided_velocity` as `doubled`."""
+    if cfg_scale == 1.0:
+        return None
     if uncond is None:
         raise ValueError(f"cfg_scale={cfg_scale} needs the unconditional condition (`uncond`); "
                          "set rollout.trajectory.cfg_scale: 1.0 to sample without guidance")
-    n = x.shape[0]
+    n = cond.shape[0]
     length = max(cond.shape[1], uncond.cond.shape[1])
     c, m = _pad_to(cond, cond_mask, length)
     uc, um = _pad_to(uncond.cond.to(c.device), uncond.mask.to(m.device), length)
-    v_u, v_c = decoder.velocity(
-        torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([uc.expand(n, -1, -1).to(c.dtype), c]),
-        torch.cat([uncond.pooled.to(pooled.device, pooled.dtype).expand(n, -1), pooled]),
-        torch.cat([um.expand(n, -1).to(m.dtype), m]),
-    ).chunk(2)  # (2N, ...) -> 2 x (N, ...)
-    return v_u + cfg_scale * (v_c - v_u), v_c
+    return (torch.cat([uc.expand(n, -1, -1).to(c.dtype), c]),
+            torch.cat([uncond.pooled.to(pooled.device, pooled.dtype).expand(n, -1), pooled]),
+            torch.cat([um.expand(n, -1).to(m.dtype), m]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,9 +176,11 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
     x = noise
     record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     n = x.shape[0]
+    doubled = guidance_condition(cond, cond_mask, pooled, uncond, cfg_scale)  # once, not per step
     for j in range(num_steps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and j >= num_steps - grad_last):
-            v, v_c = guided_velocity(decoder, x, sigmas[j].expand(n), cond, cond_mask, pooled, uncond, cfg_scale)
+            v, v_c = guided_velocity(decoder, x, sigmas[j].expand(n), cond, cond_mask, pooled, uncond, cfg_scale,
+                                     doubled)
             a = noise_level if j in sde else 0.0
             out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator)
             if j in sde:
@@ -251,12 +265,13 @@ def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sample
     rows = rows or slice(None)
     device = next(decoder.transformer.parameters()).device
     cond, mask, pooled = (t[rows].to(device) for t in (traj.cond, traj.cond_mask, traj.pooled))
+    doubled = guidance_condition(cond, mask, pooled, traj.uncond, cfg_scale)  # once, not per step
     lps, means, stds = [], [], []
     for s in range(traj.latents.shape[1]):
         x = traj.latents[rows, s].to(device)
         n = x.shape[0]
         v, _ = guided_velocity(decoder, x, traj.sigmas[s].expand(n).to(device), cond, mask, pooled,
-                               traj.uncond, cfg_scale)
+                               traj.uncond, cfg_scale, doubled)
         out = step_with_logprob(sampler, v, x, float(traj.sigmas[s]), float(traj.sigmas_next[s]), noise_level,
                                 prev_sample=traj.next_latents[rows, s].to(device))
         lps.append(out.log_prob)
@@ -269,8 +284,6 @@ def shard_trajectory(traj: Trajectory, rank: int, world_size: int) -> Trajectory
     """Rows of the groups that learner rank `rank` of `world_size` trains on (whole groups)."""
     if world_size == 1:
         return traj
-    g = traj.group_size
-    groups = range(rank, traj.log_probs.shape[0] // g, world_size)
-    rows = torch.tensor([i * g + j for i in groups for j in range(g)])
+    rows = shard_rows(traj.log_probs.shape[0], traj.group_size, rank, world_size)
     per_row = ("cond", "cond_mask", "pooled", "latents", "next_latents", "log_probs", "images")
-    return traj._replace(**{name: getattr(traj, name)[rows] for name in per_row})
+    return traj._replace(**{name: getattr(traj, name)[rows] for name in per_row if getattr(traj, name) is not None})

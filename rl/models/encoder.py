@@ -86,16 +86,22 @@ class Encoder:
     def prompt_text(self) -> str:
         return CHAT_TEMPLATE.format(system=self.system_prompt, user=self.user_prompt)
 
+    def resized(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """Images as the encoder sees them: RGB squares of `image_size` (as given without one).
+        Already-resized images pass through (PIL would return an identical copy)."""
+        if self.image_size is None:
+            return list(images)
+        size = (self.image_size, self.image_size)
+        return [im if im.mode == "RGB" and im.size == size else im.convert("RGB").resize(size, Image.BICUBIC)
+                for im in images]
+
     def prepare(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         """Processor inputs for a batch of images, all with the same prompt (left padding).
 
         Returns input_ids (B, P), attention_mask (B, P), pixel_values (sum of patches, D),
         image_grid_thw (B, 3).
         """
-        if self.image_size is not None:
-            images = [
-                im.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC) for im in images
-            ]
+        images = self.resized(images)
         text = [self.prompt_text()] * len(images)
         out = self.processor(text=text, images=list(images), return_tensors="pt", padding=True)
         return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
