@@ -198,6 +198,7 @@ class TrajectorySampling(_Section):
 class RolloutConfig(_Section):
     batch_size: int = Field(4, gt=0, description="Source images per step.")
     group_size: int = Field(8, gt=1, description="G: rollouts per image (ReaDe: 8; Flow-GRPO: 24). Must be >= 2 for a group baseline.")
+    micro_batch_size: int | None = Field(None, gt=0, description="Rows (captions or trajectories) per model call in rollouts: caption generation, SDE trajectories, caption renders and VAE decodes run this many rows at a time, so rollout memory is bounded by it and not by batch_size x group_size. Results do not depend on it (per-row noise). None: all rows at once (tiny models). Flow-GRPO samples SD3.5 at 1024 px 8-16 per GPU; TRL generates per_device_train_batch_size at a time.")
     caption: CaptionSampling = Field(default_factory=CaptionSampling)
     trajectory: TrajectorySampling = Field(default_factory=TrajectorySampling)
 
@@ -275,8 +276,11 @@ class ResourcesConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage.")
-    bf16: bool = Field(False, description="DeepSpeed bf16 mixed precision.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage. Every stage gives the same updates within float tolerance (tests/rl/test_zero.py): a stage moves only its own parameters, a group not trained in a stage takes no optimizer step, the gradient norm is DeepSpeed's, checkpoints hold every rank's optimizer state. 2: the production recipe (optimizer states and gradients partitioned over learner ranks).")
+    bf16: bool = Field(False, description="DeepSpeed bf16 mixed precision (fp32 master weights and optimizer states).")
+    micro_batch_size: int | None = Field(None, gt=0, description="Rows per forward/backward in every learner stage (captions in the encoder stage, trajectories in the decoder stage, images in the cold start): gradients of the micro-batches are accumulated into one optimizer step per batch, equal to the full-batch step within float tolerance. Must divide each rank's rows. None: the whole batch at once (tiny models). TRL: per_device_train_batch_size; Flow-GRPO: train.batch_size.")
+    activation_checkpointing: bool = Field(False, description="Recompute the encoder's language-model layers and the decoder's transformer blocks in backward instead of storing their activations (torch.utils.checkpoint, use_reentrant=False), in every stage. Less memory, about one more forward of time. TRL: gradient_checkpointing; Flow-GRPO: on for SD3.5.")
+    logits_chunk: int = Field(1024, gt=0, description="Caption log-probs and entropies are computed over at most this many token positions at a time, so that no (rows x tokens x vocabulary) float32 logits exist at once (Qwen2.5-VL's vocabulary is 151,936: 1024 positions are 0.6 GB in float32).")
 
 
 class OutputConfig(_Section):
@@ -399,6 +403,15 @@ class Recipe(_Section):
         if self.rollout.batch_size % self.resources.learner_workers:
             raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must divide by resources.learner_workers "
                              f"({self.resources.learner_workers}): each learner rank trains whole groups")
+        if self.learner.micro_batch_size is not None:
+            n = self.learner.micro_batch_size
+            per_rank = self.rollout.batch_size // self.resources.learner_workers
+            rows = {"encoder/decoder rows (batch_size x group_size per rank)": per_rank * self.rollout.group_size,
+                    "cold-start images (batch_size per rank)": per_rank}
+            for what, count in rows.items():
+                if count % n:
+                    raise ValueError(f"learner.micro_batch_size ({n}) must divide the {what} = {count}: "
+                                     f"choose a divisor of {count}")
         if self.pretrain.enabled and self.data.source is not None:
             raise ValueError("pretrain.enabled builds models for the generated shapes world: set data.source: null, or pretrain.enabled: false")
         return self
