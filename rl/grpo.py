@@ -285,6 +285,101 @@ def grpo_loss(
     return LossOutput(loss, stats)
 
 
+# ALGO LOGIC: the same objective over micro-batches (memory bounded by a micro-batch, DESIGN.md)
+
+
+def aggregation_weights(
+    mask: Tensor,
+    mode: Literal["token_mean", "sequence_mean", "constant"] = "token_mean",
+    constant: float | None = None,
+) -> Tensor:
+    """Per-element weights w (B, T) of a whole batch with `aggregate(v, mask, mode, constant) ==
+    (v * w).sum()`, so that the batch's loss is the sum of its micro-batches' `(v[mb] * w[mb]).sum()`
+    and gradients accumulated over micro-batches equal the full-batch gradient:
+
+    "token_mean":    w = m / sum(m)
+    "sequence_mean": w_it = m_it / (B sum_t m_it)
+    "constant":      w = m / (B * constant)
+    (denominators clamped to >= 1, as in `aggregate`).
+    """
+    m = mask.float()
+    if mode == "token_mean":
+        return m / m.sum().clamp(min=1.0)
+    if mode == "sequence_mean":
+        return m / m.sum(dim=-1, keepdim=True).clamp(min=1.0) / m.shape[0]
+    if mode == "constant":
+        if constant is None or constant <= 0:
+            raise ValueError(f"agg='constant' needs constant > 0 (got {constant})")
+        return m / (m.shape[0] * constant)
+    raise ValueError(f"agg={mode!r}: use 'token_mean', 'sequence_mean' or 'constant'")
+
+
+def micro_batch_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    token_weights: Tensor,
+    *,
+    kl: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+) -> LossOutput:
+    """`grpo_loss` on one micro-batch (b rows, t elements) of a larger batch:
+
+        loss_mb = sum_{i,t in mb} w_it [ -min(r A_i, clip(r) A_i) + beta KL_it ]
+
+    with w the batch's `aggregation_weights` (sliced to the micro-batch) and token_weights those of
+    "token_mean" (for the kl and clip_frac statistics). Summed over the micro-batches, loss and
+    stats are `grpo_loss`'s on the whole batch; `LossStats` adds the stats up.
+    """
+    if beta != 0.0 and kl is None:
+        raise ValueError(f"beta={beta} needs kl=(B, T) per-element KL; pass it or set beta=0")
+    per_el, ratio, clipped = clipped_policy_loss(logp, old_logp, advantages, epsilon, epsilon_high)
+    total = per_el + beta * kl if (kl is not None and beta != 0.0) else per_el
+    loss = (total * weights).sum()
+    with torch.no_grad():
+        m = token_weights > 0
+        r = ratio[m]
+        stats = {
+            "policy_loss": float((per_el * weights).sum()),
+            "kl": float((kl * token_weights).sum()) if kl is not None else 0.0,
+            "clip_frac": float((clipped.float() * token_weights).sum()),
+            "ratio_sum": float(r.sum()), "ratio_count": int(r.numel()),
+            "ratio_max": float(r.max()) if r.numel() else None, "ratio_min": float(r.min()) if r.numel() else None,
+        }
+    return LossOutput(loss, stats)
+
+
+class LossStats:
+    """Adds up `micro_batch_loss` stats over the micro-batches of one batch; `summary()` gives
+    `grpo_loss`'s keys (policy_loss, kl, clip_frac, ratio_mean / max / min; ratio 1 with no element)."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "ratio_sum": 0.0, "ratio_count": 0}
+        self.ratio_max: float | None = None
+        self.ratio_min: float | None = None
+
+    def add(self, out: LossOutput) -> None:
+        self.sums["loss"] += float(out.loss.detach())
+        for key in ("policy_loss", "kl", "clip_frac", "ratio_sum", "ratio_count"):
+            self.sums[key] += out.stats[key]
+        if out.stats["ratio_max"] is not None:
+            self.ratio_max = max(out.stats["ratio_max"], self.ratio_max if self.ratio_max is not None else float("-inf"))
+            self.ratio_min = min(out.stats["ratio_min"], self.ratio_min if self.ratio_min is not None else float("inf"))
+
+    def summary(self) -> dict[str, float]:
+        count = self.sums["ratio_count"]
+        return {
+            "loss": self.sums["loss"], "policy_loss": self.sums["policy_loss"], "kl": self.sums["kl"],
+            "clip_frac": self.sums["clip_frac"],
+            "ratio_mean": self.sums["ratio_sum"] / count if count else 1.0,
+            "ratio_max": self.ratio_max if self.ratio_max is not None else 1.0,
+            "ratio_min": self.ratio_min if self.ratio_min is not None else 1.0,
+        }
+
+
 def kl_in_reward(rewards: Tensor, kl_per_token: Tensor, mask: Tensor, beta: float) -> Tensor:
     """KL as a reward penalty instead of a loss term:  R_i <- R_i - beta * sum_t KL_{i,t} m_{i,t}.
 

@@ -14,6 +14,7 @@ policy is the adapter disabled. On CPU DeepSpeed runs over gloo; the same code r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -64,7 +65,8 @@ def _free_port(host: str = "127.0.0.1") -> int:
 
 
 class _Policies(torch.nn.Module):
-    """Container so one DeepSpeed engine sees every trainable parameter."""
+    """Container so one DeepSpeed engine sees every trainable parameter (and, under ZeRO-3,
+    partitions the frozen base weights of both policies too)."""
 
     def __init__(self, models: Models):
         super().__init__()
@@ -72,13 +74,46 @@ class _Policies(torch.nn.Module):
         self.connector = models.connector
         self.decoder = models.decoder.transformer
 
+    def forward(self, fn):
+        """Run `fn()` (one micro-batch's loss) as the engine's forward, so that DeepSpeed's forward
+        hooks run around it (ZeRO-3 counts micro-steps there to accumulate, not overwrite, the
+        gradients of several backward passes)."""
+        return fn()
+
+
+def stage_groups(stage: str, models: Models) -> tuple[str, ...]:
+    """The parameter groups a stage trains (every other group takes no optimizer step):
+    cold start: encoder adapter (only when the decoder reads captions through it, reader `policy`),
+    connector, decoder adapter, and the connector's learned layer weights until they freeze
+    (GRAN-TED sec. 3.5); encoder GRPO: the encoder adapter; decoder GRPO: the decoder adapter."""
+    if stage == "encoder":
+        return ("encoder",)
+    if stage == "decoder":
+        return ("decoder",)
+    if stage != "cold_start":
+        raise ValueError(f"unknown stage {stage!r}")
+    groups = ["connector", "decoder"] + (["encoder"] if models.reader == "policy" else [])
+    if models.connector.layers == "learned" and not models.connector.frozen():
+        groups.append("layer_weights")
+    return tuple(groups)
+
 
 class Learner:
-    """Owns the models' trainable state and the optimiser. Used inside `LearnerActor`."""
+    """Owns the models' trainable state and the optimiser. Used inside `LearnerActor`.
+
+    One DeepSpeed engine over both policies and the connector, at any ZeRO stage, with
+    `managed_gradient_accumulation: false`: each stage runs forward/backward per micro-batch
+    (`learner.micro_batch_size` rows; decoder GRPO per trained timestep too, Flow-GRPO's loop) and
+    calls `engine.step()` once per batch. The optimizer (`rl.optim.GroupAdamW`) steps only the
+    stage's groups.
+    """
 
     def __init__(self, recipe: Recipe, models: Models | None = None, rank: int = 0, world_size: int = 1,
                  port: int | None = None, master_addr: str = "127.0.0.1"):
         import deepspeed
+
+        from rl.adapters import named_adapter_parameters
+        from rl.optim import GroupAdamW
 
         self.recipe = recipe
         self.device = resolve_device(recipe.device)
@@ -87,95 +122,195 @@ class Learner:
         self.models = models or build_models(recipe, self.device)
         self.version = 0  # bumped by every optimiser step; rollouts carry the version they used
         g = recipe.grpo
-        self.base_lr = {
-            "encoder": g.encoder.lr, "decoder": g.decoder.lr, "connector": recipe.cold_start.connector_lr,
-        }
+        # Every trainable tensor by its key in `trainable_state()`, with its group.
+        named: dict[str, tuple[str, torch.nn.Parameter]] = {}
+        for n, p in named_adapter_parameters(self.models.encoder.model):
+            named[f"encoder.{n}"] = ("encoder", p)
+        for n, p in named_adapter_parameters(self.models.decoder.transformer):
+            named[f"decoder.{n}"] = ("decoder", p)
+        connector_params = {id(p) for p in self.models.parameters("connector")}
+        for n, p in self.models.connector.named_parameters():
+            if id(p) in connector_params:
+                named[f"connector.{n}"] = ("layer_weights" if n == "layer_logits" else "connector", p)
+        self.named_params = named
+        self.groups = [name for name in GROUPS + ("layer_weights",) if any(g_ == name for g_, _ in named.values())]
+        self.base_lr = {"encoder": g.encoder.lr, "decoder": g.decoder.lr,
+                        "connector": recipe.cold_start.connector_lr, "layer_weights": recipe.cold_start.connector_lr}
+        decay = {"encoder": g.encoder.weight_decay, "decoder": g.decoder.weight_decay, "connector": g.decoder.weight_decay,
+                 "layer_weights": g.decoder.weight_decay}
         param_groups = [
-            {"params": self.models.parameters(name), "lr": self.base_lr[name], "name": name,
-             "weight_decay": g.encoder.weight_decay if name == "encoder" else g.decoder.weight_decay}
-            for name in GROUPS
+            {"params": [p for grp, p in named.values() if grp == name], "lr": self.base_lr[name], "name": name,
+             # inactive until a stage switches it on: an optimizer wrapper's initial step (FP16_Optimizer
+             # at ZeRO-0 in bf16 makes one with zero gradients) must not count or decay anything
+             "weight_decay": decay[name], "active": False}
+            for name in self.groups
         ]
-        optimizer = torch.optim.AdamW(param_groups, lr=g.encoder.lr)
+        optimizer = GroupAdamW(param_groups, lr=g.encoder.lr)
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
+            # The learner owns the boundary: backward() per micro-batch accumulates, step() reduces
+            # and updates once per batch, whatever the number of micro-batches of the stage.
+            "managed_gradient_accumulation": False,
             "gradient_clipping": g.max_grad_norm,
             "zero_optimization": {"stage": recipe.learner.zero_stage},
+            "zero_allow_untested_optimizer": True,  # GroupAdamW is torch's AdamW with a group switch
             "bf16": {"enabled": recipe.learner.bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=_Policies(self.models), optimizer=optimizer, config=ds_config)
+        self.adamw: GroupAdamW = optimizer  # the torch optimizer inside DeepSpeed's wrapper (if any)
+        zero3 = self.engine.optimizer
+        if hasattr(zero3, "fp32_partitioned_groups_flat"):
+            names = [group["name"] for group in optimizer.param_groups]
+            optimizer.zero3_flat = lambda: [(names[zero3.sub_group_to_group_id[i]], flat)
+                                            for i, flat in enumerate(zero3.fp32_partitioned_groups_flat)]
+        self.adamw.init_state()
+        # ZeRO-0 in bf16: DeepSpeed's FP16_UnfusedOptimizer keeps an fp32 master copy per parameter
+        # (what AdamW steps), with no per-parameter accessors: map each parameter to its copy.
+        self._fp32_copy: dict[int, torch.Tensor] = {}
+        wrapper = self.engine.optimizer
+        if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+            for lows, highs in zip(wrapper.fp16_groups, wrapper.fp32_groups):
+                self._fp32_copy.update({id(lo): hi for lo, hi in zip(lows, highs)})
+        lazy = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if lazy is not None:  # ZeRO 1/2 and bf16: link the optimizer-state fragments now (see rl.optim)
+            lazy()
+        self.zero_stage = recipe.learner.zero_stage
         self._clip = None
         self._stage: str | None = None
         self._decoder_params: dict[str, torch.Tensor] | None = None  # _decoder_lora()
         # EMA of the decoder LoRA for evaluation and export only (rl/ema.py); training never reads it.
-        decay = g.decoder.ema_decay
-        self._ema = EMA(self._decoder_lora(), decay) if decay is not None else None
+        decay_ema = g.decoder.ema_decay
+        self._ema = EMA(self._gathered(self._decoder_lora()), decay_ema) if decay_ema is not None else None
 
     # ------------------------------------------------------------------------------------------
     # plumbing
     # ------------------------------------------------------------------------------------------
     def _set_stage(self, stage: str) -> None:
-        """Trainable groups per stage: cold start all three; RL stages their policy only."""
-        if stage == self._stage:
-            return
-        active = {"cold_start": GROUPS, "encoder": ("encoder",), "decoder": ("decoder",)}[stage]
-        for group in self.optimizer.param_groups:
+        """Switch the optimizer's groups and the parameters' requires_grad to `stage`'s groups
+        (`stage_groups`); learning rates per group. Applied before every step: the learned layer
+        weights may have frozen since the last one."""
+        active = stage_groups(stage, self.models)
+        for group in self.adamw.param_groups:
             name = group["name"]
             on = name in active
-            lr = self.recipe.cold_start.lr if stage == "cold_start" and name != "connector" else self.base_lr[name]
-            group["lr"] = lr if on else 0.0
-            for p in group["params"]:
-                p.requires_grad_(on)
-        self.models.connector.apply_freeze()  # frozen learned layer weights stay frozen
-        self._set_checkpointing(stage == "cold_start" and self.recipe.cold_start.activation_checkpointing)
+            group["active"] = on
+            group["lr"] = self.recipe.cold_start.lr if stage == "cold_start" and name in ("encoder", "decoder") \
+                else self.base_lr[name]
+        for grp, p in self.named_params.values():
+            p.requires_grad_(grp in active)  # the model's parameters, not DeepSpeed's flat copies
+        on = self.recipe.learner.activation_checkpointing or (
+            stage == "cold_start" and self.recipe.cold_start.activation_checkpointing)
+        self._set_checkpointing(on)
         self._stage = stage
 
     def _set_checkpointing(self, on: bool) -> None:
-        """Activation checkpointing (cold_start.activation_checkpointing) of the decoder's transformer
-        blocks (diffusers checkpoints a block only while grad is enabled: the last K steps) and of
-        the encoder's LM layers (HF, through peft; non-reentrant, so frozen inputs are fine)."""
+        """Activation checkpointing (learner.activation_checkpointing, or cold_start's) of the
+        decoder's transformer blocks (diffusers checkpoints a block only while grad is enabled)
+        and of the encoder's LM layers (HF, through peft; non-reentrant, so frozen inputs are fine)."""
         transformer, encoder = self.models.decoder.transformer, self.models.encoder.model
         if on == bool(getattr(transformer, "gradient_checkpointing", False)):
             return
         if on:
             transformer.enable_gradient_checkpointing()
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            # HF layers checkpoint only in training mode; dropout is 0 here (AdapterConfig), so
-            # train() changes nothing numerically.
-            encoder.train()
         else:
             transformer.disable_gradient_checkpointing()
             encoder.gradient_checkpointing_disable()
 
-    def _step(self, loss: torch.Tensor) -> float:
+    @contextlib.contextmanager
+    def _training(self):
+        """HF layers checkpoint only in training mode; dropout is 0 here (AdapterConfig), so train()
+        changes nothing numerically. Back to eval afterwards, so that a colocated rollout's
+        generate() keeps its KV cache."""
+        encoder = self.models.encoder.model
+        if getattr(self.models.decoder.transformer, "gradient_checkpointing", False):
+            encoder.train()
+        try:
+            yield
+        finally:
+            encoder.eval()
+
+    def _forward_backward(self, loss_fn):
+        """One micro-batch: `loss_fn()` -> (LossOutput, extra) runs as the engine's forward, then the
+        backward of its loss (its share of the batch loss) accumulates into the batch's gradient."""
+        box = {}
+
+        def forward():
+            box["out"], box["extra"] = loss_fn()
+            return box["out"].loss
+
+        loss = self.engine(forward)
         self.engine.backward(loss)
-        grad_norm = self._grad_norm()
+        return box["out"], box["extra"]
+
+    def _optimizer_step(self) -> float:
+        """One optimizer step over the accumulated gradient; returns the global gradient norm
+        before clipping (DeepSpeed's own; at ZeRO-0 in fp32, where DeepSpeed keeps none, the norm of
+        the real gradients, which are then the model's .grad)."""
+        norm = None
+        if self.zero_stage == 0 and not self.recipe.learner.bf16:
+            grads = [p.grad for _, p in self.named_params.values() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))) if grads else 0.0
         self.engine.step()
-        self.models.connector.after_optimizer_step() if self._stage == "cold_start" else None
+        if norm is None:
+            ds = self.engine.get_global_grad_norm()
+            norm = float(ds) if ds is not None else float("nan")
+        if self._stage == "cold_start":
+            self.models.connector.after_optimizer_step()
         self.version += 1
         if self._ema is not None and self._stage in ("decoder", "cold_start"):  # stages that move the decoder LoRA
-            self._ema.update(self._decoder_lora())
-        return grad_norm
+            self._ema.update(self._gathered(self._decoder_lora()))
+        return norm
 
-    def _grad_norm(self) -> float:
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return 0.0
-        return float(torch.norm(torch.stack([g.detach().float().norm() for g in grads])))
+    def micro_batches(self, n: int) -> list[slice]:
+        """Row slices of `learner.micro_batch_size` (all n rows at once when None)."""
+        size = self.recipe.learner.micro_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    # ------------------------------------------------------------------------------------------
+    # state: parameters gathered from every ZeRO partition
+    # ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _all_trainable(self):
+        """DeepSpeed's full-state accessors (safe_get_full_*) skip parameters with requires_grad
+        False at ZeRO-3: switch them all on for the call, then restore."""
+        flags = {id(p): p.requires_grad for _, p in self.named_params.values()}
+        for _, p in self.named_params.values():
+            p.requires_grad_(True)
+        try:
+            yield
+        finally:
+            for _, p in self.named_params.values():
+                p.requires_grad_(flags[id(p)])
+
+    def _gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full values of (possibly ZeRO-3 partitioned) parameters, as CPU copies."""
+        params = [t for t in tensors.values() if hasattr(t, "ds_id")]
+        if not params:
+            return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return self.models.trainable_state()
+        """Adapters and connector as one flat CPU state dict (full tensors at every ZeRO stage)."""
+        params = [p for _, p in self.named_params.values() if hasattr(p, "ds_id")]
+        if not params:
+            return self.models.trainable_state()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return self.models.trainable_state()
 
     def _decoder_lora(self) -> dict[str, torch.Tensor]:
-        """The live decoder LoRA tensors, keyed as in `trainable_state()` (`decoder.<name>`); found
-        once (weights are loaded in place, so the parameters never change)."""
+        """The live decoder LoRA tensors, keyed as in `trainable_state()` (`decoder.<name>`)."""
         if self._decoder_params is None:
-            from rl.adapters import named_adapter_parameters
-
-            self._decoder_params = {f"decoder.{n}": p for n, p in named_adapter_parameters(self.models.decoder.transformer)}
+            self._decoder_params = {k: p for k, (grp, p) in self.named_params.items() if grp == "decoder"}
         return self._decoder_params
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
@@ -183,19 +318,54 @@ class Learner:
         evaluation renders and export; None when `grpo.decoder.ema_decay` is None."""
         return self._ema.state() if self._ema is not None else None
 
+    def _master(self, p: torch.nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """The full fp32 master value of `p` (key None) or of its AdamW state `key`, whatever the
+        ZeRO stage (DeepSpeed's universal accessors; at ZeRO-0 in fp32 the parameter is its own master)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            out = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+            return out.detach().float().reshape(p.ds_shape if hasattr(p, "ds_id") else p.shape).cpu()
+        return self._local_master(p, key).detach().float().cpu().clone()
+
+    def _local_master(self, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
+        """ZeRO-0: the view of p's fp32 master (or its AdamW state) in the optimizer's own tensors."""
+        master = self._fp32_copy.get(id(p), p)
+        return master if key is None else self.adamw.state[master][key]
+
+    def _set_master(self, p: torch.nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"):
+            value = value.to(self.device, torch.float32)
+            safe_set_full_fp32_param(p, value) if key is None else safe_set_full_optimizer_state(p, value, key)
+        else:
+            with torch.no_grad():
+                self._local_master(p, key).copy_(value)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs from the learner, as tensors and JSON values only
-        (`rl.checkpoint` writes it without pickle): adapters + connector (with its `steps_done`),
-        the optimizer (AdamW moments, step counts, per-group lr), the LR scheduler if any, the
-        weight version, DeepSpeed's counters, the active stage, the EMA and this process's RNG."""
-        from rl.checkpoint import capture_rng, flatten_state, unflatten_state
+        (`rl.checkpoint` writes it without pickle): adapters + connector (with its `steps_done`);
+        the optimizer as full, unpartitioned tensors per parameter (fp32 master weights, AdamW's
+        exp_avg and exp_avg_sq) with each group's step count and lr, so that it loads at any ZeRO
+        stage and any number of ranks; the weight version, DeepSpeed's counters, the active stage,
+        the EMA and this process's RNG. A collective at ZeRO >= 1 with several ranks: every rank
+        calls it."""
+        from rl.checkpoint import capture_rng
 
+        with self._all_trainable():
+            optimizer = {
+                "master": {k: self._master(p) for k, (_, p) in self.named_params.items()},
+                "exp_avg": {k: self._master(p, "exp_avg") for k, (_, p) in self.named_params.items()},
+                "exp_avg_sq": {k: self._master(p, "exp_avg_sq") for k, (_, p) in self.named_params.items()},
+                "step": {name: self.adamw.get_step(name) for name in self.groups},
+                "lr": {group["name"]: group["lr"] for group in self.adamw.param_groups},
+            }
         ema = self._ema
         scheduler = self.engine.lr_scheduler
         return {
             "weights": self.trainable_state(),
-            # CPU copies here: CUDA tensors sent through Ray would be rebuilt on a GPU by the driver
-            "optimizer": unflatten_state(*reversed(flatten_state(self.optimizer.state_dict()))),
+            "optimizer": optimizer,
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
             "version": self.version,
@@ -206,13 +376,29 @@ class Learner:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Inverse of `state_dict`: afterwards the next step is bitwise the uninterrupted run's."""
-        from rl.checkpoint import restore_rng
+        """Inverse of `state_dict`: afterwards the next step is bitwise the uninterrupted run's (one
+        rank; within float tolerance across a change of ranks or ZeRO stage)."""
+        from rl.checkpoint import CheckpointError, restore_rng
 
-        self.models.load_trainable_state(state["weights"])  # in place: the optimizer keeps its params
+        opt = state["optimizer"]
+        if not isinstance(opt, dict) or "master" not in opt:
+            raise CheckpointError("this checkpoint's optimizer state is in the format of an older unified-grpo "
+                                  "(torch state dict); resume it with that version, or start a new run")
+        missing = sorted(set(self.named_params) - set(opt["master"]))
+        if missing:
+            raise CheckpointError(f"the checkpoint has no optimizer state for {missing[:3]} ({len(missing)} tensors)")
+        self._load_weights(state["weights"])
+        with self._all_trainable():
+            for k, (_, p) in self.named_params.items():
+                self._set_master(p, opt["master"][k])
+                self._set_master(p, opt["exp_avg"][k], "exp_avg")
+                self._set_master(p, opt["exp_avg_sq"][k], "exp_avg_sq")
+        for name, value in opt["step"].items():
+            self.adamw.set_step(name, value)
         if state["stage"] is not None:
-            self._set_stage(state["stage"])  # requires_grad (and connector freeze) as the saved run had them
-        self.optimizer.load_state_dict(state["optimizer"])  # after _set_stage: the saved lr values win
+            self._set_stage(state["stage"])  # requires_grad, active groups, checkpointing
+        for group in self.adamw.param_groups:  # the saved lr values win
+            group["lr"] = opt["lr"].get(group["name"], group["lr"])
         if state.get("lr_scheduler") is not None and self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
         ema = self._ema
@@ -223,13 +409,25 @@ class Learner:
             setattr(self.engine, key, value)
         restore_rng(state["rng"])
 
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """The model's (low-precision) copies of adapters and connector, gathered under ZeRO-3."""
+        params = [p for _, p in self.named_params.values() if hasattr(p, "ds_id")]
+        if not params:
+            self.models.load_trainable_state(weights)
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            self.models.load_trainable_state(weights)
+
     def grad_norms(self) -> dict[str, float]:
-        """Per-group gradient norms of the last backward (tests use it to see where gradient went)."""
-        out = {}
-        for group in self.optimizer.param_groups:
-            grads = [p.grad for p in group["params"] if p.grad is not None]
-            out[group["name"]] = float(sum(g.float().pow(2).sum() for g in grads) ** 0.5) if grads else 0.0
-        return out
+        """Per-group norms of the model parameters' .grad (tests use it to see where gradient went;
+        meaningful at ZeRO-0, where .grad holds the gradient until the step)."""
+        out = {name: 0.0 for name in self.groups}
+        for grp, p in self.named_params.values():
+            if p.grad is not None:
+                out[grp] += float(p.grad.float().pow(2).sum())
+        return {k: v ** 0.5 for k, v in out.items()}
 
     # ------------------------------------------------------------------------------------------
     # stage 2: encoder GRPO (UAE eq. 2 over caption tokens)
@@ -241,31 +439,47 @@ class Learner:
         self._set_stage("encoder")
         cfg, g = self.recipe.grpo.encoder, self.recipe.grpo
         temperature = self.recipe.rollout.caption.temperature
+        chunk = self.recipe.learner.logits_chunk
         model = self.models.encoder.model
         suppressed = self.models.encoder.suppressed_ids
-        mask = group.completion_mask.to(self.device).float() * valid.to(self.device).float().unsqueeze(1)
+        mask = group.completion_mask.float() * valid.float().unsqueeze(1)  # (N, T)
+        # Per-token weights of the whole batch: the micro-batches' losses add up to its loss.
+        w = grpo.aggregation_weights(mask, g.loss_agg, self.recipe.rollout.caption.max_new_tokens).to(self.device)
+        w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
         adv = advantages.to(self.device)
-        ref_logp = None
-        if cfg.beta > 0:
-            with torch.no_grad(), self.models.reference("encoder"):
-                ref_logp, _ = completion_logprobs(model, group, temperature, suppressed)
+        batches = self.micro_batches(adv.shape[0])
         stale = group.version != self.version
-        old_logp = group.logprobs.to(self.device) if stale else None
+        # pi_old: the rollout's log-probs when the policy has moved since; otherwise the policy's own
+        # log-probs of the first pass (ratio exactly 1 there, no extra forward).
+        old_logp = group.logprobs.to(self.device) if stale else torch.zeros_like(w)
+        ref_logp = torch.zeros_like(w) if cfg.beta > 0 else None
         stats: dict[str, Any] = {}
-        for it in range(g.num_iterations):
-            logp, entropy = completion_logprobs(model, group, temperature, suppressed, with_entropy=(it == 0))
-            if old_logp is None:
-                # The policy has not moved since the rollout: its own log-probs are pi_old, and
-                # the ratio is exactly 1 on this first pass (no extra forward).
-                old_logp = logp.detach()
-            kl = grpo.kl_estimator(logp, ref_logp, g.kl_estimator) if ref_logp is not None else None
-            out = grpo.grpo_loss(logp, old_logp, adv, mask, kl=kl, beta=cfg.beta, epsilon=cfg.epsilon,
-                                 epsilon_high=cfg.epsilon_high, agg=g.loss_agg,
-                                 constant=self.recipe.rollout.caption.max_new_tokens)
-            grad_norm = self._step(out.loss)
-            if it == 0:
-                stats = dict(out.stats, loss=float(out.loss.detach()), grad_norm=grad_norm)
-                stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1)) if entropy is not None else 0.0
+        entropy_sum = 0.0
+        with self._training():
+            for it in range(g.num_iterations):
+                acc = grpo.LossStats()
+                for rows in batches:
+                    if ref_logp is not None and it == 0:
+                        with torch.no_grad(), self.models.reference("encoder"):
+                            ref_logp[rows] = completion_logprobs(model, group, temperature, suppressed, rows=rows,
+                                                                 chunk=chunk)[0]
+                    def loss_fn(rows=rows, it=it):
+                        logp, entropy = completion_logprobs(model, group, temperature, suppressed,
+                                                            with_entropy=(it == 0), rows=rows, chunk=chunk)
+                        if it == 0 and not stale:
+                            old_logp[rows] = logp.detach()
+                        kl = grpo.kl_estimator(logp, ref_logp[rows], g.kl_estimator) if ref_logp is not None else None
+                        out = grpo.micro_batch_loss(logp, old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl,
+                                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+                        return out, entropy
+
+                    out, entropy = self._forward_backward(loss_fn)
+                    acc.add(out)
+                    if entropy is not None:
+                        entropy_sum += float((entropy * w_tok[rows]).sum())
+                grad_norm = self._optimizer_step()
+                if it == 0:
+                    stats = dict(acc.summary(), grad_norm=grad_norm, entropy=entropy_sum)
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
         stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
@@ -275,6 +489,9 @@ class Learner:
     # stage 3: decoder GRPO (UAE eq. 4 over SDE steps)
     # ------------------------------------------------------------------------------------------
     def train_decoder(self, traj: Trajectory, advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
+        """Flow-GRPO's loop: for every trained timestep, for every micro-batch of rows, forward that
+        step and backward its share of the loss; one optimizer step per batch. Memory holds one
+        step's graph for one micro-batch, whatever the number of steps and rows."""
         if self.world_size > 1:
             rows = grpo.shard_rows(traj.log_probs.shape[0], traj.group_size, self.rank, self.world_size)
             traj, advantages, valid = shard_trajectory(traj, self.rank, self.world_size), advantages[rows], valid[rows]
@@ -286,29 +503,41 @@ class Learner:
         # (the rollout stored its log-probs under that policy too).
         cfg_scale = t.cfg_scale if t.cfg_in_training else 1.0
         decoder = self.models.decoder
-        n, s = traj.log_probs.shape
-        mask = valid.to(self.device).float().unsqueeze(1).expand(n, s)
+        n, s_count = traj.log_probs.shape
+        mask = valid.float().unsqueeze(1).expand(n, s_count)
+        w = grpo.aggregation_weights(mask, "sequence_mean").to(self.device)  # mean over steps, then rows
+        w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
         adv = advantages.to(self.device)
-        mean_ref = None
-        if cfg.beta > 0:
-            with torch.no_grad(), self.models.reference("decoder"):
-                _, mean_ref, _ = step_logprobs(decoder, traj, a, cfg_scale=cfg_scale)
+        batches = self.micro_batches(n)
         stale = traj.version != self.version
-        old_logp = traj.log_probs.to(self.device) if stale else None
+        old_logp = traj.log_probs.to(self.device) if stale else torch.zeros_like(w)
         stats: dict[str, Any] = {}
-        for it in range(g.num_iterations):
-            logp, mean, std = step_logprobs(decoder, traj, a, cfg_scale=cfg_scale)
-            if old_logp is None:
-                old_logp = logp.detach()
-            kl = None
-            if mean_ref is not None:
-                # ||mu_theta - mu_ref||^2 / (2 std^2), per step: equal-variance Gaussians.
-                kl = gaussian_kl_same_std(mean.flatten(0, 1), mean_ref.flatten(0, 1), std.flatten(0, 1)).view(n, s)
-            out = grpo.grpo_loss(logp, old_logp, adv, mask, kl=kl, beta=cfg.beta, epsilon=cfg.epsilon,
-                                 epsilon_high=cfg.epsilon_high, agg="sequence_mean")
-            grad_norm = self._step(out.loss)
-            if it == 0:
-                stats = dict(out.stats, loss=float(out.loss.detach()), grad_norm=grad_norm)
+        with self._training():
+            for it in range(g.num_iterations):
+                acc = grpo.LossStats()
+                for s in range(s_count):
+                    for rows in batches:
+                        def loss_fn(rows=rows, s=s, it=it):
+                            kl = None
+                            if cfg.beta > 0:
+                                with torch.no_grad(), self.models.reference("decoder"):
+                                    _, mean_ref, _ = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale,
+                                                                   steps=[s])
+                            logp, mean, std = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale, steps=[s])
+                            if it == 0 and not stale:
+                                old_logp[rows, s] = logp[:, 0].detach()
+                            if cfg.beta > 0:
+                                # ||mu_theta - mu_ref||^2 / (2 std^2), per step: equal-variance Gaussians.
+                                kl = gaussian_kl_same_std(mean[:, 0], mean_ref[:, 0], std[:, 0]).unsqueeze(1)
+                            return grpo.micro_batch_loss(logp, old_logp[rows, s:s + 1], adv[rows], w[rows, s:s + 1],
+                                                         w_tok[rows, s:s + 1], kl=kl, beta=cfg.beta,
+                                                         epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high), None
+
+                        out, _ = self._forward_backward(loss_fn)
+                        acc.add(out)
+                grad_norm = self._optimizer_step()
+                if it == 0:
+                    stats = dict(acc.summary(), grad_norm=grad_norm)
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
         stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
@@ -324,26 +553,38 @@ class Learner:
 
     def train_cold_start(self, images: list, image_ids: list[str], caption_ids: torch.Tensor,
                          caption_mask: torch.Tensor, seeds: list[int]) -> dict[str, Any]:
-        """One joint step of 1 - cos(f_I(x), f_I(D(E(x)))) on B images with one caption each."""
+        """One joint step of 1 - cos(f_I(x), f_I(D(E(x)))) on B images with one caption each, in
+        micro-batches of images (each backward carries its share (sum of 1 - cos) / B)."""
         if self.world_size > 1:  # images rank, rank + world_size, ...
             idx = grpo.shard_rows(len(images), 1, self.rank, self.world_size).tolist()
             images, image_ids, seeds = [images[i] for i in idx], [image_ids[i] for i in idx], [seeds[i] for i in idx]
             caption_ids, caption_mask = caption_ids[idx], caption_mask[idx]
         self._set_stage("cold_start")
         clip = self.clip()
-        cond, mask, pooled = self.models.condition(caption_ids.to(self.device), caption_mask.to(self.device))
-        noise = initial_noise(self.models.decoder, seeds, self.device)
         steps = self.recipe.rollout.trajectory.render_steps
         k = min(self.recipe.cold_start.grad_steps, steps)
-        x0, _ = denoise(self.models.decoder, noise, cond, mask, pooled, steps, grad_last=k)
-        recon = self.models.decoder.decode(x0)  # (B, 3, H, W) in [0, 1], differentiable
-        rec_emb = F.normalize(clip.model.encode_image(clip_pixels(recon, clip.preprocess)).float(), dim=-1)
-        with torch.no_grad():
-            src_emb = clip.embed(images)
-        cos = (rec_emb * src_emb.to(rec_emb.device)).sum(-1)  # (B,)
-        loss = (1 - cos).mean()
-        grad_norm = self._step(loss)
-        return {"loss": float(loss.detach()), "grad_norm": grad_norm, "rewards": cos.detach().cpu().tolist(),
+        b = len(images)
+        cos_all: list[float] = []
+        total = 0.0
+        with self._training():
+            for rows in self.micro_batches(b):
+                def loss_fn(rows=rows):
+                    ids, m = caption_ids[rows].to(self.device), caption_mask[rows].to(self.device)
+                    cond, mask, pooled = self.models.condition(ids, m)
+                    noise = initial_noise(self.models.decoder, seeds[rows], self.device)
+                    x0, _ = denoise(self.models.decoder, noise, cond, mask, pooled, steps, grad_last=k)
+                    recon = self.models.decoder.decode(x0)  # (b, 3, H, W) in [0, 1], differentiable
+                    rec_emb = F.normalize(clip.model.encode_image(clip_pixels(recon, clip.preprocess)).float(), dim=-1)
+                    with torch.no_grad():
+                        src_emb = clip.embed(images[rows])
+                    cos = (rec_emb * src_emb.to(rec_emb.device)).sum(-1)  # (b,)
+                    return grpo.LossOutput((1 - cos).sum() / b, {}), cos.detach()
+
+                out, cos = self._forward_backward(loss_fn)
+                total += float(out.loss.detach())
+                cos_all += cos.cpu().tolist()
+        grad_norm = self._optimizer_step()
+        return {"loss": total, "grad_norm": grad_norm, "rewards": cos_all,
                 "version": self.version, "layer_weights": self.models.connector.layer_weights().tolist()}
 
 

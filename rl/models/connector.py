@@ -101,6 +101,10 @@ class Connector(nn.Module):
         self.steps_done += 1
         self.apply_freeze()
 
+    def frozen(self) -> bool:
+        """True once the learned layer weights have had their `freeze_after_steps` optimiser steps."""
+        return self.freeze_after_steps is not None and int(self.steps_done) >= self.freeze_after_steps
+
     def apply_freeze(self) -> None:
         """Freeze `layer_logits` if `freeze_after_steps` is reached. Idempotent: the learner calls it
         again after switching a stage on, which sets requires_grad on the whole connector group."""
