@@ -215,9 +215,11 @@ def row_generator(seed: int, row: int, device: torch.device) -> torch.Generator:
     """The SDE noise generator of trajectory row `row` of the rollout seeded `seed`.
 
     Its seed is hashed from (seed, row) by numpy's SeedSequence: distinct rows and rollouts get
-    unrelated streams, none of them the `seed * 1000 + b` streams of the initial noise.
+    unrelated streams, unrelated too to the initial noise's seeds `seed * 1000 + b` (a plain
+    `seed * 1000 + row` would make row r's SDE noise the initial noise of condition r).
     """
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, row]).generate_state(2, np.uint32)
+    words = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, row]  # SeedSequence takes non-negative words
+    state = np.random.SeedSequence(words).generate_state(2, np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -114,7 +114,8 @@ def test_a_rows_trajectory_does_not_depend_on_the_other_conditions(models):
     torch.testing.assert_close(alone.next_latents, both.next_latents[:GROUP], rtol=0, atol=ATOL)
     torch.testing.assert_close(alone.log_probs, both.log_probs[:GROUP], rtol=0, atol=ATOL)
     # Distinct seeds per (rollout, row): no two rows, in one rollout or across two, share a stream.
-    draws = {float(torch.randn(1, generator=row_generator(s, r, torch.device("cpu")))) for s in (0, 1) for r in range(8)}
+    cpu = torch.device("cpu")
+    draws = {float(torch.randn(1, generator=row_generator(s, r, cpu))) for s in (0, 1) for r in range(8)}
     assert len(draws) == 16
 
 
@@ -191,7 +192,8 @@ def test_worker_rollouts_run_micro_batches_and_match_the_full_batch(models, monk
 
     condition_rows, generate_rows = [], []
     real_condition, real_generate = models.condition, models.encoder.model.generate
-    monkeypatch.setattr(models, "condition", lambda ids, m: condition_rows.append(ids.shape[0]) or real_condition(ids, m))
+    monkeypatch.setattr(models, "condition",
+                        lambda ids, m: condition_rows.append(ids.shape[0]) or real_condition(ids, m))
     monkeypatch.setattr(models.encoder.model, "generate",
                         lambda **kw: generate_rows.append(kw["input_ids"].shape[0] * kw["num_return_sequences"])
                         or real_generate(**kw))
