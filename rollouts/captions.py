@@ -105,7 +105,7 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
         ids = out[:, prompt_len:].cpu()  # (n_k, T_k), T_k: this call's longest caption
         pieces.append((ids, completion_mask(ids, encoder.eos_token_id)))
     # A row without EOS ran to max_new_tokens, so only finished rows get the padding: mask 0.
-    t = max(ids.shape[1] for ids, _ in pieces)
+    t = max(p.shape[1] for p, _ in pieces)
     ids = torch.cat([F.pad(i, (0, t - i.shape[1]), value=encoder.pad_token_id) for i, _ in pieces])  # (N, T)
     mask = torch.cat([F.pad(m, (0, t - m.shape[1]), value=0) for _, m in pieces])  # (N, T)
     group = CaptionGroup(
