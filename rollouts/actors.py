@@ -7,6 +7,10 @@ Every batch it returns carries the weight version it was made with.
 
 Renders for rewards leave the worker as PIL images, rollout tensors as `CaptionGroup` /
 `Trajectory` tuples: plain data, never live models.
+
+With `rollout.micro_batch_size` set, nothing in a rollout runs on all rows at once: caption
+generation and its log-probs, the captions' re-reading into decoder conditions, the SDE
+trajectories, the ODE renders and the VAE decodes all take that many rows per model call.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from PIL import Image
 from rl.config import Recipe
 from rl.models.unified import Models, build_models, resolve_device
 from rollouts.captions import CaptionGroup, generate_captions
-from rollouts.trajectories import Trajectory, Uncond, render, sample_trajectories
+from rollouts.trajectories import Trajectory, Uncond, micro_batches, render, sample_trajectories
 
 
 def image_seed(image_id: str) -> int:
@@ -94,17 +98,34 @@ class RolloutWorker:
                                            temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version)
         return generate_captions(self.models.encoder, images, group_size, max_new_tokens=c.max_new_tokens,
                                  temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version,
-                                 greedy=greedy)
+                                 greedy=greedy, micro_batch_size=self.recipe.rollout.micro_batch_size,
+                                 logits_chunk=self.recipe.learner.logits_chunk)
+
+    @torch.no_grad()
+    def _condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`Models.condition` (cond (N, L, D), mask (N, L), pooled (N, P)) on the device, computed
+        `rollout.micro_batch_size` captions at a time (L is the captions' common padded length, so
+        the pieces concatenate)."""
+        dev = self.models.device
+        parts = [self.models.condition(caption_ids[rows].to(dev), caption_mask[rows].to(dev))
+                 for rows in micro_batches(caption_ids.shape[0], self.recipe.rollout.micro_batch_size)]
+        return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
 
     @torch.no_grad()
     def render_captions(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor, seeds: list[int],
                         num_steps: int | None = None) -> list[Image.Image]:
-        """Deterministic ODE renders of captions by the (frozen) decoder, one seed per row."""
-        dev = self.models.device
-        cond, mask, pooled = self.models.condition(caption_ids.to(dev), caption_mask.to(dev))
-        steps = num_steps or self.recipe.rollout.trajectory.render_steps
-        return to_pil(render(self.models.decoder, cond, mask, pooled, steps, seeds, uncond=self.uncond(),
-                             cfg_scale=self.recipe.rollout.trajectory.cfg_scale))
+        """Deterministic ODE renders of captions by the (frozen) decoder, one seed per row.
+        Condition, render and decode run one micro-batch of rows at a time, to PIL before the next."""
+        t, mb, dev = self.recipe.rollout.trajectory, self.recipe.rollout.micro_batch_size, self.models.device
+        steps = num_steps or t.render_steps
+        uncond = self.uncond()
+        images: list[Image.Image] = []
+        for rows in micro_batches(caption_ids.shape[0], mb):
+            cond, mask, pooled = self.models.condition(caption_ids[rows].to(dev), caption_mask[rows].to(dev))
+            images += to_pil(render(self.models.decoder, cond, mask, pooled, steps, seeds[rows], uncond=uncond,
+                                    cfg_scale=t.cfg_scale, micro_batch_size=mb))
+        return images
 
     @torch.no_grad()
     def uncond(self) -> Uncond | None:
@@ -147,13 +168,13 @@ class RolloutWorker:
         """Stage 3: one greedy caption per image from the frozen encoder, G SDE trajectories each."""
         t = self.recipe.rollout.trajectory
         group = self.captions(images, 1, seed, greedy=True)
-        dev = self.models.device
-        cond, mask, pooled = self.models.condition(group.completion_ids.to(dev), group.completion_mask.to(dev))
+        cond, mask, pooled = self._condition(group.completion_ids, group.completion_mask)  # B rows
         traj = sample_trajectories(
             self.models.decoder, cond, mask, pooled, self.recipe.rollout.group_size, num_steps=t.num_steps,
             noise_level=t.noise_level, seed=seed, sde_window=t.sde_window, window_range=t.window_range,
             timestep_fraction=t.timestep_fraction, version=self.version, uncond=self.uncond(),
             cfg_scale=t.cfg_scale, cfg_in_training=t.cfg_in_training,
+            micro_batch_size=self.recipe.rollout.micro_batch_size,
         )
         # The renders go out as PIL images; the tensor copy would only travel along unread.
         return traj._replace(images=None), group.captions, to_pil(traj.images)

@@ -1,9 +1,14 @@
 """Caption groups: G captions per image from the encoder policy, with their token log-probs.
 
 Two functions carry stage 2 (UAE sec. 2.3): `generate_captions` samples a `CaptionGroup` (the
-rollout), and `completion_logprobs` recomputes per-token log-probs of those captions under the
-current (or reference) policy (the learner). Both scale logits by the same temperature, so the
-ratio pi/pi_old compares like with like.
+rollout), and `completion_logprobs` computes per-token log-probs of those captions under the
+current (or reference) policy. The rollout's log-probs ARE `completion_logprobs` of its captions
+(one extra forward after generation, as TRL's old_per_token_logps), so the ratio pi/pi_old compares
+like with like: same temperature, same suppressed tokens, same code.
+
+Memory is bounded by a micro-batch (shared/DESIGN.md, "Scale"): generation runs `micro_batch_size`
+rows per call, and log-probs never form (rows x tokens x vocabulary) logits, only `chunk` positions'
+worth at a time (Qwen2.5-VL's vocabulary is 151,936: 1024 positions are 0.6 GB in float32).
 
 Backends: `hf` (transformers generate, here) and `vllm` (`VLLMCaptioner`, GPU only, used when the
 `vllm` extra is installed; LoRA weights reach it as LoRA requests).
@@ -15,7 +20,10 @@ import importlib.util
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils.checkpoint import checkpoint
+from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
 
 from rl.grpo import shard_rows
 from rl.models.encoder import Encoder
@@ -52,86 +60,169 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 @torch.no_grad()
 def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_size: int, *,
                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                      seed: int = 0, version: int = 0, greedy: bool = False) -> CaptionGroup:
-    """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate."""
+                      seed: int = 0, version: int = 0, greedy: bool = False,
+                      micro_batch_size: int | None = None, logits_chunk: int = 1024) -> CaptionGroup:
+    """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate.
+
+    B images -> N = B * G rows, image-major. `micro_batch_size` rows per model call: each generate
+    call takes max(1, micro_batch_size // G) images x G samples (None: all B images in one call).
+    The calls' completions are right-padded to a common T (pad id, mask 0).
+
+    Log-probs (N, T) are computed after generation by `completion_logprobs` under no_grad, in the
+    same row micro-batches, `logits_chunk` positions at a time: exactly the learner's computation,
+    so the first importance ratio is 1 up to float round-off. This costs one forward over prompt +
+    caption (TRL's old_per_token_logps does the same) instead of keeping generate's (N, V) logits for
+    each of the T steps. Greedy decoding scores at temperature 1.
+
+    The sampled captions depend on `micro_batch_size` through the global random stream (seeded once
+    from `seed`), not their distribution.
+    """
     model = encoder.model
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in encoder.prepare(images).items()}
-    torch.manual_seed(seed)  # generate() samples from the global generator
-    out = model.generate(
-        **inputs,
-        do_sample=not greedy,
-        temperature=temperature if not greedy else None,
-        top_p=top_p if not greedy else None,
-        top_k=None,
-        max_new_tokens=max_new_tokens,
-        num_return_sequences=group_size,
-        output_logits=True,
-        return_dict_in_generate=True,
-        eos_token_id=encoder.eos_token_id,
-        pad_token_id=encoder.pad_token_id,
-        suppress_tokens=encoder.suppressed_ids,
-    )
+    inputs = encoder.prepare(images)  # all images at once: one left-padded prompt length P for the group
+    b, g = inputs["input_ids"].shape[0], group_size
+    images_per_call = b if micro_batch_size is None else max(1, micro_batch_size // g)
+    patches = torch.split(inputs["pixel_values"], inputs["image_grid_thw"].prod(dim=1).tolist(), dim=0)
     prompt_len = inputs["input_ids"].shape[1]
-    ids = out.sequences[:, prompt_len:]  # (N, T)
-    mask = completion_mask(ids, encoder.eos_token_id)
-    logits = torch.stack(out.logits, dim=1).float()  # (N, T, V) raw, before warpers
-    logits[..., encoder.suppressed_ids] = float("-inf")
-    logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
-    # masked_fill, not `* mask`: padding may be a suppressed token with log-prob -inf.
-    logprobs = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).masked_fill(mask == 0, 0.0)
-    return CaptionGroup(
-        prompt_ids=inputs["input_ids"].cpu(),
-        prompt_mask=inputs["attention_mask"].cpu(),
-        pixel_values=inputs["pixel_values"].cpu(),
-        image_grid_thw=inputs["image_grid_thw"].cpu(),
-        completion_ids=ids.cpu(),
-        completion_mask=mask.cpu(),
-        logprobs=logprobs.cpu(),
+    torch.manual_seed(seed)  # generate() samples from the global generator
+    pieces = []  # (ids (n_k, T_k), mask (n_k, T_k)) per call
+    for lo in range(0, b, images_per_call):
+        hi = min(lo + images_per_call, b)
+        call = {"input_ids": inputs["input_ids"][lo:hi], "attention_mask": inputs["attention_mask"][lo:hi],
+                "pixel_values": torch.cat(patches[lo:hi], dim=0), "image_grid_thw": inputs["image_grid_thw"][lo:hi]}
+        out = model.generate(
+            **{k: v.to(device) for k, v in call.items()},
+            do_sample=not greedy,
+            temperature=temperature if not greedy else None,
+            top_p=top_p if not greedy else None,
+            top_k=None,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=g,
+            eos_token_id=encoder.eos_token_id,
+            pad_token_id=encoder.pad_token_id,
+            suppress_tokens=encoder.suppressed_ids,
+        )
+        ids = out[:, prompt_len:].cpu()  # (n_k, T_k), T_k: this call's longest caption
+        pieces.append((ids, completion_mask(ids, encoder.eos_token_id)))
+    # A row without EOS ran to max_new_tokens, so only finished rows get the padding: mask 0.
+    t = max(p.shape[1] for p, _ in pieces)
+    ids = torch.cat([F.pad(i, (0, t - i.shape[1]), value=encoder.pad_token_id) for i, _ in pieces])  # (N, T)
+    mask = torch.cat([F.pad(m, (0, t - m.shape[1]), value=0) for _, m in pieces])  # (N, T)
+    group = CaptionGroup(
+        prompt_ids=inputs["input_ids"],
+        prompt_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"],
+        image_grid_thw=inputs["image_grid_thw"],
+        completion_ids=ids,
+        completion_mask=mask,
+        logprobs=torch.zeros(ids.shape),  # filled below
         captions=encoder.decode(ids, mask),
-        group_size=group_size,
+        group_size=g,
         version=version,
     )
+    rows_per_call = images_per_call * g
+    logprobs = [completion_logprobs(model, group, 1.0 if greedy else temperature, encoder.suppressed_ids,
+                                    rows=slice(lo, lo + rows_per_call), chunk=logits_chunk)[0].cpu()
+                for lo in range(0, ids.shape[0], rows_per_call)]
+    return group._replace(logprobs=torch.cat(logprobs))
 
 
-def expand_inputs(group: CaptionGroup, device: torch.device) -> dict[str, torch.Tensor]:
-    """Model inputs for all N = B * G rows: each image's prompt and patches repeated G times."""
-    g = group.group_size
-    patches_per_image = group.image_grid_thw.prod(dim=1).tolist()
-    chunks = torch.split(group.pixel_values, patches_per_image, dim=0)
-    pixel_values = torch.cat([c for c in chunks for _ in range(g)], dim=0)
-    ids = torch.cat([group.prompt_ids.repeat_interleave(g, 0), group.completion_ids], dim=1)
-    mask = torch.cat([group.prompt_mask.repeat_interleave(g, 0), group.completion_mask], dim=1)
+def _row_indices(group: CaptionGroup, rows: slice | None) -> torch.Tensor:
+    """Indices (n,) of the rows `rows` of the group's N = B * G rows (None: all)."""
+    n = group.completion_ids.shape[0]
+    return torch.arange(n) if rows is None else torch.arange(n)[rows]
+
+
+def expand_inputs(group: CaptionGroup, device: torch.device, rows: slice | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs for the rows `rows` (None: all N = B * G): each row's prompt and its image's
+    patches (row r belongs to image r // G; an image's patches are its image_grid_thw.prod()
+    consecutive rows of pixel_values). Only the images those rows need are read."""
+    idx = _row_indices(group, rows)
+    image_of = idx // group.group_size  # (n,)
+    chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
+    pixel_values = torch.cat([chunks[i] for i in image_of.tolist()], dim=0)
+    ids = torch.cat([group.prompt_ids[image_of], group.completion_ids[idx]], dim=1)
+    mask = torch.cat([group.prompt_mask[image_of], group.completion_mask[idx]], dim=1)
     return {
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "pixel_values": pixel_values.to(device),
-        "image_grid_thw": group.image_grid_thw.repeat_interleave(g, 0).to(device),
+        "image_grid_thw": group.image_grid_thw[image_of].to(device),
     }
 
 
-def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature: float,
-                        suppressed_ids: Sequence[int] = (), with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (N, T) of the group's captions under `model` (grad if enabled).
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(Qwen2_5_VLModel, lm_head) of a Qwen2_5_VLForConditionalGeneration, peft-wrapped or not.
 
-    One forward pass over prompt + caption; only the last T + 1 positions' logits are formed.
-    Returns (logprobs, entropy (N, T) or None).
+    peft and KAdapter put their layers inside the wrapped model's own modules, so calling the inner
+    model directly still runs the adapter, and `adapters.disabled` (peft's disable_adapter, or the
+    KAdapter flags) still turns it off. lm_head carries no adapter (the targets are the LM's
+    attention projections) but is called as a module all the same (hooks, ZeRO-3 gathering)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model, base.get_output_embeddings()
+
+
+# Suppressed tokens get the most negative finite float32, not -inf: exp() still makes their
+# probability exactly 0 (so logsumexp and the selected log-probs are those of -inf), but TRL's
+# entropy sums p * log p, where -inf would give 0 * -inf = NaN.
+_SUPPRESSED = torch.finfo(torch.float32).min
+
+
+def _chunk_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, temperature: float,
+                    suppressed: torch.Tensor | None, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk: hidden (M, H), ids (M,) -> (log p(ids) (M,), entropy (M,) or None), float32.
+
+        z = lm_head(h) / temperature,  z[suppressed] = -big,  log p(y) = z_y - logsumexp(z)
+        H = -sum_v p_v log p_v (detached: a statistic, never a loss term here)
+    """
+    logits = lm_head(hidden).float() / temperature  # (M, V): the only vocabulary-wide tensor
+    if suppressed is not None:
+        logits.index_fill_(-1, suppressed, _SUPPRESSED)  # as generate's suppress_tokens
+    if with_entropy:
+        return selective_log_softmax_and_entropy(logits, ids, entropy_requires_grad=False)
+    return selective_log_softmax(logits, ids), None
+
+
+def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature: float,
+                        suppressed_ids: Sequence[int] = (), with_entropy: bool = False,
+                        rows: slice | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (n, T) of the captions of rows `rows` (None: all N) under `model` (grad
+    if enabled), and their entropies (n, T) (detached) when `with_entropy`, else None.
+
+        log pi(y_t | x, y_<t) = z_t[y_t] - logsumexp(z_t),  z_t = lm_head(h_t) / temperature
+
+    1) one forward of the language model over prompt + caption for those rows, to hidden states
+       (only their images' patches go in); the last T + 1 positions are the ones that predict the
+       caption (the very last is dropped);
+    2) the (n * T) positions, flattened row-major, are scored `chunk` at a time: lm_head, float32,
+       temperature, suppressed ids, log-softmax of the chosen token (TRL's selective_log_softmax),
+       so at most (chunk, V) logits exist at once. With autograd on, each chunk runs under
+       torch.utils.checkpoint: backward keeps the hidden states only and recomputes one chunk's
+       logits at a time.
+    Padding positions (completion_mask 0) get log-prob 0, never -inf; their entropy is left as computed.
     """
     device = next(model.parameters()).device
-    inputs = expand_inputs(group, device)
-    t = group.completion_ids.shape[1]
-    logits = model(**inputs, logits_to_keep=t + 1).logits[:, :-1].float()  # (N, T, V)
-    if suppressed_ids:
-        logits[..., list(suppressed_ids)] = float("-inf")  # as generate's suppress_tokens
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)
-    ids = group.completion_ids.to(device)
-    logp = logp_all.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    logp = logp.masked_fill(group.completion_mask.to(device) == 0, 0.0)  # padding: 0, never -inf
-    entropy = None
-    if with_entropy:
-        p = logp_all.exp()
-        entropy = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1).detach()
-    return logp, entropy
+    body, lm_head = _body_and_head(model)
+    idx = _row_indices(group, rows)
+    ids = group.completion_ids[idx].to(device)  # (n, T)
+    n, t = ids.shape
+    hidden = body(**expand_inputs(group, device, rows), use_cache=False).last_hidden_state  # (n, P + T, H)
+    hidden = hidden[:, -(t + 1):-1].reshape(n * t, -1)  # position P - 1 + i predicts caption token i
+    flat_ids = ids.reshape(n * t)
+    suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=device) if suppressed_ids else None
+    logps, entropies = [hidden.new_zeros(0, dtype=torch.float32)], [hidden.new_zeros(0, dtype=torch.float32)]
+    for lo in range(0, n * t, chunk):
+        args = (lm_head, hidden[lo:lo + chunk], flat_ids[lo:lo + chunk], temperature, suppressed, with_entropy)
+        if torch.is_grad_enabled():
+            logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(*args)
+        logps.append(logp)
+        if with_entropy:
+            entropies.append(entropy)
+    logp = torch.cat(logps).view(n, t)
+    logp = logp.masked_fill(group.completion_mask[idx].to(device) == 0, 0.0)  # padding: 0, never -inf
+    return logp, torch.cat(entropies).view(n, t).detach() if with_entropy else None
 
 
 class VLLMCaptioner:

@@ -65,11 +65,12 @@ def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 def _finish(mean: Tensor, std: Tensor, sample: Tensor, prev_sample: Optional[Tensor],
-            generator: Optional[torch.Generator]) -> SDEStep:
-    """Draw x' = mean + std * noise (unless given) and score it."""
+            generator: Optional[torch.Generator], noise: Optional[Tensor] = None) -> SDEStep:
+    """x' = mean + std * noise (noise from `generator` unless given), or `prev_sample`; scored."""
     if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
-        x_next = mean + std * noise
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        x_next = mean + std * noise.to(device=sample.device, dtype=torch.float32)
     else:
         x_next = prev_sample.to(device=sample.device, dtype=torch.float32)
     return SDEStep(x_next.to(sample.dtype), _gaussian_log_prob(x_next, mean, std), mean, std)
@@ -86,7 +87,7 @@ def _deterministic(mean: Tensor, sample: Tensor, prev_sample: Optional[Tensor]) 
 
 def sde_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_next: Sigma,
                           noise_level: float, prev_sample: Optional[Tensor] = None,
-                          generator: Optional[torch.Generator] = None) -> SDEStep:
+                          generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None) -> SDEStep:
     """Flow-GRPO SDE step from sigma to sigma_next (Flow-GRPO eq. 9; UAE eq. 4).
 
     With a = noise_level, dt = sigma_next - sigma < 0 and x = sample, v = velocity, both (B, ...):
@@ -102,7 +103,9 @@ def sde_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_
     log_prob = 0 and std = 0.
     If `prev_sample` is given no noise is drawn and log_prob is the density of that sample, so
     recomputing it with unchanged weights reproduces the rollout's log_prob bit for bit.
-    `generator` must live on the sample's device. sigma, sigma_next: float, 0-d or (B,), with
+    `generator` must live on the sample's device. `noise` (B, ...): the standard normal draw to use
+    instead of one from `generator` (callers that keep one generator per row, so that a row's sample
+    does not depend on the batch it is drawn in). sigma, sigma_next: float, 0-d or (B,), with
     0 <= sigma_next < sigma <= 1 (sigma = 0 would divide by zero; it is never a step's start).
     """
     x, v = sample.float(), velocity.float()
@@ -112,12 +115,12 @@ def sde_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_
         return _deterministic(x + dt * v, sample, prev_sample)
     std_sigma = noise_level * torch.sqrt(s / (1 - torch.where(s == 1, s_next, s)))
     mean = x + dt * (v + std_sigma**2 / (2 * s) * (x + (1 - s) * v))
-    return _finish(mean, std_sigma * torch.sqrt(-dt), sample, prev_sample, generator)
+    return _finish(mean, std_sigma * torch.sqrt(-dt), sample, prev_sample, generator, noise)
 
 
 def cps_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_next: Sigma,
                           noise_level: float, prev_sample: Optional[Tensor] = None,
-                          generator: Optional[torch.Generator] = None) -> SDEStep:
+                          generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None) -> SDEStep:
     """Coefficients-preserving step from sigma to sigma_next (Wang & Yu 2025, Flow-CPS).
 
     Re-noises the predicted clean latent so that x' has exactly the signal/noise coefficients
@@ -142,17 +145,17 @@ def cps_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_
     mean = (1 - s_next) * x0_hat + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * eps_hat
     if noise_level == 0:
         return _deterministic(mean, sample, prev_sample)
-    return _finish(mean, std, sample, prev_sample, generator)
+    return _finish(mean, std, sample, prev_sample, generator, noise)
 
 
 def step_with_logprob(kind: Literal["sde", "cps"], velocity: Tensor, sample: Tensor, sigma: Sigma,
                       sigma_next: Sigma, noise_level: float, prev_sample: Optional[Tensor] = None,
-                      generator: Optional[torch.Generator] = None) -> SDEStep:
+                      generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None) -> SDEStep:
     """Dispatch to `sde_step_with_logprob` ("sde") or `cps_step_with_logprob` ("cps")."""
     steps = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
     if kind not in steps:
         raise ValueError(f"unknown step kind {kind!r}; use 'sde' (Flow-GRPO) or 'cps' (Flow-CPS)")
-    return steps[kind](velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator)
+    return steps[kind](velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator, noise)
 
 
 def shift_sigma(t: Tensor, shift: float) -> Tensor:

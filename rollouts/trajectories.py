@@ -5,7 +5,13 @@ for renders and evaluation (`render`, with `eval_steps` for evaluation); with `n
 a chosen set of steps it is the SDE whose per-step log-probs the GRPO ratio needs.
 `sample_trajectories` runs G trajectories per condition from one shared initial noise and keeps
 latents, next latents, log-probs and sigmas of the trained steps only (the rest are never needed
-again). `step_logprobs` is the learner's side: the same step, scored on the stored transitions.
+again). `step_logprobs` is the learner's side: the same step, scored on the stored transitions,
+for any subset of rows and steps (the learner back-propagates one step and micro-batch at a time).
+
+Memory is bounded by a micro-batch (shared/DESIGN.md, "Scale"): with `micro_batch_size`, samplers
+run that many rows at a time through the transformer and the VAE. The results do not depend on it:
+the initial noise of a row comes from its condition's seed and its SDE noise from a generator of
+its own (`row_generator`), never from a stream shared across the batch.
 
 Which steps are stochastic and trained (`choose_steps`, drawn per rollout from its seed):
   - all of them (plain Flow-GRPO), or
@@ -20,8 +26,9 @@ Classifier-free guidance (`guided_velocity`) is one batched transformer call ove
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from rl.grpo import shard_rows
@@ -159,7 +166,7 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
             pooled: torch.Tensor, num_steps: int, *, noise_level: float = 0.0,
             sde_steps: list[int] | None = None, sampler: str = "sde", generator: torch.Generator | None = None,
             grad_last: int = 0, uncond: Uncond | None = None, cfg_scale: float = 1.0,
-            cfg_in_training: bool = True,
+            cfg_in_training: bool = True, row_generators: Sequence[torch.Generator] | None = None,
             ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Integrate from noise (sigma = 1) to a clean latent along SD3's shifted schedule.
 
@@ -169,6 +176,8 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
     `uncond`, `cfg_scale`: classifier-free guidance, see `guided_velocity`. The recorded log-prob
     is under the guided velocity, or with `cfg_in_training=False` under the conditional velocity
     alone (the policy the learner then trains; the sample itself always follows the guided one).
+    SDE noise: row i's from `row_generators[i]` when given (one generator per row, so a row's sample
+    does not depend on the batch it is in), else from `generator` shared by the batch.
     Returns (x_0, {j: (x_j, x_{j+1}, log_prob_j)} for the SDE steps).
     """
     sigmas = shifted_sigmas(num_steps, decoder.shift).to(noise.device)
@@ -182,7 +191,8 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
             v, v_c = guided_velocity(decoder, x, sigmas[j].expand(n), cond, cond_mask, pooled, uncond, cfg_scale,
                                      doubled)
             a = noise_level if j in sde else 0.0
-            out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator)
+            eps = _row_noise(row_generators, x) if row_generators is not None and a > 0 else None
+            out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator, noise=eps)
             if j in sde:
                 log_prob = out.log_prob
                 if not cfg_in_training and v_c is not v:
@@ -201,18 +211,48 @@ def initial_noise(decoder: Decoder, seeds: list[int], device: torch.device) -> t
     return torch.stack(rows).to(device)
 
 
+def row_generator(seed: int, row: int, device: torch.device) -> torch.Generator:
+    """The SDE noise generator of trajectory row `row` of the rollout seeded `seed`.
+
+    Its seed is hashed from (seed, row) by numpy's SeedSequence: distinct rows and rollouts get
+    unrelated streams, unrelated too to the initial noise's seeds `seed * 1000 + b` (a plain
+    `seed * 1000 + row` would make row r's SDE noise the initial noise of condition r).
+    """
+    words = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, row]  # SeedSequence takes non-negative words
+    state = np.random.SeedSequence(words).generate_state(2, np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _row_noise(generators: Sequence[torch.Generator], x: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) float32 standard normal noise, row i drawn from generators[i] (on x's device)."""
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=torch.float32)
+                        for g in generators])
+
+
+def micro_batches(n: int, micro_batch_size: int | None) -> list[slice]:
+    """Row slices of at most `micro_batch_size` rows covering range(n) in order (None: one slice)."""
+    size = n if micro_batch_size is None else micro_batch_size
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, max(size, 1))]
+
+
 @torch.no_grad()
 def render(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.Tensor, pooled: torch.Tensor,
            num_steps: int, seeds: list[int], *, uncond: Uncond | None = None,
-           cfg_scale: float = 1.0) -> torch.Tensor:
-    """Deterministic ODE renders (N, 3, H, W): the initial noise of row i comes from seeds[i].
+           cfg_scale: float = 1.0, micro_batch_size: int | None = None) -> torch.Tensor:
+    """Deterministic ODE renders (N, 3, H, W) on cond's device: the initial noise of row i comes
+    from seeds[i]. cond (N, L, D), cond_mask (N, L), pooled (N, P).
 
-    The same function serves caption renders (`render_steps`) and evaluation (`eval_steps`, more
-    steps than training, Flow-GRPO's 40 vs 10): only `num_steps` differs.
+    `micro_batch_size` rows at a time through the transformer and the VAE decode (None: all N);
+    the renders do not depend on it. The same function serves caption renders (`render_steps`) and
+    evaluation (`eval_steps`, more steps than training, Flow-GRPO's 40 vs 10): only `num_steps` differs.
     """
-    noise = initial_noise(decoder, seeds, cond.device)
-    latents, _ = denoise(decoder, noise, cond, cond_mask, pooled, num_steps, uncond=uncond, cfg_scale=cfg_scale)
-    return decoder.decode(latents)
+    images = []
+    for rows in micro_batches(cond.shape[0], micro_batch_size):
+        noise = initial_noise(decoder, seeds[rows], cond.device)
+        latents, _ = denoise(decoder, noise, cond[rows], cond_mask[rows], pooled[rows], num_steps,
+                             uncond=uncond, cfg_scale=cfg_scale)
+        images.append(decoder.decode(latents))
+    return torch.cat(images)
 
 
 @torch.no_grad()
@@ -221,32 +261,45 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
                         sde_window: int | None = None, window_range: tuple[int, int] | None = None,
                         timestep_fraction: float | None = None, sampler: str = "sde", version: int = 0,
                         uncond: Uncond | None = None, cfg_scale: float = 1.0,
-                        cfg_in_training: bool = True) -> Trajectory:
+                        cfg_in_training: bool = True, micro_batch_size: int | None = None) -> Trajectory:
     """G SDE trajectories per condition from one shared initial noise per group (Flow-GRPO).
 
-    cond (B, L, D), cond_mask (B, L), pooled (B, P): one condition per source image.
-    `seed` fixes the trained steps (`choose_steps`), the initial noise and the SDE noise.
+    cond (B, L, D), cond_mask (B, L), pooled (B, P): one condition per source image; N = B * G
+    rows, condition-major (row r follows condition r // G).
+    `seed` fixes the trained steps (`choose_steps`), the initial noise (condition b: seed * 1000 + b)
+    and the SDE noise (row r: `row_generator(seed, r)`).
     Log-probs are stored under the policy the learner will score: the guided velocity, or the
     conditional one when `cfg_in_training` is False (see `denoise`).
+    `micro_batch_size` rows at a time through the transformer and the VAE decode (None: all N);
+    each micro-batch's results go to the CPU before the next one starts. Per-row noise makes the
+    trajectory the same for every micro_batch_size, up to float round-off in batched matmuls.
     """
     b, g = cond.shape[0], group_size
+    device = cond.device
     steps = choose_steps(num_steps, random.Random(seed), window=sde_window, window_range=window_range,
                          timestep_fraction=timestep_fraction)
-    # Same initial noise inside a group: the group's spread comes from the SDE steps alone.
-    noise = initial_noise(decoder, [seed * 1000 + i for i in range(b)], cond.device).repeat_interleave(g, 0)
-    cond_n, mask_n, pooled_n = (t.repeat_interleave(g, 0) for t in (cond, cond_mask, pooled))
-    gen = torch.Generator(device=cond.device).manual_seed(seed)
-    x0, rec = denoise(decoder, noise, cond_n, mask_n, pooled_n, num_steps, noise_level=noise_level,
-                      sde_steps=steps, sampler=sampler, generator=gen, uncond=uncond, cfg_scale=cfg_scale,
-                      cfg_in_training=cfg_in_training)
+    parts: list[tuple[torch.Tensor, ...]] = []  # (latents, next_latents, log_probs, images) per micro-batch, CPU
+    for rows in micro_batches(b * g, micro_batch_size):
+        source = torch.arange(rows.start, rows.stop) // g  # (n,) condition of each row
+        # Same initial noise inside a group: the group's spread comes from the SDE steps alone.
+        noise = initial_noise(decoder, [seed * 1000 + int(i) for i in source], device)
+        gens = [row_generator(seed, r, device) for r in range(rows.start, rows.stop)]
+        src = source.to(device)
+        x0, rec = denoise(decoder, noise, cond[src], cond_mask[src], pooled[src], num_steps,
+                          noise_level=noise_level, sde_steps=steps, sampler=sampler, row_generators=gens,
+                          uncond=uncond, cfg_scale=cfg_scale, cfg_in_training=cfg_in_training)
+        parts.append((*(torch.stack([rec[j][k] for j in steps], dim=1).cpu() for k in range(3)),
+                      decoder.decode(x0).cpu()))
+    latents, next_latents, log_probs, images = (torch.cat(p) for p in zip(*parts))
     sigmas = shifted_sigmas(num_steps, decoder.shift)
+    cond_n, mask_n, pooled_n = (t.cpu().repeat_interleave(g, 0) for t in (cond, cond_mask, pooled))
     return Trajectory(
-        cond=cond_n.cpu(), cond_mask=mask_n.cpu(), pooled=pooled_n.cpu(),
-        latents=torch.stack([rec[j][0] for j in steps], dim=1).cpu(),
-        next_latents=torch.stack([rec[j][1] for j in steps], dim=1).cpu(),
-        log_probs=torch.stack([rec[j][2] for j in steps], dim=1).cpu(),
+        cond=cond_n, cond_mask=mask_n, pooled=pooled_n,
+        latents=latents,  # (N, S, C, h, w)
+        next_latents=next_latents,  # (N, S, C, h, w)
+        log_probs=log_probs,  # (N, S)
         sigmas=sigmas[steps].clone(), sigmas_next=sigmas[[j + 1 for j in steps]].clone(),
-        steps=torch.tensor(steps), images=decoder.decode(x0).cpu(), group_size=g, version=version,
+        steps=torch.tensor(steps), images=images, group_size=g, version=version,
         uncond=None if uncond is None or cfg_scale == 1.0 else Uncond(*(t.cpu() for t in uncond)),
     )
 
@@ -255,19 +308,24 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
 # the learner's side
 # ----------------------------------------------------------------------------------------------
 def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sampler: str = "sde",
-                  rows: slice | None = None, cfg_scale: float = 1.0,
+                  rows: slice | None = None, cfg_scale: float = 1.0, steps: Sequence[int] | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Recompute (log_prob (n, S), mean (n, S, C, h, w), std (n, S, 1, 1, 1)) of the stored
-    transitions under the decoder's current adapter state (grad if enabled). The learner's side
-    of UAE eq. 4. `cfg_scale > 1` scores the guided velocity (needs `traj.uncond`), one batched
-    pass per step; 1 scores the conditional velocity. With unchanged weights and the rollout's
-    guidance setting, log_prob equals the stored `traj.log_probs` bit for bit."""
-    rows = rows or slice(None)
+    """Recompute (log_prob (n, K), mean (n, K, C, h, w), std (n, K, 1, 1, 1)) of the stored
+    transitions of rows `rows` (None: all N) at the K positions `steps` among the trajectory's S
+    trained steps (0..S-1, None: all), under the decoder's current adapter state (grad if enabled).
+    The learner's side of UAE eq. 4; it may score one step and one row slice at a time and
+    back-propagate each (Flow-GRPO's per-timestep loop), so that only one step's graph is alive.
+    `cfg_scale > 1` scores the guided velocity (needs `traj.uncond`), one batched pass per step;
+    1 scores the conditional velocity. With unchanged weights and the rollout's guidance setting,
+    log_prob equals the stored `traj.log_probs` (up to float round-off when the rows are batched
+    differently from the rollout's micro-batches)."""
+    rows = rows if rows is not None else slice(None)
+    positions = range(traj.latents.shape[1]) if steps is None else steps
     device = next(decoder.transformer.parameters()).device
     cond, mask, pooled = (t[rows].to(device) for t in (traj.cond, traj.cond_mask, traj.pooled))
     doubled = guidance_condition(cond, mask, pooled, traj.uncond, cfg_scale)  # once, not per step
     lps, means, stds = [], [], []
-    for s in range(traj.latents.shape[1]):
+    for s in positions:
         x = traj.latents[rows, s].to(device)
         n = x.shape[0]
         v, _ = guided_velocity(decoder, x, traj.sigmas[s].expand(n).to(device), cond, mask, pooled,

@@ -150,6 +150,20 @@ def test_generator_seed_controls_the_noise(kind):
     assert not torch.allclose(draw(1).prev_sample, draw(2).prev_sample)
 
 
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_given_noise_is_the_generators_draw_and_splits_by_row(kind):
+    """`noise` replaces the generator's draw exactly, so a caller may draw it per row: one step
+    over B rows equals B one-row steps with those rows' noise, bit for bit."""
+    x, v = _inputs()
+    from_generator = step_with_logprob(kind, v, x, 0.8, 0.6, 0.7, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    given = step_with_logprob(kind, v, x, 0.8, 0.6, 0.7, noise=noise)
+    for field in SDEStep._fields:
+        assert torch.equal(getattr(given, field), getattr(from_generator, field)), field
+    rows = [step_with_logprob(kind, v[i:i + 1], x[i:i + 1], 0.8, 0.6, 0.7, noise=noise[i:i + 1]) for i in range(B)]
+    torch.testing.assert_close(torch.cat([r.prev_sample for r in rows]), given.prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([r.log_prob for r in rows]), given.log_prob, rtol=1e-6, atol=1e-6)
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("num_steps", [1, 10, 40])
 def test_shifted_sigmas_equal_diffusers_schedule(num_steps, shift):

@@ -104,9 +104,9 @@ def test_window_trains_exactly_the_window_and_the_rest_is_ode(learner, monkeypat
     calls = []  # (step index by sigma, noise level) of every step taken
     real_step = trajectories.step_with_logprob
 
-    def spy(kind, v, x, sigma, sigma_next, a, prev_sample=None, generator=None):
+    def spy(kind, v, x, sigma, sigma_next, a, prev_sample=None, **kw):
         calls.append((float(sigma), a))
-        return real_step(kind, v, x, sigma, sigma_next, a, prev_sample, generator)
+        return real_step(kind, v, x, sigma, sigma_next, a, prev_sample, **kw)
 
     monkeypatch.setattr(trajectories, "step_with_logprob", spy)
     traj = sample_trajectories(models.decoder, cond, mask, pooled, GROUP, num_steps=NUM_STEPS, noise_level=A,
