@@ -612,6 +612,20 @@ def make_clip_reward(recipe: Recipe, device: torch.device | str = "cpu", extra_b
     return reward
 
 
+def out_of_memory(stage: str, recipe: Recipe, where: str) -> RuntimeError:
+    """The error for an out-of-memory in `stage`: which micro-batch field to lower."""
+    if where == "learner":
+        field, value = "learner.micro_batch_size", recipe.learner.micro_batch_size
+        extra = "" if recipe.learner.activation_checkpointing else ", or set learner.activation_checkpointing: true"
+        if stage == "encoder":
+            extra += f", or learner.logits_chunk (now {recipe.learner.logits_chunk})"
+    else:
+        field, value = "rollout.micro_batch_size", recipe.rollout.micro_batch_size
+        extra = ""
+    return RuntimeError(f"out of memory in the {stage} stage ({where}) with {field} = {value} "
+                        f"(None: the whole batch at once): lower {field}{extra}")
+
+
 class LearnerWorker:
     """The learner as an actor. With `colocate`, it also hosts the rollout worker over the same
     modules, so a weight sync is only a version bump (no copy)."""
@@ -640,8 +654,10 @@ class LearnerWorker:
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return self.learner.trainable_state()
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.learner.state_dict()
+    def state_dict(self) -> dict[str, Any] | None:
+        """The learner state (rank 0); other ranks take part in the gathers and return None."""
+        state = self.learner.state_dict()
+        return state if self.learner.rank == 0 else None
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         self.learner.load_state_dict(state)
@@ -652,7 +668,10 @@ class LearnerWorker:
     def train(self, stage: str, *args: Any) -> dict[str, Any]:
         fn = {"cold_start": self.learner.train_cold_start, "encoder": self.learner.train_encoder,
               "decoder": self.learner.train_decoder}[stage]
-        stats = fn(*args)
+        try:
+            stats = fn(*args)
+        except torch.OutOfMemoryError as err:
+            raise out_of_memory(stage, self.learner.recipe, "learner") from err
         if self.rollout is not None:
             self.rollout.version = self.learner.version
         return stats

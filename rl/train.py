@@ -468,7 +468,7 @@ class Trainer:
 
         if self._saved_step == self.step and self.checkpoint_path:
             return self.checkpoint_path  # nothing trained since
-        learner = ray.get(self.learner.state_dict.remote())
+        learner = self._learners("state_dict")[0]  # every rank: the optimizer state is gathered from all
         weights = learner.pop("weights")
         trainer = {
             "step": self.step, "stage": self.stages[self.step - 1] if self.step else None,

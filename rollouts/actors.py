@@ -41,6 +41,24 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def _oom_names(stage: str):
+    """Turn an out-of-memory error of a rollout method into one that names the stage and the field
+    to lower (rollout.micro_batch_size)."""
+    import functools
+
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except torch.OutOfMemoryError as err:
+                from rl.learner import out_of_memory
+
+                raise out_of_memory(stage, self.recipe, "rollout") from err
+        return call
+    return wrap
+
+
 class RolloutWorker:
     """Generates caption groups, renders and SDE trajectories with the current weights."""
 
@@ -151,6 +169,7 @@ class RolloutWorker:
                                            num_steps=self.recipe.rollout.trajectory.eval_steps)
         return group.captions, renders
 
+    @_oom_names("encoder")
     def encoder_rollout(self, images: Sequence[Image.Image], image_ids: Sequence[str], seed: int,
                         render: bool = True) -> tuple[CaptionGroup, list[Image.Image] | None]:
         """Stage 2: G captions per image, each rendered from its image's fixed noise (unless no
@@ -162,6 +181,7 @@ class RolloutWorker:
         seeds = [image_seed(i) for i in image_ids for _ in range(g)]
         return group, self.render_captions(group.completion_ids, group.completion_mask, seeds)
 
+    @_oom_names("decoder")
     @torch.no_grad()
     def decoder_rollout(self, images: Sequence[Image.Image], seed: int
                         ) -> tuple[Trajectory, list[str], list[Image.Image]]:
@@ -179,6 +199,7 @@ class RolloutWorker:
         # The renders go out as PIL images; the tensor copy would only travel along unread.
         return traj._replace(images=None), group.captions, to_pil(traj.images)
 
+    @_oom_names("cold_start")
     def cold_start_rollout(self, images: Sequence[Image.Image], seed: int) -> CaptionGroup:
         """Stage 1: one sampled caption per image (no gradient; the learner re-reads it)."""
         return self.captions(images, 1, seed)

@@ -59,6 +59,9 @@ def test_overrides_and_max_steps(tmp_path):
         (lambda t: t["rollout"]["trajectory"].update(sde_window=50), "sde_window"),
         (lambda t: t["output"].update(wandb_project="x"), "output.wandb_project"),  # wandb not installed
         (lambda t: t.setdefault("resources", {}).update(learner_workers=3), "resources.learner_workers"),
+        # 4 images x 8 captions = 32 rows: 3 does not divide them
+        (lambda t: t.setdefault("learner", {}).update(micro_batch_size=3), "learner.micro_batch_size"),
+        (lambda t: t.setdefault("learner", {}).update(micro_batch_size=0), "learner.micro_batch_size"),
     ],
 )
 def test_bad_recipes_name_the_field(tmp_path, edit, field):
