@@ -44,15 +44,18 @@ class Decoder:
                  pooled: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """v_theta(x_sigma, sigma, c): latents (B, C, h, w), sigma (B,), cond (B, T, D), pooled (B, P).
 
-        SD3 takes the timestep as sigma * 1000. Padded condition positions are zeroed: SD3's joint
-        attention has no key mask, so zero vectors are what padding looks like to it.
+        SD3 takes the timestep as sigma * 1000, in float32. Padded condition positions are zeroed:
+        SD3's joint attention has no key mask, so zero vectors are what padding looks like to it.
         """
         if cond_mask is not None:
             cond = cond * cond_mask.unsqueeze(-1).to(cond.dtype)
         dtype = next(self.transformer.parameters()).dtype
         out = self.transformer(
             hidden_states=latents.to(dtype),
-            timestep=(sigma * 1000.0).to(dtype),
+            # float32 whatever the model dtype, as diffusers' SD3 pipeline and Flow-GRPO pass it: in
+            # bfloat16 (8 significant bits) a timestep near 1000 moves by up to 2. SD3's time projection
+            # computes its sinusoids from it in float32, then casts to the pooled input's dtype.
+            timestep=sigma.float() * 1000.0,
             encoder_hidden_states=cond.to(dtype),
             pooled_projections=pooled.to(dtype),
             return_dict=False,
