@@ -1,8 +1,9 @@
 """Reward workers: a pool of Ray actors that score rollout batches.
 
-`RewardWorker` holds the CLIP reconstruction reward (when the recipe names `clip`) and every
-plugin of the recipe, resolved once at start. `score` runs them all on one batch through
-`rewards.api.compute_rewards` and returns plain data (the (K, N) matrix, weights, means).
+`RewardWorker` holds the CLIP reconstruction reward (when the recipe names `clip`; on the GPU the
+actor was given, `reward_device`) and every plugin of the recipe, resolved once at start. `score`
+runs them all on one batch through `rewards.api.compute_rewards` and returns plain data (the
+(K, N) matrix, weights, means).
 """
 
 from __future__ import annotations
@@ -10,19 +11,34 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
+import torch
+
 from rewards.api import RewardBatch, RewardFn, compute_rewards, load_reward
 from rl.config import Recipe
+
+
+def reward_device(recipe: Recipe) -> torch.device:
+    """Where this process's CLIP reward runs: the recipe's device (`resolve_device`) when this
+    process sees a GPU, else the CPU. Inside a Ray actor CUDA is visible only when the actor was
+    given GPUs (`resources.gpus_per_actor` > 0: reward actors take half), so an actor without one
+    runs CLIP on its CPU even in a `device: cuda` recipe."""
+    from rl.models.unified import resolve_device
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return resolve_device(recipe.device)
 
 
 class RewardWorker:
     def __init__(self, recipe: Recipe, base_dir: str | None = None):
         self.recipe = recipe
+        self.device = reward_device(recipe)
         self.fns: list[RewardFn] = []
         for spec in recipe.rewards.functions:
             if spec.name == "clip":
                 from rl.learner import make_clip_reward
 
-                self.fns.append(RewardFn(make_clip_reward(recipe), name="clip", weight=spec.weight))
+                self.fns.append(RewardFn(make_clip_reward(recipe, self.device), name="clip", weight=spec.weight))
             else:
                 self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir))
 

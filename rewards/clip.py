@@ -6,9 +6,11 @@ f_I is a frozen image encoder, by default CLIP ViT-L/14 (the paper's setting):
     reward.similarity(sources, renders, source_keys=image_ids)     # (N,) in [-1, 1]
 
 and, on CPU with no download, a randomly initialised tiny CLIP (or a tiny one loaded from a
-safetensors file):
+safetensors file), or the published ViT-L/14 architecture with random weights at a reduced depth
+(the production code path on a CPU, DESIGN.md "Real architectures on CPU"):
 
     reward = ClipReward(tiny_clip_config(), seed=0, checkpoint=None)
+    reward = ClipReward(vit_l14_clip_config(layers=1), seed=0)
 
 Preprocessing is fixed and the same for every backbone: resize the shortest side to the model's
 size (bicubic), center crop, scale to [0, 1], normalise with the model's mean and std. For RGB
@@ -95,6 +97,33 @@ def tiny_clip_config(image_size: int = 32, embed_dim: int = 32) -> dict:
         "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     }
+
+
+def vit_l14_clip_config(layers: int | None = None, quick_gelu: bool = True) -> dict:
+    """open_clip config of CLIP ViT-L/14 (UAE's reward backbone), for random initialisation.
+
+    The numbers are open_clip's own `ViT-L-14` config (`open_clip.get_model_config("ViT-L-14")`,
+    shipped with the package: embed 768; vision 24 layers of width 1024, patch 14 at 224 px; text
+    12 layers of width 768, 12 heads, context 77, vocabulary 49408), with
+    layers: the depth of both towers (None: the published 24 / 12), for dry runs;
+    quick_gelu: OpenAI's released ViT-L/14 (the recipe's `pretrained: openai`) uses QuickGELU
+        (open_clip's `openai` tag sets it); it has no weights, so shapes do not depend on it.
+    """
+    import open_clip
+
+    cfg = deepcopy(open_clip.get_model_config("ViT-L-14"))
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
+        cfg["vision_cfg"]["layers"] = layers
+        cfg["text_cfg"]["layers"] = layers
+    if quick_gelu:
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+# open_clip names whose architecture `ClipConfig.random_init` can build at a reduced depth.
+RANDOM_INIT_CLIPS = {"ViT-L-14": vit_l14_clip_config}
 
 
 class TimmImageEncoder(nn.Module):

@@ -89,6 +89,37 @@ class EncoderConfig(_Section):
     hidden_size: int = Field(64, gt=0, description="Tiny model only: language model width.")
     num_layers: int = Field(2, gt=0, description="Tiny model only: language model depth.")
     adapter: AdapterConfig = Field(default_factory=lambda: AdapterConfig(r=8, alpha=16.0))
+    random_init: dict[str, int | None] | None = Field(
+        None,
+        description="Build the published architecture `name` from its config in code, with random weights, instead "
+        "of loading it: the production code path as a dry run on a CPU (DESIGN.md, 'Real architectures on CPU'). "
+        "Keys: `num_layers` (language-model layers; published 36) and `vision_depth` (vision blocks; published 32, "
+        "the full-attention blocks that still exist are kept, at least one), each absent or null for the published "
+        "depth, e.g. {num_layers: 1, vision_depth: 1}. Names with a config in code: Qwen/Qwen2.5-VL-3B-Instruct "
+        "(rl/models/encoder.py `qwen25_vl_3b_config`, from its config.json). The tokenizer is an in-process "
+        "word-level one (prompt and shapes-world words) with Qwen2.5's special tokens at their real ids; the image "
+        "processor is Qwen's (patch 14, merge 2; min = max pixels = image_size^2 when image_size is set, else "
+        "Qwen's 3136..12845056). Not with `path`. None (default): load `name` (or build `tiny`).",
+    )
+
+    @model_validator(mode="after")
+    def _random_init_has_a_config(self) -> "EncoderConfig":
+        if self.random_init is None:
+            return self
+        from rl.models.encoder import RANDOM_INIT_ENCODERS
+
+        names, keys = sorted(RANDOM_INIT_ENCODERS), ("num_layers", "vision_depth")
+        if self.name not in names:
+            raise ValueError(f"random_init: no config in code for name {self.name!r}; random_init builds one of "
+                             f"{names}: set name to one of them, or random_init: null")
+        for key, value in self.random_init.items():
+            if key not in keys:
+                raise ValueError(f"random_init: unknown key {key!r}; keys: {', '.join(keys)}")
+            if value is not None and value < 1:
+                raise ValueError(f"random_init.{key} must be at least 1 (or null: the published depth), got {value}")
+        if self.path is not None:
+            raise ValueError("random_init builds random weights, path loads saved ones: set one of them to null")
+        return self
 
 
 class DecoderConfig(_Section):
@@ -100,6 +131,35 @@ class DecoderConfig(_Section):
     image_size: int = Field(32, gt=0, description="Square render resolution in pixels (SD3.5: 1024).")
     shift: float = Field(3.0, gt=0, description="SD3's sigma shift for the flow-matching schedule (SD3/SD3.5: 3.0).")
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    random_init: dict[str, int | None] | None = Field(
+        None,
+        description="Build the published architecture `name` from its configs in code, with random weights, instead "
+        "of loading it: the production code path as a dry run on a CPU (DESIGN.md, 'Real architectures on CPU'). "
+        "Key: `num_layers` (transformer blocks; published 38 for SD3.5-large, 24 for SD3.5-medium, whose "
+        "dual-attention blocks 0-12 are kept below it), absent or null for the published depth, e.g. "
+        "{num_layers: 1}. The VAE is SD3's, full size (rl/models/decoder.py `sd3_vae_config`). Names with a config "
+        "in code: stabilityai/stable-diffusion-3.5-large, stabilityai/stable-diffusion-3.5-medium (their "
+        "transformer/config.json and vae/config.json). Not with `path`. None (default): load `name` (or build `tiny`).",
+    )
+
+    @model_validator(mode="after")
+    def _random_init_has_a_config(self) -> "DecoderConfig":
+        if self.random_init is None:
+            return self
+        from rl.models.decoder import RANDOM_INIT_DECODERS
+
+        names = sorted(RANDOM_INIT_DECODERS)
+        if self.name not in names:
+            raise ValueError(f"random_init: no config in code for name {self.name!r}; random_init builds one of "
+                             f"{names}: set name to one of them, or random_init: null")
+        for key, value in self.random_init.items():
+            if key != "num_layers":
+                raise ValueError(f"random_init: unknown key {key!r}; keys: num_layers")
+            if value is not None and value < 1:
+                raise ValueError(f"random_init.{key} must be at least 1 (or null: the published depth), got {value}")
+        if self.path is not None:
+            raise ValueError("random_init builds random weights, path loads saved ones: set one of them to null")
+        return self
 
 
 class ConnectorConfig(_Section):
@@ -119,6 +179,35 @@ class ClipConfig(_Section):
     model: str = Field("tiny", description="`tiny` (a custom open_clip config, random) or an open_clip model name, e.g. `ViT-L-14`.")
     pretrained: str | None = Field(None, description="open_clip pretrained tag, e.g. `openai`.")
     checkpoint: str | None = Field(None, description="A safetensors state dict to load (e.g. the pretrained shapes-world CLIP).")
+    random_init: dict[str, int | None] | None = Field(
+        None,
+        description="Build the open_clip architecture `model` from its config (shipped with open_clip) with random "
+        "weights: the production code path as a dry run on a CPU (DESIGN.md, 'Real architectures on CPU'). Key: "
+        "`layers` (depth of both towers; ViT-L/14 publishes 24 vision / 12 text), absent or null for the published "
+        "depth, e.g. {layers: 1}. Names: ViT-L-14 (rewards/clip.py `vit_l14_clip_config`, with OpenAI's QuickGELU). "
+        "Not with `pretrained` or `checkpoint`. None (default): build `model` as they say.",
+    )
+
+    @model_validator(mode="after")
+    def _random_init_has_a_config(self) -> "ClipConfig":
+        if self.random_init is None:
+            return self
+        from rewards.clip import RANDOM_INIT_CLIPS
+
+        names = sorted(RANDOM_INIT_CLIPS)
+        if self.model not in names:
+            raise ValueError(f"random_init: no config in code for model {self.model!r}; random_init builds one of "
+                             f"{names}: set model to one of them, or random_init: null")
+        for key, value in self.random_init.items():
+            if key != "layers":
+                raise ValueError(f"random_init: unknown key {key!r}; keys: layers")
+            if value is not None and value < 1:
+                raise ValueError(f"random_init.{key} must be at least 1 (or null: the published depth), got {value}")
+        for field in ("pretrained", "checkpoint"):
+            if getattr(self, field) is not None:
+                raise ValueError(f"random_init builds random weights, {field} loads others: set {field}: null, "
+                                 "or random_init: null")
+        return self
 
 
 class ModelsConfig(_Section):

@@ -600,12 +600,19 @@ def clip_pixels(images: torch.Tensor, preprocess) -> torch.Tensor:
 
 
 def make_clip_reward(recipe: Recipe, device: torch.device | str = "cpu", extra_backbones: dict | None = None):
-    """The CLIP reward model named by the recipe (a tiny custom config on CPU); `extra_backbones`
-    as `ClipReward`'s (evaluation only: the reward is the first backbone's)."""
-    from rewards.clip import ClipReward, tiny_clip_config
+    """The CLIP reward model named by the recipe (a tiny custom config on CPU; with
+    `models.clip.random_init`, the named architecture from its config in code, random, at that depth)
+    on `device`; `extra_backbones` as `ClipReward`'s (evaluation only: the reward is the first
+    backbone's)."""
+    from rewards.clip import RANDOM_INIT_CLIPS, ClipReward, tiny_clip_config
 
     c = recipe.models.clip
-    model = tiny_clip_config(image_size=recipe.models.decoder.image_size) if c.model == "tiny" else c.model
+    if c.random_init is not None:
+        model = RANDOM_INIT_CLIPS[c.model](**c.random_init)
+    elif c.model == "tiny":
+        model = tiny_clip_config(image_size=recipe.models.decoder.image_size)
+    else:
+        model = c.model
     reward = ClipReward(model, pretrained=c.pretrained, seed=recipe.seed + 4, device=device, checkpoint=c.checkpoint,
                         extra_backbones=extra_backbones)
     reward.model.requires_grad_(False)

@@ -144,11 +144,12 @@ def build_models(recipe: Recipe, device: torch.device | None = None, vocabulary:
     encoder = build_encoder(
         m.encoder.name, vocabulary=vocabulary if vocabulary is not None else VOCABULARY,
         image_size=m.encoder.image_size, dtype=m.encoder.dtype, seed=recipe.seed, path=m.encoder.path,
+        random_init=m.encoder.random_init,
         **({"hidden_size": m.encoder.hidden_size, "num_layers": m.encoder.num_layers} if m.encoder.name == "tiny" else {}),
     )
     decoder = build_decoder(
         m.decoder.name, image_size=m.decoder.image_size, shift=m.decoder.shift, dtype=m.decoder.dtype,
-        seed=recipe.seed + 1, path=m.decoder.path,
+        seed=recipe.seed + 1, path=m.decoder.path, random_init=m.decoder.random_init,
     )
     encoder.model.requires_grad_(False)
     decoder.transformer.requires_grad_(False)
