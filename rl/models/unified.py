@@ -106,7 +106,7 @@ class Models:
         # Right-align nothing: causal attention with right padding leaves real tokens untouched.
         read = adapters.disabled(self.encoder.model) if self.reader == "base" else contextlib.nullcontext()
         with read:
-            out = self.encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            out = self.encoder.model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         return out.hidden_states, mask
 
     def condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor

@@ -120,7 +120,7 @@ def test_dryrun_recipe_differs_from_the_paper_recipe_only_where_it_says():
         "schedule.cold_start_steps", "schedule.phases", "schedule.cycles", "rollout.batch_size",
         "rollout.group_size", "rollout.caption.max_new_tokens", "ray.address", "ray.num_cpus",
         "resources.colocate", "resources.learner_workers", "resources.rollout_workers", "resources.cpus_per_actor",
-        "resources.gpus_per_actor", "resources.async_rollouts", "learner.zero_stage", "learner.bf16", "output.dir",
+        "resources.gpus_per_actor", "resources.async_rollouts", "learner.bf16", "output.dir", "rollout.micro_batch_size",
     }
     assert changed <= allowed, changed - allowed
     recipe = load_recipe(DRYRUN)
