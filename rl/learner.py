@@ -146,6 +146,7 @@ class Learner:
             for name in self.groups
         ]
         optimizer = GroupAdamW(param_groups, lr=g.encoder.lr)
+        bucket = int(min(5e8, max(1e6, sum(p.numel() for _, p in named.values()))))
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -153,7 +154,11 @@ class Learner:
             # and updates once per batch, whatever the number of micro-batches of the stage.
             "managed_gradient_accumulation": False,
             "gradient_clipping": g.max_grad_norm,
-            "zero_optimization": {"stage": recipe.learner.zero_stage},
+            # Buckets no larger than the trainable parameters: DeepSpeed's default 5e8 elements would
+            # allocate a 2 GB (fp32) gradient bucket per backward for a few tens of millions of LoRA
+            # parameters (bench/memory.py, ZeRO-2).
+            "zero_optimization": {"stage": recipe.learner.zero_stage, "reduce_bucket_size": bucket,
+                                  "allgather_bucket_size": bucket},
             "zero_allow_untested_optimizer": True,  # GroupAdamW is torch's AdamW with a group switch
             "bf16": {"enabled": recipe.learner.bf16},
             "steps_per_print": 10**9,

@@ -18,7 +18,10 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 def _wait(cond, timeout: float, what: str, proc) -> None:
     deadline = time.time() + timeout
     while not cond():
-        assert proc.poll() is None, f"the run ended early while waiting for {what}"
+        if proc.poll() is not None:
+            output = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the run ended early (exit {proc.returncode}) while waiting for {what}:\n"
+                                 f"{output[-4000:]}")
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
 
