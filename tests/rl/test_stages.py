@@ -16,8 +16,9 @@ from rollouts.actors import RolloutWorker, image_seed
 from rollouts.captions import completion_logprobs
 
 
-def small_recipe() -> Recipe:
+def small_recipe(zero: int = 0) -> Recipe:
     return Recipe.model_validate({
+        "learner": {"zero_stage": zero},
         "device": "cpu",
         "models": {"encoder": {"adapter": {"r": 4, "alpha": 8}}, "decoder": {"adapter": {"r": 4, "alpha": 8}}},
         "rollout": {"batch_size": 2, "group_size": 3, "caption": {"max_new_tokens": 8},
@@ -27,9 +28,10 @@ def small_recipe() -> Recipe:
     })
 
 
-@pytest.fixture(scope="module")
-def setup():
-    recipe = small_recipe()
+@pytest.fixture(scope="module", params=[0, 2], ids=["zero0", "zero2"])
+def setup(request):
+    """The same checks at ZeRO-0 and at the production recipe's ZeRO-2 (every stage: test_zero.py)."""
+    recipe = small_recipe(request.param)
     learner = Learner(recipe)
     worker = RolloutWorker(recipe, models=learner.models)  # colocated: same modules
     records = generate_shapes(2, seed=1)
