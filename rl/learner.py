@@ -26,7 +26,7 @@ from rl.config import Recipe
 from rl.ema import EMA
 from rl.models.unified import Models, build_models, resolve_device
 from rollouts.captions import CaptionGroup, completion_logprobs, shard_group
-from rollouts.sde import gaussian_kl_same_std
+from rollouts.sde import gaussian_kl_same_std, kl_std
 from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory, step_logprobs
 
 GROUPS = ("encoder", "decoder", "connector")
@@ -509,8 +509,14 @@ class Learner:
         cfg_scale = t.cfg_scale if t.cfg_in_training else 1.0
         decoder = self.models.decoder
         n, s_count = traj.log_probs.shape
+        if cfg.drop_zero_advantage:
+            valid = valid & (advantages != 0)
         mask = valid.float().unsqueeze(1).expand(n, s_count)
-        w = grpo.aggregation_weights(mask, "sequence_mean").to(self.device)  # mean over steps, then rows
+        w = grpo.aggregation_weights(mask, "sequence_mean")  # mean over steps, then over all N rows
+        if cfg.drop_zero_advantage:
+            # Flow-GRPO removes zero-advantage rows from the batch: the mean is over the kept rows.
+            w = w * n / valid.sum().clamp(min=1)
+        w = w.to(self.device)
         w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
         adv = advantages.to(self.device)
         batches = self.micro_batches(n)
@@ -532,8 +538,11 @@ class Learner:
                             if it == 0 and not stale:
                                 old_logp[rows, s] = logp[:, 0].detach()
                             if cfg.beta > 0:
-                                # ||mu_theta - mu_ref||^2 / (2 std^2), per step: equal-variance Gaussians.
-                                kl = gaussian_kl_same_std(mean[:, 0], mean_ref[:, 0], std[:, 0]).unsqueeze(1)
+                                # ||mu_theta - mu_ref||^2 / (2 s^2), per step: equal-variance Gaussians, with s
+                                # the transition std or Flow-GRPO's (no sqrt(-dt)), recipe `kl_scale`.
+                                s_kl = kl_std("sde", std[:, 0], traj.sigmas[s].item(), traj.sigmas_next[s].item(),
+                                              cfg.kl_scale)
+                                kl = gaussian_kl_same_std(mean[:, 0], mean_ref[:, 0], s_kl).unsqueeze(1)
                             return grpo.micro_batch_loss(logp, old_logp[rows, s:s + 1], adv[rows], w[rows, s:s + 1],
                                                          w_tok[rows, s:s + 1], kl=kl, beta=cfg.beta,
                                                          epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high), None
