@@ -17,7 +17,8 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
 - `clip` (default 5.0): advantages clipped to [-clip, clip]; None disables.
 - Zero-variance groups (all present rewards equal, or fewer than 2 present) carry no signal:
   advantage 0, `valid` False, and their fraction is reported as `zero_var_frac` (DAPO's dynamic
-  sampling drops them; we mask them).
+  sampling drops them; we mask them). `trajectory_weights(drop_zero_advantage=True)` drops every
+  zero-advantage row from the decoder loss's row mean as well (Flow-GRPO).
 - `mode` in `combine_rewards`: "sum_then_normalize" (default; weighted sum of the K rewards, then
   one normalisation) or "normalize_then_sum" (normalise each reward, then weighted sum).
 - `kind` in `kl_estimator`: "k1" log r, "k2" (log r)^2 / 2, "k3" (default) r - 1 - log r with
@@ -319,6 +320,28 @@ def aggregation_weights(
             raise ValueError(f"agg='constant' needs constant > 0 (got {constant})")
         return m / (m.shape[0] * constant)
     raise ValueError(f"agg={mode!r}: use 'token_mean', 'sequence_mean' or 'constant'")
+
+
+def trajectory_weights(advantages: Tensor, valid: Tensor, num_steps: int,
+                       drop_zero_advantage: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-element weights (w, w_tok), each (N, S), of the decoder loss over N trajectories of S
+    trained steps: w the "sequence_mean" weights (mean over steps, then over rows), w_tok the
+    "token_mean" ones (for the kl / clip_frac statistics); see `aggregation_weights`.
+
+    Rows with valid False weigh 0 but count in the mean over rows (w = 1 / (S N)).
+    `drop_zero_advantage`: rows whose advantage is exactly 0 are dropped too, and the mean is over
+    the kept rows only, w = 1 / (S N_kept): Flow-GRPO's train_sd3.py removes them from the batch
+    (`samples[advantages.abs().sum(1) != 0]`) before its per-timestep mean losses.
+    advantages (N,), valid (N,) bool.
+    """
+    n = advantages.shape[0]
+    if drop_zero_advantage:
+        valid = valid & (advantages != 0)
+    mask = valid.float().unsqueeze(1).expand(n, num_steps)
+    w = aggregation_weights(mask, "sequence_mean")
+    if drop_zero_advantage:
+        w = w * n / valid.sum().clamp(min=1)
+    return w, aggregation_weights(mask, "token_mean")
 
 
 def micro_batch_loss(

@@ -509,15 +509,9 @@ class Learner:
         cfg_scale = t.cfg_scale if t.cfg_in_training else 1.0
         decoder = self.models.decoder
         n, s_count = traj.log_probs.shape
-        if cfg.drop_zero_advantage:
-            valid = valid & (advantages != 0)
-        mask = valid.float().unsqueeze(1).expand(n, s_count)
-        w = grpo.aggregation_weights(mask, "sequence_mean")  # mean over steps, then over all N rows
-        if cfg.drop_zero_advantage:
-            # Flow-GRPO removes zero-advantage rows from the batch: the mean is over the kept rows.
-            w = w * n / valid.sum().clamp(min=1)
-        w = w.to(self.device)
-        w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
+        # mean over steps, then rows; Flow-GRPO drops zero-advantage rows from that mean (recipe option)
+        w, w_tok = (x.to(self.device) for x in grpo.trajectory_weights(advantages, valid, s_count,
+                                                                      cfg.drop_zero_advantage))
         adv = advantages.to(self.device)
         batches = self.micro_batches(n)
         stale = traj.version != self.version
