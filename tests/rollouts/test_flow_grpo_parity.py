@@ -284,3 +284,19 @@ def test_learner_kl_is_flow_grpo_penalty_over_the_kept_rows():
     stats = learner.train_decoder(traj, adv, valid)
     assert expected > 0
     assert stats["kl"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_driver_scales_decoder_advantages_with_the_decoder_option():
+    from types import SimpleNamespace
+
+    from rl.train import Trainer
+
+    recipe = load_recipe("recipes/unified_grpo.yaml", check_files=False)  # grpo.scale group, decoder batch_population
+    rewards = torch.tensor([REWARDS])  # (K = 1, N)
+    batch = SimpleNamespace(matrix=rewards, weights=[1.0])
+    for stage, scale in (("decoder", "batch_population"), ("encoder", "group")):
+        driver = SimpleNamespace(recipe=recipe, stages=[stage], step=0)
+        driver.recipe.rollout.group_size = G
+        got = Trainer._advantages(driver, batch)
+        want = grpo.group_advantages(rewards[0], G, scale=scale, clip=recipe.grpo.adv_clip)
+        assert torch.equal(got.advantages, want.advantages), stage
