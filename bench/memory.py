@@ -165,7 +165,7 @@ def make_recipe(cfg: Config, zero: int | None):
         "pretrain.enabled=false", "grpo.num_iterations=1",
         f"rollout.batch_size={batch}", f"rollout.group_size={GROUP}",
         f"rollout.trajectory.num_steps={NUM_STEPS}", f"rollout.trajectory.sde_window={cfg.window}",
-        "rollout.trajectory.timestep_fraction=null",
+        "rollout.trajectory.timestep_fraction=null", "rollout.trajectory.step_selection=window",
         f"learner.micro_batch_size={'null' if cfg.micro is None else cfg.micro}",
     ] + ([f"learner.zero_stage={zero}"] if zero is not None else [])
     try:

@@ -267,9 +267,19 @@ class TrajectorySampling(_Section):
     num_steps: int = Field(10, gt=0, description="Denoising steps of a training rollout (Flow-GRPO: 10).")
     eval_steps: int = Field(40, gt=0, description="ODE steps for evaluation renders (Flow-GRPO: 40).")
     noise_level: float = Field(0.7, ge=0, description="SDE noise scale a (Flow-GRPO: 0.7).")
-    sde_window: int | None = Field(None, gt=0, description="Only this many consecutive steps are stochastic and trained, the rest are ODE steps (the start is drawn per rollout in `window_range`); None: no window. Exclusive with `timestep_fraction`; both None: every step is SDE and trained (plain Flow-GRPO).")
-    window_range: tuple[int, int] | None = Field(None, description="Range [lo, hi) of the window's start step; None: anywhere it fits.")
-    timestep_fraction: float | None = Field(None, gt=0, le=1, description="Instead of a window: a random subset of round(fraction * num_steps) steps (at least 1), drawn per rollout from its seed, is stochastic and trained; the rest are ODE steps. None: off (default). Exclusive with `sde_window`.")
+    sde_window: int | None = Field(None, gt=0, description="Only this many consecutive steps are stochastic and trained, the rest are ODE steps (the window is drawn per rollout inside `window_range`; Flow-GRPO-Fast: 2-3); None: no window. Implies step_selection `window`; exclusive with `timestep_fraction`.")
+    window_range: tuple[int, int] | None = Field(None, description="Steps [lo, hi) the whole window must lie in, as Flow-GRPO-Fast's sde_window_range: the start is drawn uniformly in {lo, ..., hi - sde_window} (range (0, 6) with a window of 3: starts 0..3). hi - lo must be at least sde_window. None: anywhere in [0, num_steps). Only with sde_window.")
+    timestep_fraction: float | None = Field(None, gt=0, le=1, description="Fraction f of the steps that are trained, for step_selection `random_subset` (round(f * num_steps) random steps, at least 1) or `flow_grpo` (the first int(f * num_steps), at least 1; Flow-GRPO: 0.99, i.e. 9 of 10). None: off (default). Exclusive with `sde_window`.")
+    step_selection: Literal["all", "window", "random_subset", "flow_grpo"] | None = Field(
+        None,
+        description="Which steps are trained, and which are stochastic. `all`: every step is SDE and trained. `window`: "
+        "`sde_window` consecutive steps (drawn per rollout) are SDE and trained, the rest ODE (Flow-GRPO-Fast). "
+        "`random_subset`: round(timestep_fraction * num_steps) random steps (drawn per rollout) are SDE and trained, the "
+        "rest ODE. `flow_grpo`: every step is SDE, the first int(timestep_fraction * num_steps) are trained (Flow-GRPO's "
+        "train_sd3.py; with 0.99 and 10 steps, steps 0-8 are trained and the last is sampled but not trained). "
+        "None (default): inferred from the other fields (`window` when sde_window is set, `random_subset` when "
+        "timestep_fraction is, `all` otherwise). unified_grpo.yaml: flow_grpo with timestep_fraction 0.99.",
+    )
     render_steps: int = Field(10, gt=0, description="ODE steps of the frozen decoder rendering captions in stage 2 and cold start.")
     cfg_scale: float = Field(1.0, ge=1, description="Classifier-free guidance scale s: v = v_u + s (v_c - v_u), with v_u the velocity for the empty caption (the connector's output for it). 1.0: off, one conditional pass. SD3/SD3.5 sample with 7.0 (Flow-GRPO trains SD3.5 with 4.5); used in decoder rollouts and caption renders. Cold start never uses it.")
     cfg_in_training: bool = Field(True, description="With cfg_scale > 1: the learner's log-probs use the guided velocity (one batched conditional + unconditional pass, as the rollout sampled). False: the learner scores and trains the conditional velocity alone (half the compute; the rollout stores log-probs under that policy too).")
@@ -280,7 +290,29 @@ class TrajectorySampling(_Section):
             raise ValueError(
                 f"sde_window ({self.sde_window}) and timestep_fraction ({self.timestep_fraction}) are "
                 "mutually exclusive: set one of them to null (sde_window: a window of consecutive "
-                "steps; timestep_fraction: a random subset of the steps)")
+                "steps; timestep_fraction: a fraction of the steps, see step_selection)")
+        sel = self.step_selection
+        if sel in ("random_subset", "flow_grpo") and self.sde_window is not None:
+            raise ValueError(f"step_selection {sel!r} trains a fraction of the steps, sde_window ({self.sde_window}) a "
+                             "window: set sde_window to null, or step_selection to 'window'")
+        if sel in ("random_subset", "flow_grpo") and self.timestep_fraction is None:
+            raise ValueError(f"step_selection {sel!r} needs timestep_fraction (Flow-GRPO: 0.99); set it, or "
+                             "step_selection to 'all'")
+        if sel == "window" and self.sde_window is None:
+            raise ValueError("step_selection 'window' needs sde_window (Flow-GRPO-Fast: 2-3); set it, or "
+                             "step_selection to 'all'")
+        if sel == "all" and (self.sde_window is not None or self.timestep_fraction is not None):
+            raise ValueError(f"step_selection 'all' trains every step: set sde_window ({self.sde_window}) and "
+                             f"timestep_fraction ({self.timestep_fraction}) to null, or pick the selection they mean")
+        if self.window_range is not None:
+            if self.sde_window is None:
+                raise ValueError(f"window_range {self.window_range} bounds the SDE window, but sde_window is null "
+                                 f"(step_selection {sel!r}): set window_range to null, or set sde_window")
+            lo, hi = self.window_range
+            if lo < 0 or min(hi, self.num_steps) - lo < self.sde_window:
+                raise ValueError(f"window_range {self.window_range} cannot hold sde_window ({self.sde_window}) of "
+                                 f"num_steps ({self.num_steps}): the whole window lies in [lo, hi), so "
+                                 f"min(hi, num_steps) - lo must be at least sde_window")
         return self
 
 
@@ -303,13 +335,36 @@ class PolicyOptim(_Section):
 class DecoderOptim(PolicyOptim):
     """The decoder policy's optimisation, plus the EMA that only the decoder side has."""
 
+    kl_scale: Literal["transition", "flow_grpo"] = Field(
+        "transition",
+        description="The std s of the trajectory KL ||mu_theta - mu_ref||^2 / (2 s^2) (mean over latent dims, per "
+        "step; rollouts/sde.py `kl_std`). `transition` (default, the tiny recipes): the transition std "
+        "a sqrt(sigma / (1 - sigma)) sqrt(-dt), the true KL of the two step Gaussians. `flow_grpo`: Flow-GRPO's "
+        "penalty, s = a sqrt(sigma / (1 - sigma)) without sqrt(-dt), i.e. the true KL times |dt| (smaller, so "
+        "beta weighs less; beta 0.04 is tuned for it). The cps sampler has one std: both are the same there. "
+        "unified_grpo.yaml: flow_grpo.",
+    )
+    advantage_scale: Literal["group", "batch", "batch_population", "none"] | None = Field(
+        None,
+        description="Advantage scaling of the decoder stage (rl/grpo.py), overriding `grpo.scale` there; None: "
+        "`grpo.scale`. `batch_population`: group mean, population std (divide by n) of every reward in the batch "
+        "+ 1e-4, Flow-GRPO's SD3 configs (sample.global_std: np.std of the gathered batch). `batch`: unbiased "
+        "batch std. unified_grpo.yaml: batch_population.",
+    )
+    drop_zero_advantage: bool = Field(
+        False,
+        description="Drop trajectories whose advantage is exactly 0 from the decoder loss, policy and KL terms "
+        "alike, and from the row count the loss is averaged over (Flow-GRPO's train_sd3.py filters them out of the "
+        "batch; it pads back random ones to keep batches divisible, we do not). False (default): rows of zero-"
+        "variance groups (valid False) weigh 0 but still count in the row mean. unified_grpo.yaml: true.",
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the decoder LoRA weights for evaluation and export (`Learner.ema_state()`), updated after every decoder optimiser step with decay min(ema_decay, (1 + t) / (10 + t)) at update t (Flow-GRPO: 0.9). None: off (default). Training and rollouts always use the raw weights.")
 
 
 class GRPOConfig(_Section):
     """GRPO hyper-parameters shared by both policies (per-policy ones in `encoder` / `decoder`)."""
 
-    scale: Literal["group", "batch", "none"] = Field("group", description="Advantage scaling: `group` std (GRPO, UAE eq. 1), `batch` std, or `none` (Dr. GRPO).")
+    scale: Literal["group", "batch", "batch_population", "none"] = Field("group", description="Advantage scaling: `group` std (unbiased; GRPO, UAE eq. 1), `batch` std (unbiased, over all rewards of the step), `batch_population` (population std of the batch, Flow-GRPO's global_std), or `none` (Dr. GRPO). The decoder stage may override it (`decoder.advantage_scale`).")
     adv_clip: float | None = Field(5.0, gt=0, description="Clip advantages to +-this (Flow-GRPO: 5).")
     loss_agg: Literal["token_mean", "sequence_mean", "constant"] = Field("sequence_mean", description="`sequence_mean`: 1/G sum 1/T_i sum_t (UAE eq. 2). `token_mean`: over all tokens (DAPO). `constant`: divide by G*max_len (Dr. GRPO).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Caption KL estimator (k3: unbiased, non-negative; GRPO).")

@@ -9,13 +9,16 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
     "group" (default): A_i = (R_i - mean_g(R)) / (std_g(R) + eps), the group's unbiased std, as
         TRL's `std()` (UAE eq. 1; DeepSeekMath GRPO).
     "batch": divide by the std of every present reward in the batch instead (more robust to
-        groups with a tiny spread; TRL `scale_rewards="batch"`).
+        groups with a tiny spread; TRL `scale_rewards="batch"`); unbiased (divide by n - 1).
+    "batch_population": as "batch" with the population std (divide by n): Flow-GRPO's SD3
+        configs (`sample.global_std`: `np.std(rewards) + 1e-4` over the gathered batch).
     "none": A_i = R_i - mean_g(R), no division (Dr. GRPO, Liu et al. 2025: the std divisor
         up-weights too easy / too hard groups).
 - `clip` (default 5.0): advantages clipped to [-clip, clip]; None disables.
 - Zero-variance groups (all present rewards equal, or fewer than 2 present) carry no signal:
   advantage 0, `valid` False, and their fraction is reported as `zero_var_frac` (DAPO's dynamic
-  sampling drops them; we mask them).
+  sampling drops them; we mask them). `trajectory_weights(drop_zero_advantage=True)` drops every
+  zero-advantage row from the decoder loss's row mean as well (Flow-GRPO).
 - `mode` in `combine_rewards`: "sum_then_normalize" (default; weighted sum of the K rewards, then
   one normalisation) or "normalize_then_sum" (normalise each reward, then weighted sum).
 - `kind` in `kl_estimator`: "k1" log r, "k2" (log r)^2 / 2, "k3" (default) r - 1 - log r with
@@ -60,7 +63,7 @@ def to_reward_tensor(rewards) -> Tensor:
 def group_advantages(
     rewards,
     group_size: int,
-    scale: Literal["group", "batch", "none"] = "group",
+    scale: Literal["group", "batch", "batch_population", "none"] = "group",
     eps: float = 1e-4,
     clip: float | None = 5.0,
 ) -> Advantages:
@@ -69,7 +72,8 @@ def group_advantages(
     rewards: (N,) list or tensor, N = num_groups * group_size, the G members of a group
     consecutive. NaN / None (or +-inf) means "no score": that reward is left out of its group's
     mean and std (not counted as 0), and its advantage is 0 with valid False.
-    std is the unbiased one (divide by n - 1), like TRL's `rewards.view(-1, G).std(dim=1)`.
+    std is the unbiased one (divide by n - 1), like TRL's `rewards.view(-1, G).std(dim=1)`, except
+    for scale "batch_population" (divide by n, numpy's default, as Flow-GRPO).
     """
     r = to_reward_tensor(rewards)
     if r.ndim != 1:
@@ -79,8 +83,8 @@ def group_advantages(
             f"group_size={group_size} must divide the number of rewards N={r.numel()}: "
             "pass N = num_groups * group_size rewards, the members of a group consecutive"
         )
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale={scale!r}: use 'group', 'batch' or 'none'")
+    if scale not in ("group", "batch", "batch_population", "none"):
+        raise ValueError(f"scale={scale!r}: use 'group', 'batch', 'batch_population' or 'none'")
 
     g = r.view(-1, group_size)  # (num_groups, G)
     present = torch.isfinite(g)
@@ -102,6 +106,10 @@ def group_advantages(
         all_present = r[torch.isfinite(r)]
         std = all_present.std() if all_present.numel() >= 2 else r.new_zeros(())
         adv = centered / (std + eps)
+    elif scale == "batch_population":
+        all_present = r[torch.isfinite(r)]
+        std = all_present.std(correction=0) if all_present.numel() else r.new_zeros(())
+        adv = centered / (std + eps)
     else:  # "none": Dr. GRPO
         adv = centered
 
@@ -118,7 +126,7 @@ def combine_rewards(
     weights: Sequence[float],
     group_size: int,
     mode: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
-    scale: Literal["group", "batch", "none"] = "group",
+    scale: Literal["group", "batch", "batch_population", "none"] = "group",
     eps: float = 1e-4,
     clip: float | None = 5.0,
 ) -> Advantages:
@@ -312,6 +320,28 @@ def aggregation_weights(
             raise ValueError(f"agg='constant' needs constant > 0 (got {constant})")
         return m / (m.shape[0] * constant)
     raise ValueError(f"agg={mode!r}: use 'token_mean', 'sequence_mean' or 'constant'")
+
+
+def trajectory_weights(advantages: Tensor, valid: Tensor, num_steps: int,
+                       drop_zero_advantage: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-element weights (w, w_tok), each (N, S), of the decoder loss over N trajectories of S
+    trained steps: w the "sequence_mean" weights (mean over steps, then over rows), w_tok the
+    "token_mean" ones (for the kl / clip_frac statistics); see `aggregation_weights`.
+
+    Rows with valid False weigh 0 but count in the mean over rows (w = 1 / (S N)).
+    `drop_zero_advantage`: rows whose advantage is exactly 0 are dropped too, and the mean is over
+    the kept rows only, w = 1 / (S N_kept): Flow-GRPO's train_sd3.py removes them from the batch
+    (`samples[advantages.abs().sum(1) != 0]`) before its per-timestep mean losses.
+    advantages (N,), valid (N,) bool.
+    """
+    n = advantages.shape[0]
+    if drop_zero_advantage:
+        valid = valid & (advantages != 0)
+    mask = valid.float().unsqueeze(1).expand(n, num_steps)
+    w = aggregation_weights(mask, "sequence_mean")
+    if drop_zero_advantage:
+        w = w * n / valid.sum().clamp(min=1)
+    return w, aggregation_weights(mask, "token_mean")
 
 
 def micro_batch_loss(

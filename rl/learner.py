@@ -26,7 +26,7 @@ from rl.config import Recipe
 from rl.ema import EMA
 from rl.models.unified import Models, build_models, resolve_device
 from rollouts.captions import CaptionGroup, completion_logprobs, shard_group
-from rollouts.sde import gaussian_kl_same_std
+from rollouts.sde import gaussian_kl_same_std, kl_std
 from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory, step_logprobs
 
 GROUPS = ("encoder", "decoder", "connector")
@@ -509,9 +509,9 @@ class Learner:
         cfg_scale = t.cfg_scale if t.cfg_in_training else 1.0
         decoder = self.models.decoder
         n, s_count = traj.log_probs.shape
-        mask = valid.float().unsqueeze(1).expand(n, s_count)
-        w = grpo.aggregation_weights(mask, "sequence_mean").to(self.device)  # mean over steps, then rows
-        w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
+        # mean over steps, then rows; Flow-GRPO drops zero-advantage rows from that mean (recipe option)
+        w, w_tok = (x.to(self.device) for x in grpo.trajectory_weights(advantages, valid, s_count,
+                                                                      cfg.drop_zero_advantage))
         adv = advantages.to(self.device)
         batches = self.micro_batches(n)
         stale = traj.version != self.version
@@ -532,8 +532,11 @@ class Learner:
                             if it == 0 and not stale:
                                 old_logp[rows, s] = logp[:, 0].detach()
                             if cfg.beta > 0:
-                                # ||mu_theta - mu_ref||^2 / (2 std^2), per step: equal-variance Gaussians.
-                                kl = gaussian_kl_same_std(mean[:, 0], mean_ref[:, 0], std[:, 0]).unsqueeze(1)
+                                # ||mu_theta - mu_ref||^2 / (2 s^2), per step: equal-variance Gaussians, with s
+                                # the transition std or Flow-GRPO's (no sqrt(-dt)), recipe `kl_scale`.
+                                s_kl = kl_std("sde", std[:, 0], traj.sigmas[s].item(), traj.sigmas_next[s].item(),
+                                              cfg.kl_scale)
+                                kl = gaussian_kl_same_std(mean[:, 0], mean_ref[:, 0], s_kl).unsqueeze(1)
                             return grpo.micro_batch_loss(logp, old_logp[rows, s:s + 1], adv[rows], w[rows, s:s + 1],
                                                          w_tok[rows, s:s + 1], kl=kl, beta=cfg.beta,
                                                          epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high), None

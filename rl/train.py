@@ -293,8 +293,11 @@ class Trainer:
 
     def _advantages(self, batch) -> grpo.Advantages:
         g = self.recipe.grpo
+        # The decoder stage may scale its own way (Flow-GRPO's batch population std).
+        decoder_stage = self.stages[self.step] == "decoder" and g.decoder.advantage_scale is not None
+        scale = g.decoder.advantage_scale if decoder_stage else g.scale
         return grpo.combine_rewards(batch.matrix, batch.weights, self.recipe.rollout.group_size,
-                                    mode=g.reward_combine, scale=g.scale, clip=g.adv_clip)
+                                    mode=g.reward_combine, scale=scale, clip=g.adv_clip)
 
     # ------------------------------------------------------------------------------------------
     # the loop

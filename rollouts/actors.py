@@ -192,7 +192,7 @@ class RolloutWorker:
         traj = sample_trajectories(
             self.models.decoder, cond, mask, pooled, self.recipe.rollout.group_size, num_steps=t.num_steps,
             noise_level=t.noise_level, seed=seed, sde_window=t.sde_window, window_range=t.window_range,
-            timestep_fraction=t.timestep_fraction, version=self.version, uncond=self.uncond(),
+            timestep_fraction=t.timestep_fraction, step_selection=t.step_selection, version=self.version, uncond=self.uncond(),
             cfg_scale=t.cfg_scale, cfg_in_training=t.cfg_in_training,
             micro_batch_size=self.recipe.rollout.micro_batch_size,
         )

@@ -190,3 +190,24 @@ def gaussian_kl_same_std(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     """
     kl = (mean.float() - mean_ref.float()) ** 2 / (2 * std.float() ** 2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def kl_std(kind: Literal["sde", "cps"], std: Tensor, sigma: Sigma, sigma_next: Sigma,
+           kl_scale: Literal["flow_grpo", "transition"]) -> Tensor:
+    """The std s that the decoder KL ||mu_theta - mu_ref||^2 / (2 s^2) divides by
+    (`gaussian_kl_same_std`); std: the step's `SDEStep.std` (B, 1, ..., 1).
+
+    "transition": s = the transition std, so the KL is the true KL of the two transition
+        Gaussians: for "sde" std_sigma * sqrt(-dt), for "cps" sigma_next * sin(a pi / 2).
+    "flow_grpo": Flow-GRPO's penalty (train_sd3.py: mean over latent dims of
+        (mean - mean_ref)^2 / (2 std_dev_t^2)), whose std_dev_t is what its step function returns:
+        for "sde" the SDE coefficient std_sigma = a sqrt(sigma / (1 - sigma)) WITHOUT sqrt(-dt),
+        so that KL = transition KL * |dt|; for "cps" the transition std itself (its CPS step
+        returns std_dev_t = sigma_next sin(a pi / 2)), so both scales agree there.
+    """
+    if kl_scale == "transition" or kind == "cps":
+        return std
+    if kl_scale != "flow_grpo":
+        raise ValueError(f"unknown kl_scale {kl_scale!r}; use 'flow_grpo' or 'transition'")
+    s, s_next = _column(sigma, std), _column(sigma_next, std)
+    return std / torch.sqrt(s - s_next)  # std_sigma * sqrt(-dt) / sqrt(-dt)

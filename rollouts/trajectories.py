@@ -13,11 +13,13 @@ run that many rows at a time through the transformer and the VAE. The results do
 the initial noise of a row comes from its condition's seed and its SDE noise from a generator of
 its own (`row_generator`), never from a stream shared across the batch.
 
-Which steps are stochastic and trained (`choose_steps`, drawn per rollout from its seed):
-  - all of them (plain Flow-GRPO), or
-  - a window of `sde_window` consecutive steps whose start is drawn in `window_range`, or
-  - a random subset of round(timestep_fraction * num_steps) steps;
-every other step is an ODE step, so the group's spread comes from the trained steps alone.
+Which steps are trained (`choose_steps`, drawn per rollout from its seed) and stochastic
+(`stochastic_steps`):
+  - all of them, or
+  - a window of `sde_window` consecutive steps lying inside `window_range` (Flow-GRPO-Fast), or
+  - a random subset of round(timestep_fraction * num_steps) steps,
+    where every other step is an ODE step, so the group's spread comes from the trained steps alone;
+  - or Flow-GRPO's prefix, the first int(timestep_fraction * num_steps) steps, with every step SDE.
 
 Classifier-free guidance (`guided_velocity`) is one batched transformer call over
 [unconditional; conditional] rows, v = v_u + s (v_c - v_u), in every path that asks for it.
@@ -71,37 +73,62 @@ def choose_window(num_steps: int, window: int | None, window_range: tuple[int, i
                   rng: random.Random) -> list[int]:
     """Steps that are stochastic and trained: a window of `window` consecutive steps.
 
-    The window's start is drawn uniformly in `window_range` = [lo, hi) (clamped so the window
-    fits); None trains every step (plain Flow-GRPO).
+    `window_range` = [lo, hi) bounds the WHOLE window, as Flow-GRPO-Fast's sde_window_range does
+    (`start = randint(lo, hi - window)`): the start is drawn uniformly in {lo, ..., hi - window}, so
+    range (0, 6) with a window of 3 gives starts {0, 1, 2, 3}. hi is clamped to num_steps; None:
+    (0, num_steps). No window (None) trains every step (plain Flow-GRPO).
     """
     if window is None or window >= num_steps:
         return list(range(num_steps))
-    lo, hi = window_range if window_range is not None else (0, num_steps - window + 1)
-    lo, hi = max(0, lo), min(hi, num_steps - window + 1)
-    if hi <= lo:
+    lo, hi = window_range if window_range is not None else (0, num_steps)
+    lo, hi = max(0, lo), min(hi, num_steps)
+    if hi - lo < window:
         raise ValueError(f"sde window of {window} steps does not fit in range {window_range} of {num_steps} steps")
-    start = rng.randrange(lo, hi)
+    start = rng.randint(lo, hi - window)
     return list(range(start, start + window))
 
 
 def choose_steps(num_steps: int, rng: random.Random, *, window: int | None = None,
                  window_range: tuple[int, int] | None = None,
-                 timestep_fraction: float | None = None) -> list[int]:
-    """The stochastic, trained steps of one rollout, increasing; every other step is ODE.
+                 timestep_fraction: float | None = None, selection: str | None = None) -> list[int]:
+    """The trained steps of one rollout, increasing (`stochastic_steps` says which are SDE steps).
 
-    1) `window`: `choose_window` (consecutive steps, random start in `window_range`).
-    2) `timestep_fraction` f: k = max(1, round(f * num_steps)) distinct steps drawn uniformly
-       (Flow-GRPO's timestep_fraction, except that here the untrained steps are ODE steps).
-    3) neither: all steps.
+    `selection` (recipe `rollout.trajectory.step_selection`; None: inferred, "window" when a
+    window is given, "random_subset" when a fraction is, "all" otherwise):
+      "all":           every step.
+      "window":        `choose_window` (consecutive steps, drawn inside `window_range`).
+      "random_subset": k = max(1, round(f * num_steps)) distinct steps drawn uniformly (f =
+                       `timestep_fraction`); the untrained steps are ODE steps.
+      "flow_grpo":     the first max(1, int(f * num_steps)) steps (Flow-GRPO's train_sd3.py trains
+                       timesteps[:int(num_steps * timestep_fraction)]: 9 of 10 at f = 0.99); the
+                       untrained steps are still SDE steps.
     """
-    if window is not None and timestep_fraction is not None:
-        raise ValueError("sde_window and timestep_fraction are mutually exclusive; set one to None")
-    if timestep_fraction is None:
+    if selection is None:
+        if window is not None and timestep_fraction is not None:
+            raise ValueError("sde_window and timestep_fraction are mutually exclusive; set one to None")
+        selection = "window" if window is not None else "random_subset" if timestep_fraction is not None else "all"
+    if selection in ("random_subset", "flow_grpo"):
+        if timestep_fraction is None or not 0 < timestep_fraction <= 1:
+            raise ValueError(f"step selection {selection!r} needs timestep_fraction in (0, 1], got {timestep_fraction}")
+        if window is not None:
+            raise ValueError(f"step selection {selection!r} takes no sde_window (got {window}); set it to None")
+    if selection == "all":
+        return list(range(num_steps))
+    if selection == "window":
         return choose_window(num_steps, window, window_range, rng)
-    if not 0 < timestep_fraction <= 1:
-        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
-    k = max(1, round(timestep_fraction * num_steps))
-    return sorted(rng.sample(range(num_steps), k))
+    if selection == "random_subset":
+        k = max(1, round(timestep_fraction * num_steps))
+        return sorted(rng.sample(range(num_steps), k))
+    if selection == "flow_grpo":
+        return list(range(max(1, int(num_steps * timestep_fraction))))
+    raise ValueError(f"unknown step selection {selection!r}; use 'all', 'window', 'random_subset' or 'flow_grpo'")
+
+
+def stochastic_steps(num_steps: int, trained: list[int], selection: str | None = None) -> list[int]:
+    """The SDE steps of a rollout whose trained steps are `trained`: all steps for "flow_grpo"
+    (Flow-GRPO samples every step with the SDE and trains a prefix), else the trained ones
+    (every other step is an ODE step, so the group's spread comes from the trained steps alone)."""
+    return list(range(num_steps)) if selection == "flow_grpo" else list(trained)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,6 +194,7 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
             sde_steps: list[int] | None = None, sampler: str = "sde", generator: torch.Generator | None = None,
             grad_last: int = 0, uncond: Uncond | None = None, cfg_scale: float = 1.0,
             cfg_in_training: bool = True, row_generators: Sequence[torch.Generator] | None = None,
+            record_steps: list[int] | None = None,
             ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Integrate from noise (sigma = 1) to a clean latent along SD3's shifted schedule.
 
@@ -178,10 +206,14 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
     alone (the policy the learner then trains; the sample itself always follows the guided one).
     SDE noise: row i's from `row_generators[i]` when given (one generator per row, so a row's sample
     does not depend on the batch it is in), else from `generator` shared by the batch.
-    Returns (x_0, {j: (x_j, x_{j+1}, log_prob_j)} for the SDE steps).
+    `record_steps`: the steps whose transitions are returned (None: the SDE steps); each must be one.
+    Returns (x_0, {j: (x_j, x_{j+1}, log_prob_j)} for the recorded steps).
     """
     sigmas = shifted_sigmas(num_steps, decoder.shift).to(noise.device)
     sde = set(sde_steps or [])
+    recorded = sde if record_steps is None else set(record_steps)
+    if not recorded <= sde:
+        raise ValueError(f"record_steps {sorted(recorded - sde)} are not SDE steps: only SDE steps have a log-prob")
     x = noise
     record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     n = x.shape[0]
@@ -193,7 +225,7 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
             a = noise_level if j in sde else 0.0
             eps = _row_noise(row_generators, x) if row_generators is not None and a > 0 else None
             out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator, noise=eps)
-            if j in sde:
+            if j in recorded:
                 log_prob = out.log_prob
                 if not cfg_in_training and v_c is not v:
                     # Score the guided sample under the conditional policy the learner trains.
@@ -261,12 +293,14 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
                         sde_window: int | None = None, window_range: tuple[int, int] | None = None,
                         timestep_fraction: float | None = None, sampler: str = "sde", version: int = 0,
                         uncond: Uncond | None = None, cfg_scale: float = 1.0,
-                        cfg_in_training: bool = True, micro_batch_size: int | None = None) -> Trajectory:
+                        cfg_in_training: bool = True, micro_batch_size: int | None = None,
+                        step_selection: str | None = None) -> Trajectory:
     """G SDE trajectories per condition from one shared initial noise per group (Flow-GRPO).
 
     cond (B, L, D), cond_mask (B, L), pooled (B, P): one condition per source image; N = B * G
     rows, condition-major (row r follows condition r // G).
-    `seed` fixes the trained steps (`choose_steps`), the initial noise (condition b: seed * 1000 + b)
+    `seed` fixes the trained steps (`choose_steps` with `step_selection`; the SDE steps are
+    `stochastic_steps`), the initial noise (condition b: seed * 1000 + b)
     and the SDE noise (row r: `row_generator(seed, r)`).
     Log-probs are stored under the policy the learner will score: the guided velocity, or the
     conditional one when `cfg_in_training` is False (see `denoise`).
@@ -277,7 +311,8 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
     b, g = cond.shape[0], group_size
     device = cond.device
     steps = choose_steps(num_steps, random.Random(seed), window=sde_window, window_range=window_range,
-                         timestep_fraction=timestep_fraction)
+                         timestep_fraction=timestep_fraction, selection=step_selection)
+    sde = stochastic_steps(num_steps, steps, step_selection)
     parts: list[tuple[torch.Tensor, ...]] = []  # (latents, next_latents, log_probs, images) per micro-batch, CPU
     for rows in micro_batches(b * g, micro_batch_size):
         source = torch.arange(rows.start, rows.stop) // g  # (n,) condition of each row
@@ -286,8 +321,8 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
         gens = [row_generator(seed, r, device) for r in range(rows.start, rows.stop)]
         src = source.to(device)
         x0, rec = denoise(decoder, noise, cond[src], cond_mask[src], pooled[src], num_steps,
-                          noise_level=noise_level, sde_steps=steps, sampler=sampler, row_generators=gens,
-                          uncond=uncond, cfg_scale=cfg_scale, cfg_in_training=cfg_in_training)
+                          noise_level=noise_level, sde_steps=sde, sampler=sampler, row_generators=gens,
+                          uncond=uncond, cfg_scale=cfg_scale, cfg_in_training=cfg_in_training, record_steps=steps)
         parts.append((*(torch.stack([rec[j][k] for j in steps], dim=1).cpu() for k in range(3)),
                       decoder.decode(x0).cpu()))
     latents, next_latents, log_probs, images = (torch.cat(p) for p in zip(*parts))

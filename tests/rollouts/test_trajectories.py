@@ -75,8 +75,8 @@ def distinct_advantages(n: int) -> torch.Tensor:
 def test_choose_steps_window_fraction_and_all():
     rng = lambda s: random.Random(s)  # noqa: E731
     assert choose_steps(10, rng(0)) == list(range(10))
-    # A window of 2 starting in [3, 4): exactly steps 3 and 4.
-    assert choose_steps(10, rng(0), window=2, window_range=(3, 4)) == [3, 4]
+    # A window of 2 inside [3, 5) (Flow-GRPO-Fast: the range bounds the whole window): steps 3 and 4.
+    assert choose_steps(10, rng(0), window=2, window_range=(3, 5)) == [3, 4]
     starts = {choose_steps(10, rng(s), window=3)[0] for s in range(200)}
     assert starts == set(range(8))  # every start where a window of 3 fits in 10 steps
     # timestep_fraction 0.3 of 10 steps: 3 distinct increasing steps, reproducible from the seed.
@@ -110,7 +110,7 @@ def test_window_trains_exactly_the_window_and_the_rest_is_ode(learner, monkeypat
 
     monkeypatch.setattr(trajectories, "step_with_logprob", spy)
     traj = sample_trajectories(models.decoder, cond, mask, pooled, GROUP, num_steps=NUM_STEPS, noise_level=A,
-                               seed=7, sde_window=2, window_range=(2, 3))
+                               seed=7, sde_window=2, window_range=(2, 4))
     sigmas = shifted_sigmas(NUM_STEPS, models.decoder.shift)
     # Stored: the window's two steps and nothing else.
     assert traj.steps.tolist() == [2, 3]
@@ -163,7 +163,7 @@ def test_stored_log_probs_are_the_float64_gaussian_density(learner):
     models = learner.models
     cond, mask, pooled, _ = conditions(models)
     traj = sample_trajectories(models.decoder, cond, mask, pooled, GROUP, num_steps=NUM_STEPS, noise_level=A,
-                               seed=3, sde_window=2, window_range=(0, 1))  # includes sigma = 1
+                               seed=3, sde_window=2, window_range=(0, 2))  # steps 0-1, includes sigma = 1
     assert traj.sigmas[0] == 1.0
     cond_n, mask_n, pooled_n = traj.cond, traj.cond_mask, traj.pooled
     for s in range(2):
