@@ -17,6 +17,7 @@ Backends: `hf` (transformers generate, here) and `vllm` (`VLLMCaptioner`, GPU on
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -176,6 +177,10 @@ def expand_inputs(group: CaptionGroup, device: torch.device, rows: slice | None 
         types = group.mm_token_type_ids[image_of]  # (n, P)
         out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(idx.shape[0], ids.shape[1] - types.shape[1])],
                                              dim=1).to(device)
+    else:
+        warnings.warn("CaptionGroup without mm_token_type_ids: Qwen2.5-VL gives its image tokens 1-D positions "
+                      "instead of M-RoPE's 3-D ones, unlike generate_captions; build the group with "
+                      "mm_token_type_ids=encoder.prepare(images)['mm_token_type_ids']", stacklevel=2)
     return out
 
 
