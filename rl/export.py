@@ -6,6 +6,8 @@
 
     exported/
       encoder/                 peft adapter: PeftModel.from_pretrained(base, "exported/encoder")
+                               + chat_template.jinja and caption_prompt.json (in every encoder folder):
+                               the chat template and messages the project captions with
       encoder/base/            the base Qwen2.5-VL and its processor, when it was built from a config
                                (`name: tiny`); adapter_config.json's base_model_name_or_path points here
       encoder_merged/          --merge-encoder: the base with the LoRA merged in, and the processor
@@ -50,6 +52,8 @@ MODEL_INDEX = {  # SD3Pipeline without its text encoders: the connector replaces
     "image_encoder": [None, None], "feature_extractor": [None, None],
 }
 _SECRET_KEYS = ("token", "api_key", "apikey", "secret", "password")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the name transformers' processors save and load
+CAPTION_PROMPT_FILE = "caption_prompt.json"
 
 
 class ExportError(RuntimeError):
@@ -128,22 +132,44 @@ def export_checkpoint(checkpoint: str, out_dir: str, merge_encoder: bool = False
 def _export_encoder(models, out: str, final_root: str, save_base: bool, hub_base: str, merge: bool) -> str:
     """peft adapter in `out`; the base in `out/base` when it exists nowhere else. Returns the base."""
     peft_model = models.encoder.model
-    processor = models.encoder.processor
     base_ref = os.path.join(final_root, "encoder", "base") if save_base else hub_base
     peft_model.peft_config["default"].base_model_name_or_path = base_ref
     peft_model.save_pretrained(out, save_embedding_layers=False)  # LoRA on attention only: no embeddings
+    _save_caption_prompt(models.encoder, out)  # the base may be a Hub id: the prompt travels with the adapter
     if merge:  # on a copy: the adapter itself is saved above and the base below
-        _save_encoder_folder(merge_into_base(copy.deepcopy(peft_model)), processor,
+        _save_encoder_folder(merge_into_base(copy.deepcopy(peft_model)), models.encoder,
                              os.path.join(os.path.dirname(out), "encoder_merged"))
     if save_base:  # the LoRA modules removed, nothing merged: the exact base weights
-        _save_encoder_folder(peft_model.unload(), processor, os.path.join(out, "base"))
+        _save_encoder_folder(peft_model.unload(), models.encoder, os.path.join(out, "base"))
     return "encoder/base" if save_base else hub_base
 
 
-def _save_encoder_folder(model, processor, out: str) -> None:
-    """A transformers folder: the model and its processor."""
+def _save_encoder_folder(model, encoder, out: str) -> None:
+    """A transformers folder: the model, its processor (with the chat template) and the caption prompt."""
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    encoder.processor.save_pretrained(out)
+    _save_caption_prompt(encoder, out)
+
+
+def _save_caption_prompt(encoder, out: str) -> None:
+    """`chat_template.jinja` (the processor's chat template; AutoProcessor loads it) and
+    `caption_prompt.json`: the messages the project captions every image with, and the exact prompt
+    text `apply_chat_template(messages, add_generation_prompt=True)` renders (Encoder.prompt_text)."""
+    from rl.models.encoder import QWEN25_VL_CHAT_TEMPLATE
+
+    os.makedirs(out, exist_ok=True)
+    template = getattr(encoder.processor, "chat_template", None) or QWEN25_VL_CHAT_TEMPLATE
+    with open(os.path.join(out, CHAT_TEMPLATE_FILE), "w") as f:
+        f.write(template)
+    prompt = {
+        "system": encoder.system_prompt, "user": encoder.user_prompt, "messages": encoder.messages(),
+        "add_generation_prompt": True, "prompt": encoder.prompt_text(),
+        "doc": "UAE sec. 3 captioning prompt. processor.apply_chat_template(messages, add_generation_prompt=True, "
+               "tokenize=False) == prompt; then processor(text=[prompt], images=[image]) and pass everything it "
+               "returns to the model (mm_token_type_ids included: Qwen2.5-VL's M-RoPE image positions need it).",
+    }
+    with open(os.path.join(out, CAPTION_PROMPT_FILE), "w") as f:
+        json.dump(prompt, f, indent=2)
 
 
 def _export_decoder(models, out: str, save_base: bool, hub_base: str) -> str:
@@ -177,7 +203,7 @@ def _save_sd3_folder(transformer, decoder, out: str) -> None:
 def _export_merged_encoder(models, out: str) -> str:
     """A non-LoRA encoder adapter merged into the base: `Qwen2_5_VLForConditionalGeneration
     .from_pretrained(out)` and `AutoProcessor.from_pretrained(out)` load it, no peft needed."""
-    _save_encoder_folder(merge_into_base(models.encoder.model), models.encoder.processor, out)
+    _save_encoder_folder(merge_into_base(models.encoder.model), models.encoder, out)
     return "encoder (merged)"
 
 
@@ -269,6 +295,17 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
         + ("the encoder with its adapter on" if recipe.models.connector.reader == "policy"
            else "the base encoder, adapter off")
         + f" (`connector.reader: {recipe.models.connector.reader}`).", "",
+        "## Caption prompt", "",
+        f"The encoder captions every image with the chat template in `{CHAT_TEMPLATE_FILE}` and the messages "
+        f"in `{CAPTION_PROMPT_FILE}` (both in every encoder folder; its `prompt` is the exact rendered text). "
+        "Feed the model everything the processor returns, `mm_token_type_ids` included (without it "
+        "Qwen2.5-VL gives image tokens 1-D instead of 3-D M-RoPE positions and captions differently):", "",
+        "```python", "import json", "",
+        "request = json.load(open(\"encoder/caption_prompt.json\"))",
+        "text = processor.apply_chat_template(request[\"messages\"], add_generation_prompt=True, tokenize=False)",
+        "inputs = processor(text=[text], images=[image], return_tensors=\"pt\")",
+        "ids = encoder.generate(**inputs, max_new_tokens=64)",
+        "```", "",
         "## Training stages", "",
         f"Checkpoint step {c.step} of {len(recipe.stages())}: "
         + ", ".join(f"{k} {v} steps" for k, v in counts.items() if v) + ".", "",

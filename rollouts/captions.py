@@ -17,6 +17,7 @@ Backends: `hf` (transformers generate, here) and `vllm` (`VLLMCaptioner`, GPU on
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import NamedTuple, Sequence
 
 import torch
@@ -42,6 +43,10 @@ class CaptionGroup(NamedTuple):
     captions: list[str]  # (N,) decoded text
     group_size: int
     version: int  # weight version of the policy that sampled them
+    # (B, P) the processor's modality of each prompt token: 0 text, 1 image. Qwen2.5-VL computes the
+    # image tokens' 3-D M-RoPE positions (get_rope_index) only when it is passed; None (groups built
+    # by hand) leaves it out, so every token gets a 1-D text position.
+    mm_token_type_ids: torch.Tensor | None = None
 
 
 def vllm_available() -> bool:
@@ -80,6 +85,7 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
     model = encoder.model
     device = next(model.parameters()).device
     inputs = encoder.prepare(images)  # all images at once: one left-padded prompt length P for the group
+    _check_prompt_keys(inputs)
     b, g = inputs["input_ids"].shape[0], group_size
     images_per_call = b if micro_batch_size is None else max(1, micro_batch_size // g)
     patches = torch.split(inputs["pixel_values"], inputs["image_grid_thw"].prod(dim=1).tolist(), dim=0)
@@ -88,8 +94,10 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
     pieces = []  # (ids (n_k, T_k), mask (n_k, T_k)) per call
     for lo in range(0, b, images_per_call):
         hi = min(lo + images_per_call, b)
-        call = {"input_ids": inputs["input_ids"][lo:hi], "attention_mask": inputs["attention_mask"][lo:hi],
-                "pixel_values": torch.cat(patches[lo:hi], dim=0), "image_grid_thw": inputs["image_grid_thw"][lo:hi]}
+        # Everything the processor returned, these images' share of it. generate() repeats each row
+        # for the G samples and extends mm_token_type_ids with 0 (text) for the new tokens.
+        call = {k: v[lo:hi] for k, v in inputs.items() if k != "pixel_values"}
+        call["pixel_values"] = torch.cat(patches[lo:hi], dim=0)
         out = model.generate(
             **{k: v.to(device) for k, v in call.items()},
             do_sample=not greedy,
@@ -119,12 +127,25 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
         captions=encoder.decode(ids, mask),
         group_size=g,
         version=version,
+        mm_token_type_ids=inputs.get("mm_token_type_ids"),
     )
     rows_per_call = images_per_call * g
     logprobs = [completion_logprobs(model, group, 1.0 if greedy else temperature, encoder.suppressed_ids,
                                     rows=slice(lo, lo + rows_per_call), chunk=logits_chunk)[0].cpu()
                 for lo in range(0, ids.shape[0], rows_per_call)]
     return group._replace(logprobs=torch.cat(logprobs))
+
+
+# The processor outputs a CaptionGroup carries (Qwen2.5-VL with images; mm_token_type_ids is absent
+# from processors that do not return it). A new key would have to be carried too, never dropped.
+PROMPT_KEYS = {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"}
+
+
+def _check_prompt_keys(inputs: dict) -> None:
+    unknown = set(inputs) - PROMPT_KEYS
+    if unknown:
+        raise ValueError(f"the processor returned {sorted(unknown)}, which CaptionGroup does not carry: add "
+                         f"them to CaptionGroup, expand_inputs and shard_group rather than drop them")
 
 
 def _row_indices(group: CaptionGroup, rows: slice | None) -> torch.Tensor:
@@ -136,19 +157,31 @@ def _row_indices(group: CaptionGroup, rows: slice | None) -> torch.Tensor:
 def expand_inputs(group: CaptionGroup, device: torch.device, rows: slice | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for the rows `rows` (None: all N = B * G): each row's prompt and its image's
     patches (row r belongs to image r // G; an image's patches are its image_grid_thw.prod()
-    consecutive rows of pixel_values). Only the images those rows need are read."""
+    consecutive rows of pixel_values). Only the images those rows need are read.
+
+    mm_token_type_ids (n, P + T): the prompt's, then 0 (text) for the caption tokens, as the
+    processor would type prompt + caption and as generate() extends it."""
     idx = _row_indices(group, rows)
     image_of = idx // group.group_size  # (n,)
     chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
     pixel_values = torch.cat([chunks[i] for i in image_of.tolist()], dim=0)
     ids = torch.cat([group.prompt_ids[image_of], group.completion_ids[idx]], dim=1)
     mask = torch.cat([group.prompt_mask[image_of], group.completion_mask[idx]], dim=1)
-    return {
+    out = {
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "pixel_values": pixel_values.to(device),
         "image_grid_thw": group.image_grid_thw[image_of].to(device),
     }
+    if group.mm_token_type_ids is not None:
+        types = group.mm_token_type_ids[image_of]  # (n, P)
+        out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(idx.shape[0], ids.shape[1] - types.shape[1])],
+                                             dim=1).to(device)
+    else:
+        warnings.warn("CaptionGroup without mm_token_type_ids: Qwen2.5-VL gives its image tokens 1-D positions "
+                      "instead of M-RoPE's 3-D ones, unlike generate_captions; build the group with "
+                      "mm_token_type_ids=encoder.prepare(images)['mm_token_type_ids']", stacklevel=2)
+    return out
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -268,6 +301,7 @@ class VLLMCaptioner:
         encoder's processor (the learner re-reads them), tokens and log-probs from the engine."""
         images = encoder.resized(images)  # once, for both the processor and the engine
         inputs = encoder.prepare(images)
+        _check_prompt_keys(inputs)
         outs = self.generate([encoder.prompt_text()] * len(images), list(images), group_size,
                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         rows = [c for per_image in outs for c in per_image]  # image-major, as generate_captions
@@ -283,6 +317,7 @@ class VLLMCaptioner:
             pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
             completion_ids=ids, completion_mask=mask, logprobs=logprobs.masked_fill(mask == 0, 0.0),
             captions=encoder.decode(ids, mask), group_size=group_size, version=version,
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
         )
 
 
@@ -301,4 +336,5 @@ def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup
         pixel_values=torch.cat([chunks[i] for i in images], dim=0), image_grid_thw=group.image_grid_thw[images],
         completion_ids=group.completion_ids[rows], completion_mask=group.completion_mask[rows],
         logprobs=group.logprobs[rows], captions=[group.captions[r] for r in rows],
+        mm_token_type_ids=None if group.mm_token_type_ids is None else group.mm_token_type_ids[images],
     )

@@ -63,6 +63,31 @@ CHAT_TEMPLATE = (
     "<|im_start|>assistant\n"
 )
 
+# Qwen2.5-VL's own chat template (Qwen/Qwen2.5-VL-3B-Instruct, chat_template.json), given to the
+# in-code processors and saved with every export. With `caption_messages` and
+# add_generation_prompt=True it renders exactly CHAT_TEMPLATE (tests/rollouts/test_qwen_inputs.py).
+QWEN25_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def caption_messages(system: str = UAE_CAPTION_PROMPT, user: str = USER_INSTRUCTION) -> list[dict]:
+    """The caption request as chat messages (one image, then the instruction): what
+    `processor.apply_chat_template(..., add_generation_prompt=True)` turns into CHAT_TEMPLATE."""
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]}]
+
 
 @dataclass
 class Encoder:
@@ -103,6 +128,10 @@ class Encoder:
     def prompt_text(self) -> str:
         return CHAT_TEMPLATE.format(system=self.system_prompt, user=self.user_prompt)
 
+    def messages(self) -> list[dict]:
+        """The chat messages whose chat-template rendering is `prompt_text()`."""
+        return caption_messages(self.system_prompt, self.user_prompt)
+
     def resized(self, images: Sequence[Image.Image]) -> list[Image.Image]:
         """Images as the encoder sees them: RGB squares of `image_size` (as given without one).
         Already-resized images pass through (PIL would return an identical copy)."""
@@ -113,15 +142,18 @@ class Encoder:
                 for im in images]
 
     def prepare(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        """Processor inputs for a batch of images, all with the same prompt (left padding).
+        """Processor inputs for a batch of images, all with the same prompt (left padding): every key
+        the processor returns, none dropped.
 
-        Returns input_ids (B, P), attention_mask (B, P), pixel_values (sum of patches, D),
-        image_grid_thw (B, 3).
+        For Qwen2.5-VL: input_ids (B, P), attention_mask (B, P), mm_token_type_ids (B, P) (0 text,
+        1 image token), pixel_values (sum of patches, D), image_grid_thw (B, 3). The model computes
+        its 3-D M-RoPE positions of the image tokens (Qwen2.5-VL `get_rope_index`) only when
+        mm_token_type_ids is passed; without it every token gets a 1-D text position.
         """
         images = self.resized(images)
         text = [self.prompt_text()] * len(images)
         out = self.processor(text=text, images=list(images), return_tensors="pt", padding=True)
-        return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+        return dict(out)
 
     def decode(self, token_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """Caption strings from completion ids (B, T) and their mask (B, T)."""
@@ -320,7 +352,7 @@ def build_qwen_vl(
     image_processor = Qwen2VLImageProcessor(**sizes, size={"shortest_edge": min_pixels, "longest_edge": max_pixels})
     video_processor = Qwen2VLVideoProcessor(**sizes)
     processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                    video_processor=video_processor)
+                                    video_processor=video_processor, chat_template=QWEN25_VL_CHAT_TEMPLATE)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**cfg)).to(dtype)
     for key, value in special.items():
@@ -419,6 +451,8 @@ def build_encoder(name: str, *, vocabulary: Sequence[str] = (), image_size: int 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(source, dtype=torch_dtype)
     processor = AutoProcessor.from_pretrained(source)
     processor.tokenizer.padding_side = "left"
+    if getattr(processor, "chat_template", None) is None:  # a folder saved without one
+        processor.chat_template = QWEN25_VL_CHAT_TEMPLATE
     return Encoder(model=model, processor=processor, tokenizer=processor.tokenizer, image_size=image_size)
 
 

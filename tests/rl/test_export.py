@@ -71,6 +71,10 @@ def test_export_layout(exported):
                 "decoder/base/scheduler/scheduler_config.json", "connector/model.safetensors",
                 "connector/config.json", "README.md"]:
         assert (out / rel).is_file(), rel
+    # the chat template and the caption prompt travel with every encoder folder
+    for folder in ("encoder", "encoder/base", "encoder_merged"):
+        for name in ("chat_template.jinja", "caption_prompt.json"):
+            assert (out / folder / name).is_file(), f"{folder}/{name}"
     # the adapter points at the saved base, so AutoPeftModel-style loading finds it
     cfg = json.loads((out / "encoder" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(out / "encoder" / "base")
@@ -108,7 +112,14 @@ def test_exported_folders_load_in_a_fresh_process_without_the_project(exported):
         report = {}
         with torch.no_grad():
             base = Qwen2_5_VLForConditionalGeneration.from_pretrained(out + "/encoder/base")
-            AutoProcessor.from_pretrained(out + "/encoder/base")
+            processor = AutoProcessor.from_pretrained(out + "/encoder/base")
+            request = json.load(open(out + "/encoder/caption_prompt.json"))
+            render = lambda: processor.apply_chat_template(request["messages"], add_generation_prompt=True,
+                                                           tokenize=False)
+            report["chat_base"] = render()  # the template the processor loaded from encoder/base
+            processor.chat_template = open(out + "/encoder/chat_template.jinja").read()
+            report["chat_adapter"] = render()  # the one saved beside the adapter
+            report["chat_saved_prompt"] = request["prompt"]
             kw = {"input_ids": io["input_ids"], "attention_mask": torch.ones_like(io["input_ids"])}
             report["encoder_base_diff"] = float((base(**kw).logits - io["logits"]).abs().max())
             enc = PeftModel.from_pretrained(base, out + "/encoder")
@@ -144,6 +155,11 @@ def test_exported_folders_load_in_a_fresh_process_without_the_project(exported):
     assert report["merged_max_diff"] < 1e-4  # merging re-associates the sums
     want = sorted(k.split(".", 1)[1] for k in exported["state"] if k.startswith("connector."))
     assert report["connector_keys"] == want
+    # The saved template formats the saved messages to exactly the prompt the project captions with.
+    from rl.models.encoder import CHAT_TEMPLATE, UAE_CAPTION_PROMPT, USER_INSTRUCTION
+
+    project_prompt = CHAT_TEMPLATE.format(system=UAE_CAPTION_PROMPT, user=USER_INSTRUCTION)
+    assert report["chat_base"] == report["chat_adapter"] == report["chat_saved_prompt"] == project_prompt
 
 
 def test_model_card(exported):
@@ -155,6 +171,7 @@ def test_model_card(exported):
     assert "## Training stages" in card and "cold_start 3 steps, encoder 1 steps" in card
     assert "| encoder | 2 | 0.75 |" in card and "| decoder | 3 | 0.8 |" in card  # final metrics
     assert "```yaml" in card and "cold_start_steps: 3" in card  # the recipe
+    assert "## Caption prompt" in card and "caption_prompt.json" in card and "chat_template.jinja" in card
 
 
 def test_export_refuses_what_it_cannot_do(exported, tmp_path):

@@ -46,7 +46,7 @@ def handmade_group(encoder, images, seed: int = 0) -> CaptionGroup:
             words[r, length:] = encoder.pad_token_id
     return CaptionGroup(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                         inputs["image_grid_thw"], words, completion_mask(words, encoder.eos_token_id),
-                        torch.zeros(n, T), [""] * n, G, 0)
+                        torch.zeros(n, T), [""] * n, G, 0, mm_token_type_ids=inputs["mm_token_type_ids"])
 
 
 def full_logits(model, group) -> torch.Tensor:
