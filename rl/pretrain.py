@@ -493,7 +493,8 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
         inputs = encoder.prepare([e.image for e in batch])
         ids, mask = _completion_batch(encoder, captions)
         group = CaptionGroup(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                             inputs["image_grid_thw"], ids, mask, torch.zeros(ids.shape), captions, 1, 0)
+                             inputs["image_grid_thw"], ids, mask, torch.zeros(ids.shape), captions, 1, 0,
+                             mm_token_type_ids=inputs["mm_token_type_ids"])  # Qwen's 3-D image positions
         logp, _ = completion_logprobs(model, group, 1.0, suppressed)  # (B, T), 0 on padding
         loss = -logp.sum() / mask.sum()  # token-mean negative log-likelihood
         losses.append(optimizer_step(opt, loss, params))
@@ -662,8 +663,10 @@ def part_specs(recipe: Recipe) -> dict[str, dict[str, Any]]:
         "clip": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.seed + 4},
         "clip_eval": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.seed + 1004},
         "vae": {"world": world, "cfg": p.vae.model_dump(), "seed": recipe.seed + 2},
+        # positions: "mrope" since the encoder sees Qwen2.5-VL's 3-D image positions (mm_token_type_ids);
+        # encoders cached before were trained with 1-D positions and are rebuilt
         "encoder": {"world": world, "cfg": p.encoder.model_dump(), "arch": encoder_kwargs(recipe),
-                    "seed": recipe.seed + 3},
+                    "seed": recipe.seed + 3, "positions": "mrope"},
     }
     specs["decoder"] = {
         "world": world, "cfg": p.decoder.model_dump(), "seed": recipe.seed + 1,
