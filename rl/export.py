@@ -306,6 +306,7 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
         "inputs = processor(text=[text], images=[image], return_tensors=\"pt\")",
         "ids = encoder.generate(**inputs, max_new_tokens=64)",
         "```", "",
+        *_conditioning_section(recipe),
         "## Training stages", "",
         f"Checkpoint step {c.step} of {len(recipe.stages())}: "
         + ", ".join(f"{k} {v} steps" for k, v in counts.items() if v) + ".", "",
@@ -325,6 +326,68 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
         lines.append("No steps were trained.")
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(_redact(c.recipe), sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
+
+
+def _conditioning_section(recipe) -> list[str]:
+    """The card's "Conditioning" section: a caption -> (prompt_embeds, pooled_prompt_embeds) as
+    `Models.condition` builds them, with torch alone, at the FIXED length the project uses
+    (shared/DESIGN.md, "Conditioning independent of the batch"); then a stock SD3 pipeline call.
+    tests/rl/test_export.py runs this code in a process without the project."""
+    conn, t = recipe.models.connector, recipe.rollout.trajectory
+    length = recipe.rollout.caption.max_new_tokens + 1
+    select = {
+        "last": ["    h = hidden[-1]  # connector.layers: last"],
+        "norm_avg": ["    h = torch.stack([F.layer_norm(x.float(), x.shape[-1:]) for x in hidden[1:]]).mean(0)  # norm_avg"],
+        "learned": ["    w = torch.softmax(conn[\"layer_logits\"].float(), 0)  # connector.layers: learned",
+                    "    h = torch.einsum(\"l,lbth->bth\", w, torch.stack([F.layer_norm(x.float(), x.shape[-1:]) for x in hidden[1:]]))"],
+    }[conn.layers]
+    pooled = {
+        "mean": ["    w_p = conn[\"pooled_proj.weight\"]  # pooled: mean (over the caption's positions)",
+                 "    pooled = F.linear(h.float().mean(1).to(w_p.dtype), w_p, conn[\"pooled_proj.bias\"])"],
+    }.get(conn.pooled, [f"    pooled = conn[\"pooled\"][None]  # pooled: {conn.pooled}"])
+    read = ["    hidden = encoder(input_ids=ids, output_hidden_states=True).hidden_states  # reader: policy"]
+    if conn.reader == "base":  # the caption is re-read by the base encoder, its adapter off
+        read = ["    with encoder.disable_adapter():  # connector.reader: base",
+                "        hidden = encoder(input_ids=ids, output_hidden_states=True).hidden_states"]
+    return [
+        "## Conditioning", "",
+        "A caption becomes the decoder's condition as in training: `<|im_start|>` + the caption's tokens read "
+        "as text by the encoder, the connector's MLP, then zeros up to a FIXED length of "
+        f"{length} positions (`rollout.caption.max_new_tokens + 1`; a longer caption keeps its first "
+        f"{length - 1} tokens). SD3 pads its T5 prompt to 256 tokens for the same reason: its joint "
+        "attention has no key mask, so the number of pad slots changes the image. Keep the length fixed "
+        "and a caption renders the same alone or in any batch. The empty caption is the unconditional "
+        "(negative) condition of classifier-free guidance.", "",
+        "```python",
+        "import torch",
+        "import torch.nn.functional as F",
+        "from safetensors.torch import load_file", "",
+        f"LENGTH = {length}  # fixed conditioning length: rollout.caption.max_new_tokens + 1",
+        "conn = load_file(\"connector/model.safetensors\")", "",
+        "@torch.no_grad()",
+        "def condition(caption: str) -> tuple[torch.Tensor, torch.Tensor]:",
+        "    \"\"\"(prompt_embeds (1, LENGTH, D), pooled_prompt_embeds (1, P)) of one caption.\"\"\"",
+        "    tok = processor.tokenizer",
+        "    words = tok(caption, add_special_tokens=False).input_ids[: LENGTH - 1]",
+        "    ids = torch.tensor([[tok.convert_tokens_to_ids(\"<|im_start|>\")] + words])",
+        *read,
+        *select,
+        *pooled,
+        "    x = F.gelu(F.linear(h.to(conn[\"proj.0.weight\"].dtype), conn[\"proj.0.weight\"], conn[\"proj.0.bias\"]))",
+        "    cond = F.linear(x, conn[\"proj.2.weight\"], conn[\"proj.2.bias\"])",
+        "    cond = F.pad(cond, (0, 0, 0, LENGTH - cond.shape[1]))  # zeros up to the fixed length",
+        "    return cond, pooled",
+        "```", "",
+        "```python",
+        "cond, pooled = condition(\"a red circle\")",
+        "uncond, upooled = condition(\"\")  # the unconditional (negative) condition: same length",
+        "cond, pooled, uncond, upooled = (t.to(pipe.dtype) for t in (cond, pooled, uncond, upooled))",
+        "image = pipe(prompt_embeds=cond, pooled_prompt_embeds=pooled, negative_prompt_embeds=uncond,",
+        f"             negative_pooled_prompt_embeds=upooled, guidance_scale={t.cfg_scale},",
+        f"             num_inference_steps={t.eval_steps}, height={recipe.models.decoder.image_size}, "
+        f"width={recipe.models.decoder.image_size}).images[0]",
+        "```", "",
+    ]
 
 
 def _local_hint(base: str) -> str:

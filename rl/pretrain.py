@@ -559,7 +559,7 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         clip_path = None
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from rl.models.decoder import Decoder
+    from rl.models.decoder import Decoder, pad_condition
     from rl.models.encoder import build_encoder
     from rl.models.unified import Models, build_connector
     from rollouts.sde import shift_sigma
@@ -573,7 +573,9 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
     transformer = SD3Transformer2DModel(**transformer_config(world, cfg))
     decoder = Decoder(transformer=transformer, vae=vae, shift=m.decoder.shift, image_size=world.size)
     connector = build_connector(m.connector, encoder, decoder)
-    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=torch.device("cpu"))
+    length = recipe.rollout.caption.max_new_tokens + 1  # the fixed conditioning length RL uses (Models.condition)
+    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=torch.device("cpu"),
+                    cond_length=length)
 
     # A pool of scenes encoded once by the frozen VAE, and their FULL captions read once by the
     # frozen encoder LM (exactly as Models.condition reads them); batches are drawn from the pool.
@@ -594,6 +596,7 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         z0 = latents[idx]
         cmask = hmask[idx]
         cond, pooled = connector(list(hidden[:, idx]), cmask)  # = Models.condition with a frozen encoder
+        cond, cmask = pad_condition(cond * cmask.unsqueeze(-1).to(cond.dtype), cmask, length)  # its fixed length
         u = torch.rand(len(idx), generator=gen)
         sigma = shift_sigma(u, shift)  # (B,)
         eps = torch.randn(z0.shape, generator=gen)
@@ -671,6 +674,7 @@ def part_specs(recipe: Recipe) -> dict[str, dict[str, Any]]:
     specs["decoder"] = {
         "world": world, "cfg": p.decoder.model_dump(), "seed": recipe.seed + 1,
         "connector": m.connector.model_dump(exclude={"path", "reader"}), "shift": m.decoder.shift,
+        "cond_length": recipe.rollout.caption.max_new_tokens + 1,  # fixed conditioning length (batch-independent renders)
         "encoder": part_key(specs["encoder"]), "vae": part_key(specs["vae"]),
     }
     return specs

@@ -123,8 +123,8 @@ class RolloutWorker:
     def _condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`Models.condition` (cond (N, L, D), mask (N, L), pooled (N, P)) on the device, computed
-        `rollout.micro_batch_size` captions at a time (L is the captions' common padded length, so
-        the pieces concatenate)."""
+        `rollout.micro_batch_size` captions at a time (L is the fixed conditioning length, so the pieces
+        concatenate)."""
         dev = self.models.device
         parts = [self.models.condition(caption_ids[rows].to(dev), caption_mask[rows].to(dev))
                  for rows in micro_batches(caption_ids.shape[0], self.recipe.rollout.micro_batch_size)]

@@ -135,7 +135,10 @@ def stochastic_steps(num_steps: int, trained: list[int], selection: str | None =
 # the velocity, with or without classifier-free guidance
 # ----------------------------------------------------------------------------------------------
 def _pad_to(cond: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad (n, L, D) / (n, L) to `length` positions with masked-out zeros."""
+    """Right-pad (n, L, D) / (n, L) to `length` positions with masked-out zeros. Conditions from
+    `Models.condition` already share one fixed length (padding is not neutral in SD3's joint
+    attention: shared/DESIGN.md, "Conditioning independent of the batch"), so this is a no-op for
+    them; it only reconciles conditions built some other way."""
     extra = length - cond.shape[1]
     if extra <= 0:
         return cond, mask
@@ -155,7 +158,8 @@ def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond
     x (N, C, h, w), sigma (N,), cond (N, L, D), cond_mask (N, L), pooled (N, P); `uncond` one row.
     s = 1 (or no `uncond`): the conditional velocity alone, one pass over N rows. Otherwise ONE
     transformer call over 2N rows [unconditional; conditional] concatenated along the batch; both
-    conditions are right-padded to the longer length first (masked positions are zeros).
+    conditions have the fixed length of `Models.condition` (the empty caption's too), else they are
+    right-padded to the longer one first (masked positions are zeros).
     `doubled`: that 2N-row condition if already built (`guidance_condition`).
     Returns (v (N, C, h, w), v_c (N, C, h, w)); without guidance both are the same tensor.
     """

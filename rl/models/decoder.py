@@ -49,8 +49,12 @@ class Decoder:
                  pooled: torch.Tensor, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """v_theta(x_sigma, sigma, c): latents (B, C, h, w), sigma (B,), cond (B, T, D), pooled (B, P).
 
-        SD3 takes the timestep as sigma * 1000, in float32. Padded condition positions are zeroed:
-        SD3's joint attention has no key mask, so zero vectors are what padding looks like to it.
+        SD3 takes the timestep as sigma * 1000, in float32. Padded condition positions (cond_mask
+        False) are zeroed. Zeros are NOT neutral: SD3's joint attention has no key mask and its
+        `context_embedder` has a bias, so every pad slot is an attended token and the output depends
+        on T. A caption renders the same alone or in any batch only because every condition has one
+        fixed T (`pad_condition`, `Models.condition`; shared/DESIGN.md, "Conditioning independent of
+        the batch").
         """
         if cond_mask is not None:
             cond = cond * cond_mask.unsqueeze(-1).to(cond.dtype)
@@ -79,6 +83,18 @@ class Decoder:
         cfg = self.vae.config
         dist = self.vae.encode(images * 2 - 1).latent_dist
         return (dist.mode() - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+
+
+def pad_condition(cond: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad cond (N, T, D) / mask (N, T) with zeros / False to exactly `length` positions, or
+    keep the first `length` (the fixed conditioning length, as SD3 pads or truncates T5 to 256
+    tokens). Padded positions are zeros, as `Decoder.velocity` zeroes every masked position."""
+    if cond.shape[1] >= length:
+        return cond[:, :length], mask[:, :length]
+    extra = length - cond.shape[1]
+    cond = torch.cat([cond, cond.new_zeros(cond.shape[0], extra, cond.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    return cond, mask
 
 
 def tiny_transformer_config(image_size: int = 32, joint_attention_dim: int = 32) -> dict:

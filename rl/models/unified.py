@@ -11,6 +11,7 @@ never a second copy.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,8 +20,10 @@ import torch
 from rl import adapters
 from rl.config import ConnectorConfig, Recipe
 from rl.models.connector import Connector
-from rl.models.decoder import Decoder, build_decoder
+from rl.models.decoder import Decoder, build_decoder, pad_condition
 from rl.models.encoder import Encoder, build_encoder
+
+log = logging.getLogger("unified_grpo.models")
 
 
 @dataclass
@@ -30,6 +33,10 @@ class Models:
     decoder: Decoder  # decoder.transformer carries a diffusers/peft adapter or KAdapter layers
     device: torch.device
     reader: str = "policy"  # models.connector.reader: caption re-read with the encoder adapter on / off
+    # Positions of every decoder condition (<|im_start|> + caption tokens, then padding), whatever
+    # the batch: build_models sets rollout.caption.max_new_tokens + 1. None: the batch's own
+    # length (rl/pretrain.py, which pads its caption pool to one length itself).
+    cond_length: int | None = None
 
     def parameters(self, policy: str) -> list[torch.nn.Parameter]:
         """Trainable parameters of `encoder` (adapter), `decoder` (adapter) or `connector`."""
@@ -112,10 +119,30 @@ class Models:
     def condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Decoder conditioning from captions alone: (cond (N, L, D), mask (N, L), pooled (N, P)).
-        Differentiable: stage 1 calls it with gradients on."""
+        Differentiable: stage 1 calls it with gradients on.
+
+        L is the fixed `cond_length` (shared/DESIGN.md, "Conditioning independent of the batch"), as
+        SD3 pads its T5 prompt to 256 tokens: padding is not neutral in SD3's joint attention (the
+        zeroed slots go through `context_embedder`, which has a bias, and are attended to), so a
+        caption must see the same number of pad slots alone or beside a longer caption. Rule:
+        <|im_start|> + the caption's tokens, then zeros (mask False) up to L; a longer
+        caption keeps its first L - 1 tokens (a warning says so; rollouts never sample one, since
+        L = max_new_tokens + 1). The encoder reads the caption causally with right padding, so the
+        real positions, and `pooled: mean` (a mean over them), do not depend on the batch either.
+        """
+        if self.cond_length is not None and caption_ids.shape[1] > self.cond_length - 1:
+            keep = self.cond_length - 1  # after the leading <|im_start|>
+            if caption_mask[:, keep:].any():
+                log.warning("captions longer than %d tokens are truncated to fit the decoder's fixed "
+                            "conditioning length %d (rollout.caption.max_new_tokens + 1)", keep, self.cond_length)
+            caption_ids, caption_mask = caption_ids[:, :keep], caption_mask[:, :keep]
         hidden_states, mask = self.read_captions(caption_ids, caption_mask)
         cond, pooled = self.connector(hidden_states, mask)
-        return cond, mask.bool(), pooled
+        mask = mask.bool()
+        cond = cond * mask.unsqueeze(-1).to(cond.dtype)  # pad slots are zeros, whatever the encoder read there
+        if self.cond_length is not None:
+            cond, mask = pad_condition(cond, mask, self.cond_length)
+        return cond, mask, pooled
 
 
 def build_connector(cfg: ConnectorConfig, encoder: Encoder, decoder: Decoder) -> Connector:
@@ -162,7 +189,9 @@ def build_models(recipe: Recipe, device: torch.device | None = None, vocabulary:
     torch.manual_seed(recipe.seed + 3)
     encoder.model = adapters.apply_adapter(encoder.model, m.encoder.adapter, "encoder")  # a PeftModel for lora/lokr
     adapters.apply_adapter(decoder.transformer, m.decoder.adapter, "decoder")  # in place
-    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=device, reader=m.connector.reader)
+    # <|im_start|> + at most max_new_tokens caption tokens: the longest condition a rollout makes.
+    models = Models(encoder=encoder, connector=connector, decoder=decoder, device=device, reader=m.connector.reader,
+                    cond_length=recipe.rollout.caption.max_new_tokens + 1)
     encoder.model.to(device)
     decoder.transformer.to(device)
     decoder.vae.to(device)

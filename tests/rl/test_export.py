@@ -6,6 +6,7 @@ real huggingface_hub client against a loopback HTTP server that records every re
 """
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -56,7 +57,14 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         logits = models.encoder.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         velocity = models.decoder.transformer(**x, return_dict=False)[0]
-    save_file({"input_ids": ids, **x, "logits": logits.contiguous(), "velocity": velocity.contiguous()},
+    # the project's decoder conditions of a caption and of the empty caption (CFG's negative)
+    conds = {}
+    for name, text in (("caption", "a red circle"), ("empty", "")):
+        words = torch.tensor([models.encoder.tokenizer(text, add_special_tokens=False).input_ids], dtype=torch.long)
+        with torch.no_grad():
+            cond, _, pooled = models.condition(words, torch.ones_like(words))
+        conds[f"cond_{name}"], conds[f"pooled_{name}"] = cond.clone(), pooled.clone()  # pooled: a view of one vector
+    save_file({"input_ids": ids, **x, "logits": logits.contiguous(), "velocity": velocity.contiguous(), **conds},
               str(root / "io.safetensors"))
     out = export_checkpoint(str(root / "run"), str(root / "out"), merge_encoder=True)
     return {"root": root, "out": Path(out), "run": root / "run", "state": state}
@@ -172,6 +180,56 @@ def test_model_card(exported):
     assert "| encoder | 2 | 0.75 |" in card and "| decoder | 3 | 0.8 |" in card  # final metrics
     assert "```yaml" in card and "cold_start_steps: 3" in card  # the recipe
     assert "## Caption prompt" in card and "caption_prompt.json" in card and "chat_template.jinja" in card
+
+
+def test_card_conditioning_snippet_builds_the_projects_condition(exported):
+    """The card's Loading and Conditioning code, run as written in the export folder by a process
+    without the project: the caption's condition equals `Models.condition`'s (fixed length, zeros
+    after the caption), and the stock SD3 pipeline renders from it with guidance."""
+    card = (exported["out"] / "README.md").read_text()
+    section = card.split("## Loading\n", 1)[1].split("## Training stages", 1)[0]
+    # the caption-prompt snippet is a fragment (it names an `image` and a `processor` of the
+    # reader's); test_model_card and test_exported_folders_load_... check that section
+    section = re.sub(r"## Caption prompt\n.*?(?=## )", "", section, flags=re.S)
+    code = "\n".join(block.split("```", 1)[0] for block in section.split("```python\n")[1:])
+    assert "LENGTH = 49" in code  # tiny.yaml: max_new_tokens 48, + <|im_start|>
+    script = textwrap.dedent("""
+        import json, sys
+
+        class _NoProject:
+
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("rl", "rollouts", "rewards"):
+                    raise ImportError(f"{name} is blocked: this process must not use the project")
+                return None
+
+        sys.meta_path.insert(0, _NoProject())
+        import torch
+        from safetensors.torch import load_file
+
+        io = load_file(sys.argv[1])
+        scope = {}
+        exec(open(sys.argv[2]).read(), scope)  # the card's code, cwd = the export folder
+        report = {"image_size": list(scope["image"].size)}
+        for name, text in (("caption", "a red circle"), ("empty", "")):
+            cond, pooled = scope["condition"](text)
+            report[f"shape_{name}"] = list(cond.shape)
+            report[f"cond_{name}"] = float((cond - io[f"cond_{name}"]).abs().max())
+            report[f"pooled_{name}"] = float((pooled - io[f"pooled_{name}"]).abs().max())
+        print("REPORT " + json.dumps(report))
+    """)
+    snippet = exported["root"] / "card_snippet.py"
+    snippet.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script, str(exported["root"] / "io.safetensors"), str(snippet)],
+                          cwd=exported["out"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    assert report["shape_caption"] == report["shape_empty"] == [1, 49, 32]
+    for key in ("cond_caption", "pooled_caption", "cond_empty", "pooled_empty"):
+        assert report[key] < 1e-5, (key, report)
+    assert report["image_size"] == [32, 32]
 
 
 def test_export_refuses_what_it_cannot_do(exported, tmp_path):

@@ -251,7 +251,9 @@ def test_paper_recipe_runs_encoder_connector_decoder_once(paper_models):
     assert out.logits.shape[-1] == 151936 and torch.isfinite(out.logits[:, -1]).all()
     caption = torch.tensor([[11, 12, 13, 151645]])  # three words and <|im_end|>
     cond, mask, pooled = m.condition(caption, torch.ones_like(caption))
-    assert cond.shape == (1, 5, 4096) and pooled.shape == (1, 2048)
+    # <|im_start|> + 4 tokens, then zeros up to the fixed length max_new_tokens + 1 (batch independence)
+    length = recipe.rollout.caption.max_new_tokens + 1
+    assert cond.shape == (1, length, 4096) and pooled.shape == (1, 2048) and not mask[:, 5:].any()
     latents = torch.randn(m.decoder.latent_shape(1))
     assert latents.shape == (1, 16, 8, 8)
     v = m.decoder.velocity(latents, torch.tensor([0.7]), cond, pooled, mask)

@@ -212,10 +212,10 @@ def test_cfg_batched_pass_equals_two_separate_passes(learner):
         with torch.no_grad():
             v, v_c = guided_velocity(dec, x, sigma, cond, mask, pooled, uncond, cfg_scale=4.0)
             assert len(forwards) == 1  # one transformer call over 2N rows
-            # Two separate passes; the empty caption padded to the caption length with masked zeros.
-            L = cond.shape[1]
-            u_cond = torch.cat([uncond.cond, uncond.cond.new_zeros(1, L - 1, uncond.cond.shape[2])], 1).expand(2, -1, -1)
-            u_mask = torch.cat([uncond.mask, uncond.mask.new_zeros(1, L - 1)], 1).expand(2, -1)
+            # Two separate passes; the empty caption has the captions' fixed length already
+            # (Models.condition: <|im_start|>, then masked zeros).
+            assert uncond.cond.shape[1] == cond.shape[1] and int(uncond.mask.sum()) == 1
+            u_cond, u_mask = uncond.cond.expand(2, -1, -1), uncond.mask.expand(2, -1)
             v_c_alone = dec.velocity(x, sigma, cond, pooled, mask)
             v_u_alone = dec.velocity(x, sigma, u_cond, uncond.pooled.expand(2, -1), u_mask)
             v1, v1_c = guided_velocity(dec, x, sigma, cond, mask, pooled, uncond, cfg_scale=1.0)
