@@ -285,7 +285,15 @@ class Trainer:
         self.version = version
         self._state_ref = self.learner.trainable_state.remote() if self.rollouts else None
         if self.rollouts:
-            ray.get([a.set_weights.remote(self._state_ref, self.version) for a in self.rollouts])
+            refs = [a.set_weights.remote(self._state_ref, self.version) for a in self.rollouts]
+            for index, ref in enumerate(refs):
+                try:
+                    ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    # Died (or restarting) mid-sync: Ray restarts it, and its next launch notices the
+                    # new process (_check_restarted) and hands it this same `_state_ref`.
+                    self._log_failure(self.step, "rollout", index, f"{type(e).__name__} during the weight sync "
+                                      f"of version {self.version}; re-synced when it is next used")
 
     def _learners(self, method: str, *args: Any) -> list[Any]:
         """Call every learner rank and wait; a dead learner ends the run (the last checkpoint stays)."""

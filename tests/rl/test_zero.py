@@ -169,7 +169,8 @@ def test_micro_batches_accumulate_the_full_batch_gradient(data):
         a, b = _gradients(full, stage), _gradients(micro, stage)
         assert a.keys() == b.keys() and a, stage
         for k in a:
-            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-9), (stage, k)
+            scale = float(a[k].abs().max())  # float32 sums in another order: error relative to the tensor
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5 * scale + 1e-12), (stage, k, float((a[k] - b[k]).abs().max()), scale)
 
 
 @pytest.mark.parametrize("zero", [0, 2])
