@@ -16,8 +16,9 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
         up-weights too easy / too hard groups).
 - `clip` (default 5.0): advantages clipped to [-clip, clip]; None disables.
 - Zero-variance groups (all present rewards equal, or fewer than 2 present) carry no signal:
-  advantage 0, `valid` False, and their fraction is reported as `zero_var_frac` (DAPO's dynamic
-  sampling drops them; we mask them). `trajectory_weights(drop_zero_advantage=True)` drops every
+  advantage 0, `valid` False, and their fraction is reported as `zero_var_frac`. The caption loss
+  keeps their tokens in its mask, so their KL applies (TRL); `caption_loss_mask(drop_zero_variance=
+  True)` drops them (DAPO's dynamic sampling). `trajectory_weights(drop_zero_advantage=True)` drops every
   zero-advantage row from the decoder loss's row mean as well (Flow-GRPO).
 - `mode` in `combine_rewards`: "sum_then_normalize" (default; weighted sum of the K rewards, then
   one normalisation), "normalize_then_sum" (TRL's: normalise each reward in its group, weighted
@@ -464,6 +465,24 @@ def truncated_rows(completion_ids: Tensor, completion_mask: Tensor, eos_id: int)
     completion_ids, completion_mask: (N, T).
     """
     return ~((completion_ids == eos_id) & completion_mask.bool()).any(dim=1)
+
+
+def caption_loss_mask(completion_mask: Tensor, valid: Tensor, truncated: Tensor, *,
+                      drop_zero_variance: bool = False, mask_truncated: bool = False) -> Tensor:
+    """(N, T) float loss mask of the caption policy's tokens, the m of `aggregation_weights`.
+
+    TRL (default): every completion token, whatever its advantage; a zero-variance group's rows
+    have advantage 0, so they add only their KL, and count in every denominator.
+    drop_zero_variance: rows with valid False leave the mask (DAPO's dynamic sampling).
+    mask_truncated: rows cut at max_new_tokens leave the mask (TRL mask_truncated_completions).
+    completion_mask (N, T); valid, truncated (N,) bool.
+    """
+    mask = completion_mask.float()
+    if drop_zero_variance:
+        mask = mask * valid.float().unsqueeze(1)
+    if mask_truncated:
+        mask = mask * (~truncated).float().unsqueeze(1)
+    return mask
 
 
 def kl_in_reward(rewards: Tensor, kl_per_token: Tensor, mask: Tensor, beta: float) -> Tensor:

@@ -449,12 +449,9 @@ class Learner:
         suppressed = self.models.encoder.suppressed_ids
         # TRL: every row stays in the loss mask (a zero-variance group's rows with advantage 0: their KL
         # applies, their tokens count in the denominators); drop_zero_variance drops them (DAPO).
-        mask = group.completion_mask.float()  # (N, T)
         truncated = grpo.truncated_rows(group.completion_ids, group.completion_mask, self.models.encoder.eos_token_id)
-        if cfg.drop_zero_variance:
-            mask = mask * valid.float().unsqueeze(1)
-        if cfg.mask_truncated_completions:  # TRL / DAPO overlong filtering
-            mask = mask * (~truncated).float().unsqueeze(1)
+        mask = grpo.caption_loss_mask(group.completion_mask, valid, truncated, drop_zero_variance=cfg.drop_zero_variance,
+                                      mask_truncated=cfg.mask_truncated_completions)  # (N, T)
         # Per-token weights of the whole batch: the micro-batches' losses add up to its loss.
         w = grpo.aggregation_weights(mask, g.loss_agg, self.recipe.rollout.caption.max_new_tokens).to(self.device)
         w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
@@ -559,7 +556,6 @@ class Learner:
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
         stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
-        stats["truncated_frac"] = float(truncated.float().mean()) if truncated.numel() else 0.0
         return stats
 
     # ------------------------------------------------------------------------------------------
