@@ -219,3 +219,22 @@ def test_bias_correction_refused_with_beta_zero():
 def test_recipe_load_refuses_bias_correction_without_kl():
     with pytest.raises(RecipeError, match="use_bias_correction_kl"):
         load_recipe(RECIPE, ["grpo.encoder.beta=0", "grpo.encoder.use_bias_correction_kl=true"], check_files=False)
+
+
+def test_generate_captions_top_k_reaches_generate():
+    """TRL's sampling kwargs: top_k=1 sampling is greedy decoding; defaults (top_k None, min_p None,
+    repetition_penalty 1) leave sampling as it was."""
+    from rl.models.encoder import build_tiny_encoder
+    from rl.shapes import VOCABULARY, generate_shapes
+    from rollouts.captions import generate_captions
+
+    enc = build_tiny_encoder(VOCABULARY, image_size=32, seed=0)
+    enc.model.eval()
+    images = [r.image for r in generate_shapes(2, seed=3)]
+    greedy = generate_captions(enc, images, 1, max_new_tokens=8, greedy=True)
+    top1 = generate_captions(enc, images, 1, max_new_tokens=8, top_k=1, seed=5)
+    assert top1.captions == greedy.captions
+    assert generate_captions(enc, images, 1, max_new_tokens=8, seed=5).captions != greedy.captions  # top_k mattered
+    a = generate_captions(enc, images, 2, max_new_tokens=8, seed=5)
+    b = generate_captions(enc, images, 2, max_new_tokens=8, seed=5, top_k=0, min_p=None, repetition_penalty=1.0)
+    assert torch.equal(a.completion_ids, b.completion_ids)
