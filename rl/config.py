@@ -355,8 +355,8 @@ class EncoderOptim(PolicyOptim):
         description="`token` (default, TRL): one ratio exp(logp - old_logp) per token. `sequence` (GSPO, Zheng et al. "
         "2025; TRL's implementation): one ratio per caption, exp of the masked mean of its tokens' log-ratios, "
         "clipped as one. GSPO's objective is per sequence: pair it with grpo.loss_agg `sequence_mean` (TRL "
-        "loss_type `grpo`); with `token_mean` or `constant` each caption weighs by its length (TRL warns, as here "
-        "in the docs: it is allowed). GSPO clips far tighter, about epsilon 3e-4 / epsilon_high 4e-4.",
+        "loss_type `grpo`); with `token_mean` or `constant` each caption weighs by its length (TRL warns; allowed "
+        "here). GSPO clips far tighter, about epsilon 3e-4 / epsilon_high 4e-4.",
     )
     use_bias_correction_kl: bool | None = Field(
         None,

@@ -402,7 +402,8 @@ def micro_batch_loss(
     stats are `grpo_loss`'s on the whole batch; `LossStats` adds the stats up.
 
     level: importance ratio per "token" or per "sequence" (GSPO), see `clipped_policy_loss`; the
-    sequence mask is token_weights > 0 (rows are whole in a micro-batch).
+    sequence mask is token_weights > 0 (rows are whole in a micro-batch). Its clip_frac / ratio
+    statistics stay token means of the broadcast ratio (TRL's clip ratio is a mean over sequences there).
     bias_correction_kl: KL_it <- r_it KL_it with the (differentiable) importance ratio, TRL's
     use_bias_correction_kl (DeepSeek-V3.2): the KL gradient becomes the unbiased reverse-KL one.
     The kl statistic is of the corrected KL, as TRL logs it.
