@@ -332,6 +332,52 @@ class PolicyOptim(_Section):
     epsilon_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO's clip-higher); None: epsilon.")
 
 
+class EncoderOptim(PolicyOptim):
+    """The caption policy's optimisation, plus the TRL GRPOTrainer options of the token loss (TRL 1.16
+    trl/trainer/grpo_config.py; defaults are TRL's unless said otherwise)."""
+
+    drop_zero_variance: bool = Field(
+        False,
+        description="Drop the rows that carry no advantage signal (members of zero-variance groups, and rows "
+        "without any reward) from the caption loss: their tokens leave the loss mask, the KL term and the "
+        "denominators of `grpo.loss_agg`, and the kl / clip_frac / ratio statistics (DAPO's dynamic sampling, which "
+        "drops such groups; this was the behaviour before TRL parity). False (default, TRL): they stay in the mask "
+        "with advantage 0, so their KL still applies and their tokens count in every denominator and statistic.",
+    )
+    mask_truncated_completions: bool = Field(
+        False,
+        description="Exclude captions that hit rollout.caption.max_new_tokens without EOS from the loss (their "
+        "mask is zeroed, policy and KL terms alike). TRL: mask_truncated_completions, default false; DAPO "
+        "recommends it (overlong filtering). The truncated fraction is logged as `caption/truncated_frac` either way.",
+    )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="`token` (default, TRL): one ratio exp(logp - old_logp) per token. `sequence` (GSPO, Zheng et al. "
+        "2025; TRL's implementation): one ratio per caption, exp of the masked mean of its tokens' log-ratios, "
+        "clipped as one. GSPO's objective is per sequence: pair it with grpo.loss_agg `sequence_mean` (TRL "
+        "loss_type `grpo`); with `token_mean` or `constant` each caption weighs by its length (TRL warns; allowed "
+        "here). GSPO clips far tighter, about epsilon 3e-4 / epsilon_high 4e-4.",
+    )
+    use_bias_correction_kl: bool | None = Field(
+        None,
+        description="Multiply the per-token KL by the importance ratio (differentiable: it changes the KL gradient "
+        "even on-policy, where the ratio is 1), so the KL gradient is the unbiased reverse-KL one (DeepSeek-V3.2; "
+        "TRL use_bias_correction_kl, default true). None (default): TRL's, i.e. on whenever beta > 0. false: the "
+        "plain k-estimator gradient (the behaviour before TRL parity). true needs beta > 0.",
+    )
+
+    @model_validator(mode="after")
+    def _bias_correction_needs_kl(self) -> "EncoderOptim":
+        if self.use_bias_correction_kl and self.beta == 0:
+            raise ValueError("use_bias_correction_kl=true corrects the KL term, but beta=0 has none: set "
+                             "grpo.encoder.use_bias_correction_kl to null/false, or grpo.encoder.beta > 0")
+        return self
+
+    def bias_correction_kl(self) -> bool:
+        """The effective use_bias_correction_kl (None: TRL's true, whenever beta > 0)."""
+        return self.beta > 0 and self.use_bias_correction_kl is not False
+
+
 class DecoderOptim(PolicyOptim):
     """The decoder policy's optimisation, plus the EMA that only the decoder side has."""
 
@@ -369,9 +415,16 @@ class GRPOConfig(_Section):
     loss_agg: Literal["token_mean", "sequence_mean", "constant"] = Field("sequence_mean", description="`sequence_mean`: 1/G sum 1/T_i sum_t (UAE eq. 2). `token_mean`: over all tokens (DAPO). `constant`: divide by G*max_len (Dr. GRPO).")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Caption KL estimator (k3: unbiased, non-negative; GRPO).")
     num_iterations: int = Field(1, gt=0, description="Optimisation passes over each rollout batch (GRPO's mu).")
-    reward_combine: Literal["sum_then_normalize", "normalize_then_sum"] = Field("sum_then_normalize", description="How several weighted rewards form one advantage.")
+    reward_combine: Literal["sum_then_normalize", "normalize_then_sum", "normalize_then_sum_raw"] = Field(
+        "sum_then_normalize",
+        description="How several weighted rewards form one advantage (TRL: multi_objective_aggregation, default "
+        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`. `normalize_then_sum` "
+        "(TRL's, GDPO): each reward normalised in its group (unbiased group std + 1e-4, whatever `scale`), weighted "
+        "sum, then standardised over the batch (mean, unbiased std + 1e-4). `normalize_then_sum_raw`: each reward "
+        "normalised with `scale`, weighted sum, no batch standardisation (the behaviour before TRL parity). "
+        "`adv_clip` applies after each.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
-    encoder: PolicyOptim = Field(default_factory=lambda: PolicyOptim(lr=1e-5, beta=0.04, epsilon=0.2))
+    encoder: EncoderOptim = Field(default_factory=lambda: EncoderOptim(lr=1e-5, beta=0.04, epsilon=0.2))
     decoder: DecoderOptim = Field(default_factory=lambda: DecoderOptim(lr=3e-4, beta=0.04, epsilon=1e-4))
 
 

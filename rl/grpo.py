@@ -16,11 +16,19 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
         up-weights too easy / too hard groups).
 - `clip` (default 5.0): advantages clipped to [-clip, clip]; None disables.
 - Zero-variance groups (all present rewards equal, or fewer than 2 present) carry no signal:
-  advantage 0, `valid` False, and their fraction is reported as `zero_var_frac` (DAPO's dynamic
-  sampling drops them; we mask them). `trajectory_weights(drop_zero_advantage=True)` drops every
+  advantage 0, `valid` False, and their fraction is reported as `zero_var_frac`. The caption loss
+  keeps their tokens in its mask, so their KL applies (TRL); `caption_loss_mask(drop_zero_variance=
+  True)` drops them (DAPO's dynamic sampling). `trajectory_weights(drop_zero_advantage=True)` drops every
   zero-advantage row from the decoder loss's row mean as well (Flow-GRPO).
 - `mode` in `combine_rewards`: "sum_then_normalize" (default; weighted sum of the K rewards, then
-  one normalisation) or "normalize_then_sum" (normalise each reward, then weighted sum).
+  one normalisation), "normalize_then_sum" (TRL's: normalise each reward in its group, weighted
+  sum, then standardise over the batch) or "normalize_then_sum_raw" (no batch standardisation).
+- `level` in `clipped_policy_loss` / `micro_batch_loss`: "token" (default) ratio per token, or
+  "sequence" (GSPO, Zheng et al. 2025): exp of the masked mean log-ratio of each sequence.
+- `bias_correction_kl` in `micro_batch_loss`: KL times the importance ratio (TRL's
+  use_bias_correction_kl, DeepSeek-V3.2).
+- `truncated_rows`: completions without EOS (hit max_new_tokens), for TRL's
+  mask_truncated_completions (DAPO's overlong filtering).
 - `kind` in `kl_estimator`: "k1" log r, "k2" (log r)^2 / 2, "k3" (default) r - 1 - log r with
   r = ref/pi (Schulman, "Approximating KL divergence", 2020; k3 is unbiased and >= 0).
 - `epsilon` (default 0.2) and `epsilon_high` (default None = epsilon) in the clipped objective;
@@ -125,7 +133,7 @@ def combine_rewards(
     rewards: Tensor,
     weights: Sequence[float],
     group_size: int,
-    mode: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize",
+    mode: Literal["sum_then_normalize", "normalize_then_sum", "normalize_then_sum_raw"] = "sum_then_normalize",
     scale: Literal["group", "batch", "batch_population", "none"] = "group",
     eps: float = 1e-4,
     clip: float | None = 5.0,
@@ -134,9 +142,15 @@ def combine_rewards(
 
     "sum_then_normalize": R_i = sum_k w_k R_ki over the rewards present for sample i (a missing
         term is skipped, i.e. counts 0; NaN if all K are missing), then `group_advantages`.
-    "normalize_then_sum": A_i = sum_k w_k A_ki with A_k = group_advantages(R_k) unclipped, then
-        clipped once; valid where any component is valid; `zero_var_frac` is the fraction of
-        groups with no valid member (every component zero-variance there).
+    "normalize_then_sum" (TRL 1.16 `multi_objective_aggregation="normalize_then_sum"`, GDPO):
+        S_i = sum_k w_k (R_ki - mean_g(R_k)) / (std_g(R_k) + eps), each reward normalised in its
+        group with the unbiased group std whatever `scale` says (TRL ignores scale_rewards here),
+        a missing term counting 0; then the sum is standardised over the batch,
+        A_i = (S_i - mean(S)) / (std(S) + eps) (unbiased std over rows with any reward), then clipped.
+    "normalize_then_sum_raw" (before TRL parity): A_i = sum_k w_k A_ki with A_k =
+        group_advantages(R_k, scale) unclipped, then clipped once; no batch re-standardisation.
+    In both, valid is where any component is valid (others get advantage 0); `zero_var_frac` is the
+    fraction of groups with no valid member (every component zero-variance there).
     """
     r = to_reward_tensor(rewards)
     if r.ndim != 2 or r.shape[0] != len(weights):
@@ -151,12 +165,20 @@ def combine_rewards(
         total = torch.where(present, w * r, torch.zeros_like(r)).sum(dim=0)  # (N,)
         total = torch.where(present.any(dim=0), total, torch.full_like(total, float("nan")))
         return group_advantages(total, group_size, scale=scale, eps=eps, clip=clip)
-    if mode != "normalize_then_sum":
-        raise ValueError(f"mode={mode!r}: use 'sum_then_normalize' or 'normalize_then_sum'")
+    if mode not in ("normalize_then_sum", "normalize_then_sum_raw"):
+        raise ValueError(f"mode={mode!r}: use 'sum_then_normalize', 'normalize_then_sum' or "
+                         "'normalize_then_sum_raw'")
 
-    parts = [group_advantages(r_k, group_size, scale=scale, eps=eps, clip=None) for r_k in r]
-    adv = (w * torch.stack([p.advantages for p in parts])).sum(dim=0)  # (N,)
+    trl = mode == "normalize_then_sum"
+    parts = [group_advantages(r_k, group_size, scale="group" if trl else scale, eps=eps, clip=None) for r_k in r]
+    adv = (w * torch.stack([p.advantages for p in parts])).sum(dim=0)  # (N,) S_i
     valid = torch.stack([p.valid for p in parts]).any(dim=0)
+    if trl:
+        # TRL's nanmean / nanstd over the rows with any reward (an unscorable row is NaN there)
+        s_present = adv[present.any(dim=0)]
+        mean = s_present.mean() if s_present.numel() else adv.new_zeros(())
+        std = s_present.std() if s_present.numel() >= 2 else adv.new_zeros(())
+        adv = torch.where(valid, (adv - mean) / (std + eps), torch.zeros_like(adv))
     if clip is not None:
         adv = adv.clamp(-clip, clip)
     no_signal = ~valid.view(-1, group_size).any(dim=1)
@@ -193,6 +215,8 @@ def clipped_policy_loss(
     advantages: Tensor,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
+    level: Literal["token", "sequence"] = "token",
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-element PPO/GRPO clipped loss, UAE eq. 2 without the KL term:
 
@@ -201,11 +225,22 @@ def clipped_policy_loss(
     logp, old_logp: (B, T) per token (captions) or per denoising step (trajectories).
     advantages: (B,), broadcast over T. epsilon_high None means symmetric (= epsilon); DAPO
     uses 0.28 so low-probability tokens can still grow.
+    level "sequence" (GSPO, Zheng et al. 2025, as TRL's importance_sampling_level="sequence"): one
+    ratio per sequence, r_i = exp(sum_t m_it (logp - old_logp)_it / max(1, sum_t m_it)), broadcast
+    over its T elements; needs mask (B, T).
     Returns (loss (B, T), ratio (B, T), clipped (B, T) bool: the min took the clipped term and
     it differs from the unclipped one, so no gradient flows there).
     """
     eps_high = epsilon if epsilon_high is None else epsilon_high
-    ratio = torch.exp(logp - old_logp)  # (B, T)
+    log_ratio = logp - old_logp  # (B, T)
+    if level == "sequence":
+        if mask is None:
+            raise ValueError("level='sequence' needs mask=(B, T): the ratio is a masked mean over each sequence")
+        m = mask.to(log_ratio.dtype)
+        log_ratio = ((log_ratio * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)).expand_as(logp)
+    elif level != "token":
+        raise ValueError(f"level={level!r}: use 'token' or 'sequence'")
+    ratio = torch.exp(log_ratio)  # (B, T)
     adv = advantages.reshape(advantages.shape[0], *([1] * (logp.ndim - 1)))  # (B, 1)
     unclipped = ratio * adv
     clipped_obj = ratio.clamp(1 - epsilon, 1 + eps_high) * adv
@@ -355,6 +390,8 @@ def micro_batch_loss(
     beta: float = 0.0,
     epsilon: float = 0.2,
     epsilon_high: float | None = None,
+    level: Literal["token", "sequence"] = "token",
+    bias_correction_kl: bool = False,
 ) -> LossOutput:
     """`grpo_loss` on one micro-batch (b rows, t elements) of a larger batch:
 
@@ -363,10 +400,20 @@ def micro_batch_loss(
     with w the batch's `aggregation_weights` (sliced to the micro-batch) and token_weights those of
     "token_mean" (for the kl and clip_frac statistics). Summed over the micro-batches, loss and
     stats are `grpo_loss`'s on the whole batch; `LossStats` adds the stats up.
+
+    level: importance ratio per "token" or per "sequence" (GSPO), see `clipped_policy_loss`; the
+    sequence mask is token_weights > 0 (rows are whole in a micro-batch). Its clip_frac / ratio
+    statistics stay token means of the broadcast ratio (TRL's clip ratio is a mean over sequences there).
+    bias_correction_kl: KL_it <- r_it KL_it with the (differentiable) importance ratio, TRL's
+    use_bias_correction_kl (DeepSeek-V3.2): the KL gradient becomes the unbiased reverse-KL one.
+    The kl statistic is of the corrected KL, as TRL logs it.
     """
     if beta != 0.0 and kl is None:
         raise ValueError(f"beta={beta} needs kl=(B, T) per-element KL; pass it or set beta=0")
-    per_el, ratio, clipped = clipped_policy_loss(logp, old_logp, advantages, epsilon, epsilon_high)
+    per_el, ratio, clipped = clipped_policy_loss(logp, old_logp, advantages, epsilon, epsilon_high,
+                                                 level=level, mask=token_weights > 0)
+    if kl is not None and bias_correction_kl:
+        kl = kl * ratio
     total = per_el + beta * kl if (kl is not None and beta != 0.0) else per_el
     loss = (total * weights).sum()
     with torch.no_grad():
@@ -408,6 +455,35 @@ class LossStats:
             "ratio_max": self.ratio_max if self.ratio_max is not None else 1.0,
             "ratio_min": self.ratio_min if self.ratio_min is not None else 1.0,
         }
+
+
+def truncated_rows(completion_ids: Tensor, completion_mask: Tensor, eos_id: int) -> Tensor:
+    """(N,) bool: rows with no EOS among their masked tokens, i.e. cut at max_new_tokens.
+
+    TRL marks a completion truncated when its last token is neither EOS nor pad
+    (`ids[-1] not in eos_and_pad`); our mask runs up to and including the first EOS, so a finished
+    row has its EOS inside the mask and an unfinished one has none.
+    completion_ids, completion_mask: (N, T).
+    """
+    return ~((completion_ids == eos_id) & completion_mask.bool()).any(dim=1)
+
+
+def caption_loss_mask(completion_mask: Tensor, valid: Tensor, truncated: Tensor, *,
+                      drop_zero_variance: bool = False, mask_truncated: bool = False) -> Tensor:
+    """(N, T) float loss mask of the caption policy's tokens, the m of `aggregation_weights`.
+
+    TRL (default): every completion token, whatever its advantage; a zero-variance group's rows
+    have advantage 0, so they add only their KL, and count in every denominator.
+    drop_zero_variance: rows with valid False leave the mask (DAPO's dynamic sampling).
+    mask_truncated: rows cut at max_new_tokens leave the mask (TRL mask_truncated_completions).
+    completion_mask (N, T); valid, truncated (N,) bool.
+    """
+    mask = completion_mask.float()
+    if drop_zero_variance:
+        mask = mask * valid.float().unsqueeze(1)
+    if mask_truncated:
+        mask = mask * (~truncated).float().unsqueeze(1)
+    return mask
 
 
 def kl_in_reward(rewards: Tensor, kl_per_token: Tensor, mask: Tensor, beta: float) -> Tensor:

@@ -447,7 +447,11 @@ class Learner:
         chunk = self.recipe.learner.logits_chunk
         model = self.models.encoder.model
         suppressed = self.models.encoder.suppressed_ids
-        mask = group.completion_mask.float() * valid.float().unsqueeze(1)  # (N, T)
+        # TRL: every row stays in the loss mask (a zero-variance group's rows with advantage 0: their KL
+        # applies, their tokens count in the denominators); drop_zero_variance drops them (DAPO).
+        truncated = grpo.truncated_rows(group.completion_ids, group.completion_mask, self.models.encoder.eos_token_id)
+        mask = grpo.caption_loss_mask(group.completion_mask, valid, truncated, drop_zero_variance=cfg.drop_zero_variance,
+                                      mask_truncated=cfg.mask_truncated_completions)  # (N, T)
         # Per-token weights of the whole batch: the micro-batches' losses add up to its loss.
         w = grpo.aggregation_weights(mask, g.loss_agg, self.recipe.rollout.caption.max_new_tokens).to(self.device)
         w_tok = grpo.aggregation_weights(mask, "token_mean").to(self.device)
@@ -475,7 +479,9 @@ class Learner:
                             old_logp[rows] = logp.detach()
                         kl = grpo.kl_estimator(logp, ref_logp[rows], g.kl_estimator) if ref_logp is not None else None
                         out = grpo.micro_batch_loss(logp, old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl,
-                                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high)
+                                                    beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                                                    level=cfg.importance_sampling_level,
+                                                    bias_correction_kl=cfg.bias_correction_kl())
                         return out, entropy
 
                     out, entropy = self._forward_backward(loss_fn)
@@ -488,6 +494,7 @@ class Learner:
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
         stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
+        stats["truncated_frac"] = float(truncated.float().mean()) if truncated.numel() else 0.0
         return stats
 
     # ------------------------------------------------------------------------------------------

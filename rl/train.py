@@ -601,6 +601,8 @@ def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]
         "ratio_mean": stats.get("ratio_mean", 1.0), "entropy": stats.get("entropy", 0.0),
         "zero_var_frac": adv.zero_var_frac, "grad_norm": stats.get("grad_norm", 0.0),
         "version": stats.get("version"), "stale": stats.get("stale_rollout", 0.0), **_caption_stats(captions),
+        # captions cut at max_new_tokens without EOS (TRL: completions/clipped_ratio); encoder stage only
+        **({"caption/truncated_frac": stats["truncated_frac"]} if "truncated_frac" in stats else {}),
         "captions": captions[:2],
     }
     for name, mean in batch.means.items():

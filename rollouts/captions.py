@@ -65,6 +65,7 @@ def completion_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 @torch.no_grad()
 def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_size: int, *,
                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                      top_k: int | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                       seed: int = 0, version: int = 0, greedy: bool = False,
                       micro_batch_size: int | None = None, logits_chunk: int = 1024) -> CaptionGroup:
     """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate.
@@ -81,6 +82,10 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
 
     The sampled captions depend on `micro_batch_size` through the global random stream (seeded once
     from `seed`), not their distribution.
+
+    Sampling filters as TRL's GRPOConfig: top_k (None or 0: off; TRL default 0), min_p (None: off,
+    TRL's default), repetition_penalty (1.0: off, TRL's default). Like TRL, the log-probs are of the
+    temperature-scaled distribution without these filters.
     """
     model = encoder.model
     device = next(model.parameters()).device
@@ -103,7 +108,9 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
             do_sample=not greedy,
             temperature=temperature if not greedy else None,
             top_p=top_p if not greedy else None,
-            top_k=None,
+            top_k=top_k if (top_k and not greedy) else None,
+            min_p=min_p if not greedy else None,
+            repetition_penalty=repetition_penalty,
             max_new_tokens=max_new_tokens,
             num_return_sequences=g,
             eos_token_id=encoder.eos_token_id,

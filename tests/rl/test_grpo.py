@@ -153,12 +153,13 @@ def test_combine_sum_then_normalize_with_missing_components():
 
 
 def test_combine_normalize_then_sum_with_missing_components():
+    # the raw variant (no batch standardisation); TRL's normalize_then_sum: tests/rl/test_trl_parity.py
     # per reward, scale none:
     #   R1: [1,3] -> [-1, 1]; [2,2] zero-var -> 0; [NaN,1] one present -> 0
     #   R2: [2,0] -> [1, -1]; [NaN,4] one present -> 0; [NaN,1] -> 0
     # weighted sum: group 0 = [-1 + 0.5*1, 1 + 0.5*(-1)] = [-0.5, 0.5]; the rest 0, invalid
     # zero_var_frac: groups 1 and 2 have no valid member -> 2/3
-    out = combine_rewards(R, [1.0, 0.5], group_size=2, mode="normalize_then_sum", scale="none")
+    out = combine_rewards(R, [1.0, 0.5], group_size=2, mode="normalize_then_sum_raw", scale="none")
     close(out.advantages, [-0.5, 0.5, 0, 0, 0, 0])
     assert out.valid.tolist() == [True, True, False, False, False, False]
     assert out.zero_var_frac == pytest.approx(2 / 3)
@@ -169,16 +170,16 @@ def test_combine_normalize_then_sum_valid_if_any_component_and_clip_after_sum():
     #   R1: [-1, 1 | zero-var 0, 0];  R2: [zero-var 0, 0 | -1, 1]
     #   sum: [-1, 1, 2*(-1), 2*1] = [-1, 1, -2, 2], all valid (each group valid in one reward)
     r = torch.tensor([[1.0, 3.0, 5.0, 5.0], [0.0, 0.0, 0.0, 2.0]])
-    out = combine_rewards(r, [1.0, 2.0], 2, mode="normalize_then_sum", scale="none", clip=None)
+    out = combine_rewards(r, [1.0, 2.0], 2, mode="normalize_then_sum_raw", scale="none", clip=None)
     close(out.advantages, [-1, 1, -2, 2])
     assert out.valid.all() and out.zero_var_frac == 0.0
     # clip=1.5 applies to the sum: [-1, 1, -2, 2] -> [-1, 1, -1.5, 1.5]
-    out = combine_rewards(r, [1.0, 2.0], 2, mode="normalize_then_sum", scale="none", clip=1.5)
+    out = combine_rewards(r, [1.0, 2.0], 2, mode="normalize_then_sum_raw", scale="none", clip=1.5)
     close(out.advantages, [-1, 1, -1.5, 1.5])
     # ... and only to the sum: R2 = [0,0 | 0,4] -> group 1 [-2, 2], weight 0.5 -> [-1, 1].
     # Clipping each component first would give 0.5 * [-1.5, 1.5] = [-0.75, 0.75].
     r = torch.tensor([[1.0, 3.0, 5.0, 5.0], [0.0, 0.0, 0.0, 4.0]])
-    out = combine_rewards(r, [1.0, 0.5], 2, mode="normalize_then_sum", scale="none", clip=1.5)
+    out = combine_rewards(r, [1.0, 0.5], 2, mode="normalize_then_sum_raw", scale="none", clip=1.5)
     close(out.advantages, [-1, 1, -1, 1])
 
 
