@@ -257,3 +257,235 @@ def test_redact_hides_whole_and_cut_off_secrets():
     assert redact("tail " + SECRET[:10], SECRET) == "tail [redacted]"
     assert redact("no secret here", SECRET) == "no secret here"
     assert redact("anything", None) == "anything"
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge server: bounded threads, deadlines, refusals (a stub model, no torch)
+# ---------------------------------------------------------------------------------------------
+
+from rewards.judge_server import ServerLimits, serve  # noqa: E402
+
+
+class StubModel:
+    """Stands in for ChatModel: answers "1: yes" at once, or with `hold` set, keeps generating
+    (checking should_stop every 10 ms, up to 20 s) the way a 10^9-token request would."""
+
+    name = "stub"
+
+    def __init__(self):
+        self.calls, self.hold, self.stopped = [], False, threading.Event()
+
+    def generate(self, messages, max_tokens, temperature, top_p=1.0, should_stop=None):
+        self.calls.append(max_tokens)
+        if self.hold:
+            for _ in range(2000):
+                if not self.hold:  # the test let it finish
+                    break
+                if should_stop():
+                    self.stopped.set()
+                    return "", 1, 0, "length"
+                time.sleep(0.01)
+        return "1: yes", 1, 2, "stop"
+
+
+@contextlib.contextmanager
+def stub_judge_server(**limits):
+    stub = StubModel()
+    server, _ = serve(stub, "127.0.0.1", 0, **limits)
+    try:
+        yield server, stub
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def http(server, method="POST", path="/v1/chat/completions", body=None, headers=None, raw=None,
+         timeout=5.0):
+    """(status, headers dict, parsed JSON body) of one request over a fresh socket."""
+    port = server.server_address[1]
+    if raw is None:
+        data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        head = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json",
+                "Content-Length": str(len(data)), **(headers or {})}
+        raw = (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()
+                                                         if v is not None) + "\r\n").encode() + data
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), fields, json.loads(payload) if payload else None
+
+
+def chat(model="stub", **extra):
+    return {"model": model, "messages": [{"role": "user", "content": "1: ?"}], **extra}
+
+
+def test_server_answers_a_plain_request():
+    with stub_judge_server() as (server, stub):
+        status, headers, reply = http(server, body=chat())
+        assert status == 200 and reply["choices"][0]["message"]["content"] == "1: yes"
+        assert stub.calls == [256]  # no max_tokens -> min(256, cap)
+        assert http(server, "GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("raw_length, status", [("abc", 400), ("-1", 400), (None, 411), ("99999999999", 413)])
+def test_server_refuses_a_bad_content_length(raw_length, status):
+    with stub_judge_server() as (server, stub):
+        got, _, reply = http(server, body=chat(), headers={"Content-Length": raw_length})
+    assert got == status, reply
+    assert not stub.calls
+
+
+@pytest.mark.parametrize("headers, status, code", [
+    ({"Content-Type": "text/plain"}, 415, 415),
+    ({"Content-Type": None}, 415, 415),
+    ({"Host": "evil.example:80"}, 403, 403),
+    ({"Host": "127.0.0.1:1"}, 403, 403),
+    ({"Host": None}, 403, 403),
+])
+def test_server_refuses_what_a_web_page_could_send(headers, status, code):
+    with stub_judge_server() as (server, stub):
+        got, _, reply = http(server, body=chat(), headers=headers)
+        assert (got, reply["error"]["code"]) == (status, code)
+        port = server.server_address[1]
+        assert http(server, body=chat(), headers={"Host": f"localhost:{port}"})[0] == 200
+    assert len(stub.calls) == 1
+
+
+@pytest.mark.parametrize("body, status, code", [
+    (chat(model="gpt-4o"), 404, "model_not_found"),
+    (chat(model=None), 400, 400),
+    (chat(max_tokens=0), 400, 400),  # OpenAI refuses 0; it used to become 256
+    (chat(max_tokens=10**9), 400, 400),  # above the cap: it used to block every other request
+    (chat(max_tokens=513), 400, 400),
+    (chat(max_tokens=True), 400, 400),
+    (chat(temperature="hot"), 400, 400),
+    (b"{not json", 400, 400),
+])
+def test_server_refuses_bad_requests(body, status, code):
+    with stub_judge_server() as (server, stub):
+        got, _, reply = http(server, body=body)
+    assert (got, reply["error"]["code"]) == (status, code), reply
+    assert not stub.calls
+
+
+def test_server_max_tokens_cap_is_an_option():
+    with stub_judge_server(max_tokens_cap=16) as (server, stub):
+        assert http(server, body=chat(max_tokens=17))[0] == 400
+        assert http(server, body=chat(max_tokens=16))[0] == 200
+        assert http(server, body=chat())[0] == 200
+    assert stub.calls == [16, 16]  # no max_tokens -> min(256, 16)
+    with pytest.raises(ValueError, match="max_tokens_cap"):
+        ServerLimits(max_tokens_cap=0)
+
+
+def test_server_deadline_stops_generation():
+    with stub_judge_server(request_timeout=0.5) as (server, stub):
+        stub.hold = True
+        start = time.monotonic()
+        status, _, reply = http(server, body=chat())
+        assert status == 504 and "request_timeout=0.5" in reply["error"]["message"]
+        assert time.monotonic() - start < 2.0 and stub.stopped.is_set()
+        stub.hold = False
+        assert http(server, body=chat())[0] == 200  # the model is free again
+
+
+def test_server_stops_generating_when_the_client_leaves():
+    with stub_judge_server() as (server, stub):
+        stub.hold = True
+        port = server.server_address[1]
+        data = json.dumps(chat()).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=5.0) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                      f"application/json\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)
+            time.sleep(0.3)  # generation under way
+        assert stub.stopped.wait(2.0)  # it went on for 20 s before (until max_tokens)
+        stub.hold = False
+        assert http(server, body=chat())[0] == 200
+
+
+def test_server_queue_is_bounded():
+    with stub_judge_server(max_queue=0, request_timeout=5.0) as (server, stub):
+        stub.hold = True
+        first = threading.Thread(target=lambda: http(server, body=chat(), timeout=3.0), daemon=True)
+        first.start()
+        for _ in range(100):  # wait until the first one holds the model
+            if stub.calls:
+                break
+            time.sleep(0.01)
+        status, headers, reply = http(server, body=chat())
+        assert status == 503 and headers["Retry-After"] == "1"
+        stub.hold = False
+        first.join(5.0)
+
+
+def _half_open(port: int, count: int) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Le".encode())
+        sockets.append(s)
+    return sockets
+
+
+def test_server_survives_50_half_open_connections():
+    with stub_judge_server(read_timeout=5.0) as (server, stub):
+        threads_before = threading.active_count()
+        sockets = _half_open(server.server_address[1], 50)
+        try:
+            time.sleep(0.3)
+            start = time.monotonic()
+            assert http(server, body=chat())[0] == 200
+            assert time.monotonic() - start < 1.0
+            assert threading.active_count() - threads_before <= server.limits.max_connections
+        finally:
+            for s in sockets:
+                s.close()
+
+
+def test_server_threads_are_bounded_and_busy_means_503():
+    with stub_judge_server(max_connections=4, read_timeout=0.5) as (server, stub):
+        threads_before = threading.active_count()
+        sockets = _half_open(server.server_address[1], 30)
+        try:
+            time.sleep(0.2)
+            assert threading.active_count() - threads_before <= 4  # was one thread per connection
+            status, headers, _ = http(server, body=chat())
+            assert status == 503 and headers["Retry-After"] == "1"
+            time.sleep(1.0)  # read_timeout drops the half-sent requests, freeing the workers
+            assert http(server, body=chat())[0] == 200
+            assert threading.active_count() - threads_before <= 4
+        finally:
+            for s in sockets:
+                s.close()
+
+
+def test_server_answers_100_simultaneous_requests():
+    with stub_judge_server() as (server, stub):
+        assert server.limits.backlog >= 128
+        port = server.server_address[1]
+        sockets = [socket.create_connection(("127.0.0.1", port), timeout=5.0) for _ in range(100)]
+        request = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+        statuses = []
+        try:
+            for s in sockets:
+                s.sendall(request)
+            for s in sockets:
+                reply = b""
+                while b"\r\n" not in reply:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+                statuses.append(int(reply.split()[1]))
+        finally:
+            for s in sockets:
+                s.close()
+    assert len(statuses) == 100 and set(statuses) <= {200, 503}  # none reset
