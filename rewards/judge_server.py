@@ -543,9 +543,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one (printed)")
     parser.add_argument("--host", default=None,
                         help=f"address to listen on (default {DEFAULT_HOST}); naming one allows non-loopback")
+    helps = {
+        "max_tokens_cap": "largest max_tokens a request may ask (above -> 400)",
+        "request_timeout": "seconds from connection to reply; generation stops there (504)",
+        "read_timeout": "seconds for a whole request to arrive",
+        "max_connections": "worker threads; a connection beyond them gets 503 at once",
+        "max_queue": "requests waiting for the model; one more gets 503",
+        "backlog": "listen queue length",
+    }
     for field in fields(ServerLimits):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
-                            help=f"default {field.default}; see ServerLimits")
+                            help=f"{helps[field.name]} (default {field.default})")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in fields(ServerLimits)})

@@ -489,3 +489,17 @@ def test_server_answers_100_simultaneous_requests():
             for s in sockets:
                 s.close()
     assert len(statuses) == 100 and set(statuses) <= {200, 503}  # none reset
+
+
+def test_server_deadline_stops_the_real_tiny_model():
+    # The real generate() path: the deadline reaches transformers as a stopping criterion.
+    server, _ = serve("tiny", "127.0.0.1", 0, max_tokens_cap=8000, request_timeout=0.5)
+    try:
+        start = time.monotonic()
+        status, _, reply = http(server, body=chat(model="tiny", max_tokens=8000, temperature=0), timeout=20)
+        assert status == 504 and time.monotonic() - start < 3.0, reply
+        status, _, reply = http(server, body=chat(model="tiny", max_tokens=3, temperature=0), timeout=20)
+        assert status == 200 and reply["usage"]["completion_tokens"] <= 3
+    finally:
+        server.shutdown()
+        server.server_close()
