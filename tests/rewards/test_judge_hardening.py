@@ -306,7 +306,7 @@ def http(server, method="POST", path="/v1/chat/completions", body=None, headers=
     if raw is None:
         data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         head = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json",
-                "Content-Length": str(len(data)), **(headers or {})}
+                "Content-Length": str(len(data)), "Connection": "close", **(headers or {})}
         raw = (f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in head.items()
                                                          if v is not None) + "\r\n").encode() + data
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
