@@ -462,9 +462,9 @@ def redact(text: str, secret: str | None, min_tail: int = 4) -> str:
 
 class _Deadline:
     """A wall-clock limit on one HTTP attempt. Each connection the opener makes registers its
-    socket; when the time is up a timer shuts the sockets down, so a blocked connect-less read,
-    a header trickle or an endless body all end within `seconds` (socket timeouts alone reset on
-    every byte). Connects get the time left as their timeout."""
+    socket; when the time is up a timer (one short-lived thread per attempt) shuts the sockets
+    down, so a silent server, a header trickle or a slow endless body all end within `seconds`
+    (a socket timeout alone restarts on every byte). Connects get the time left as their timeout."""
 
     def __init__(self, seconds: float):
         self.seconds, self.expired = seconds, False
