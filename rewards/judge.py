@@ -43,6 +43,7 @@ import os
 import re
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -174,11 +175,17 @@ _WORDS_TO_VERDICT = {
     "contradiction": "contradicted", "contradictory": "contradicted",
 }
 # "3: yes", "- 3. **No**", "(3) contradict", "Element 3 - supported" (markdown bold/quotes allowed).
+# Matched per line, from the line's start, with possessive quantifiers (`*+`) and no class that
+# crosses a newline: each line is scanned a bounded number of times, so parsing is linear in the
+# reply's length. (The old whole-text MULTILINE pattern let `\s*` run across lines and backtrack:
+# cubic in newlines, 33 s for a 4 KB reply.) An index has at most 6 digits: int() of a longer
+# digit run is slow and Python refuses one over 4,300 digits.
 _LINE = re.compile(
-    r"^[\s>*_`\-#]*(?:element|item)?\s*\(?(\d+)\)?[*_`]*\s*[:.)\-=]\s*[*_`\"']*\s*"
+    r"[ \t>*_`\-#]*+(?:element|item)?+[ \t]*+\(?+(\d{1,6})(?!\d)\)?[*_`]*+[ \t]*+[:.)\-=][ \t]*+[*_`\"']*+[ \t]*+"
     r"(not[ _]supported|unsupported|supported|contradict(?:ed|s|ion|ory)?|yes|no|true|false)\b",
-    re.IGNORECASE | re.MULTILINE,
+    re.IGNORECASE,
 )
+_JSON_ATTEMPTS = 32  # "[" positions tried by the JSON fallback: each try is O(reply length)
 
 
 def format_prompt(caption: str, elements: Sequence[str], template: str = COVERAGE_PROMPT) -> str:
@@ -197,10 +204,13 @@ def parse_verdicts(text: str, n: int) -> list[Verdict]:
       2) else a JSON list of n verdict words (or of booleans, or of objects with a "verdict"
          or "answer" field).
     Raises JudgeParseError when elements 1..n do not all get a verdict.
+    Linear time in len(text) (a 100 KB adversarial reply parses in milliseconds).
     """
     found: dict[int, Verdict] = {}
-    for m in _LINE.finditer(text):
-        found[int(m.group(1))] = _WORDS_TO_VERDICT[m.group(2).lower().replace("_", " ")]
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            found[int(m.group(1))] = _WORDS_TO_VERDICT[m.group(2).lower().replace("_", " ")]
     if all(k in found for k in range(1, n + 1)):
         return [found[k] for k in range(1, n + 1)]
     from_json = _parse_json_list(text, n)
@@ -215,10 +225,12 @@ def parse_verdicts(text: str, n: int) -> list[Verdict]:
 
 def _parse_json_list(text: str, n: int) -> list[Verdict] | None:
     decoder = json.JSONDecoder()
-    for m in re.finditer(r"\[", text):
+    for attempt, m in enumerate(re.finditer(r"\[", text)):
+        if attempt == _JSON_ATTEMPTS:
+            break
         try:
             values, _ = decoder.raw_decode(text, m.start())
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested "[[[[..." raises RecursionError
             continue
         if not isinstance(values, list) or len(values) != n:
             continue
@@ -241,6 +253,7 @@ def _parse_json_list(text: str, n: int) -> list[Verdict] | None:
 # HTTP judge (OpenAI-compatible chat endpoint)
 # ---------------------------------------------------------------------------------------------
 
+DEFAULT_MAX_RESPONSE_BYTES = 2**20  # HTTPJudge's max_response_bytes: 1 MiB
 _RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -251,8 +264,14 @@ class HTTPJudge:
         `python -m rewards.judge_server`) or "https://api.openai.com/v1".
     model: the `model` field of each request (a vLLM server's served model name).
     api_key: sent as "Authorization: Bearer ..."; default: env OPENAI_API_KEY; none -> no header.
-        Never logged and never part of an error message or repr.
-    timeout: seconds per socket operation (connect, each read) of one attempt.
+        Never logged and never part of an error message or repr: every message built from what
+        the server sent has the key (and any cut-off tail of it) replaced by "[redacted]".
+    timeout: seconds of wall clock for one attempt, all of it: connect, sending, the status line,
+        headers and every read of the body (a server trickling 1 byte/s is cut off at `timeout`,
+        not held open; DNS resolution is not covered).
+    max_response_bytes: the most bytes of a reply body read (default 1 MiB; a chat completion
+        with per-element verdicts is a few KB). A larger body (declared or sent) fails the
+        attempt as "bad_response" without being read further, and is not retried.
     max_retries: retries after a failed attempt (timeout, connection error, HTTP 408/429/5xx, a
         body that is not a chat response, a reply without a verdict per element), so at most
         max_retries + 1 attempts; other HTTP errors (401, 404, ...) fail at once.
@@ -272,6 +291,7 @@ class HTTPJudge:
         *,
         api_key: str | None = None,
         timeout: float = 60.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         max_retries: int = 3,
         backoff: float = 1.0,
         max_concurrency: int = 16,
@@ -279,10 +299,11 @@ class HTTPJudge:
         max_tokens: int | None = None,
         prompt: str = COVERAGE_PROMPT,
     ):
-        if max_retries < 0 or max_concurrency < 1 or timeout <= 0 or backoff < 0:
+        if max_retries < 0 or max_concurrency < 1 or timeout <= 0 or backoff < 0 or max_response_bytes < 1:
             raise ValueError(
-                f"HTTPJudge needs max_retries >= 0, max_concurrency >= 1, timeout > 0, backoff >= 0; "
-                f"got {max_retries}, {max_concurrency}, {timeout}, {backoff}"
+                f"HTTPJudge needs max_retries >= 0, max_concurrency >= 1, timeout > 0, backoff >= 0, "
+                f"max_response_bytes >= 1; got {max_retries}, {max_concurrency}, {timeout}, {backoff}, "
+                f"{max_response_bytes}"
             )
         self.base_url = base_url.rstrip("/")
         self.endpoint = f"{self.base_url}/chat/completions"
@@ -290,11 +311,11 @@ class HTTPJudge:
         self._api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.timeout, self.max_retries, self.backoff = float(timeout), int(max_retries), float(backoff)
         self.max_concurrency = int(max_concurrency)
+        self.max_response_bytes = int(max_response_bytes)
         self.temperature, self.max_tokens, self.prompt = temperature, max_tokens, prompt
         # A judge on this machine must not go through an HTTP(S)_PROXY from the environment.
         host = urllib.parse.urlsplit(self.endpoint).hostname or ""
-        handlers = [urllib.request.ProxyHandler({})] if is_loopback(host) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._no_proxy = is_loopback(host)
 
     def __repr__(self) -> str:  # no api key
         return f"HTTPJudge({self.endpoint!r}, model={self.model!r}, max_concurrency={self.max_concurrency})"
@@ -342,13 +363,13 @@ class HTTPJudge:
                 return parse_verdicts(text, len(elements))
             except _Fatal as e:
                 raise JudgeError(
-                    f"judge {self.endpoint} failed: {e.reason} (attempt {attempt + 1}; not retried)",
+                    f"judge {self.endpoint} failed: {self._redact(e.reason)} (attempt {attempt + 1}; not retried)",
                     kind=e.kind, endpoint=self.endpoint, attempts=attempt + 1,
                 ) from None
             except _Retryable as e:
-                last = (e.kind, e.reason)
+                last = (e.kind, self._redact(e.reason))
             except JudgeParseError as e:
-                last = ("unparseable", f"unparseable reply: {e}")
+                last = ("unparseable", self._redact(f"unparseable reply: {e}"))
             logger.warning("judge %s attempt %d/%d: %s", self.endpoint, attempt + 1, attempts, last[1])
         raise JudgeError(
             f"judge {self.endpoint} failed after {attempts} attempt{'s' * (attempts != 1)} "
@@ -356,30 +377,44 @@ class HTTPJudge:
             kind=last[0], endpoint=self.endpoint, attempts=attempts,
         )
 
+    def _redact(self, text: str) -> str:
+        return redact(text, self._api_key)
+
     def _post(self, data: bytes) -> str:
-        """One attempt: the reply text (choices[0].message.content), or _Retryable / _Fatal."""
+        """One attempt within `timeout` seconds of wall clock: the reply text
+        (choices[0].message.content), or _Retryable / _Fatal (their reasons are redacted)."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
+        with _Deadline(self.timeout) as deadline:
             try:
-                detail = e.read()[:200].decode("utf-8", "replace")
-            except Exception:  # noqa: BLE001 - the status alone says enough
-                detail = ""
-            reason = f"HTTP {e.code} {e.reason}: {detail!r}"
-            raise (_Retryable if e.code in _RETRYABLE_STATUS else _Fatal)("http_error", reason) from None
-        except (TimeoutError, socket.timeout) as e:
-            raise _Retryable("timeout", f"timed out after {self.timeout:g} s ({e})") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable("timeout", f"timed out after {self.timeout:g} s ({e.reason})") from None
-            raise _Retryable("connection", f"cannot connect: {e.reason}") from None
-        except (OSError, http.client.HTTPException) as e:  # reset or closed mid-response
-            raise _Retryable("connection", f"connection failed: {type(e).__name__}: {e}") from None
+                opener = deadline.opener(self._no_proxy)
+                with opener.open(request, timeout=self.timeout) as response:
+                    raw = self._read_capped(response)
+                if deadline.expired:  # the shut-down socket read as an early end of the body
+                    raise TimeoutError
+            except urllib.error.HTTPError as e:
+                try:  # bounded: an error body may be endless too
+                    detail = self._redact(e.read(4096).decode("utf-8", "replace")[:200])
+                except Exception:  # noqa: BLE001 - the status alone says enough
+                    detail = ""
+                reason = self._redact(f"HTTP {e.code} {e.reason}: {detail!r}")
+                raise (_Retryable if e.code in _RETRYABLE_STATUS else _Fatal)("http_error", reason) from None
+            except _Fatal:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below
+                cause = e.reason if isinstance(e, urllib.error.URLError) else e
+                if deadline.expired or isinstance(cause, (TimeoutError, socket.timeout)):
+                    raise _Retryable("timeout", f"timed out: no complete reply within timeout={self.timeout:g} s "
+                                                f"(whole-request deadline)") from None
+                if isinstance(e, urllib.error.URLError):
+                    raise _Retryable("connection", self._redact(f"cannot connect: {e.reason}")) from None
+                if isinstance(e, (OSError, http.client.HTTPException)):  # reset or closed mid-response
+                    raise _Retryable("connection", self._redact(
+                        f"connection failed: {type(e).__name__}: {e}")) from None
+                raise
+        text = raw.decode("utf-8", "replace")
         try:
             content = json.loads(raw)["choices"][0]["message"]["content"]
             if not isinstance(content, str):
@@ -387,9 +422,114 @@ class HTTPJudge:
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise _Retryable(
                 "bad_response",
-                f"not an OpenAI chat completion ({type(e).__name__}: {e}); body starts {raw[:200]!r}",
+                self._redact(f"not an OpenAI chat completion ({type(e).__name__}: {e}); body starts "
+                             f"{self._redact(text[:200])!r}"),
             ) from None
         return content
+
+    def _read_capped(self, response) -> bytes:
+        """The body, at most `max_response_bytes`; a larger one (declared or sent) is _Fatal."""
+        cap = self.max_response_bytes
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > cap:
+            raise _Fatal("bad_response", f"reply declares Content-Length {int(declared)} > "
+                                         f"max_response_bytes={cap}; not read")
+        chunks, size = [], 0
+        while True:
+            chunk = response.read(min(65536, cap + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                raise _Fatal("bad_response", f"reply body exceeds max_response_bytes={cap}; "
+                                             "stopped reading")
+
+_REDACTED = "[redacted]"
+
+
+def redact(text: str, secret: str | None, min_tail: int = 4) -> str:
+    """`text` with every copy of `secret` replaced by "[redacted]", and also a cut-off start of it
+    (at least `min_tail` characters) at the very end of `text`, where a truncation left it."""
+    if not secret:
+        return text
+    text = text.replace(secret, _REDACTED)
+    for k in range(len(secret) - 1, min_tail - 1, -1):
+        if text.endswith(secret[:k]):
+            return text[: len(text) - k] + _REDACTED
+    return text
+
+
+class _Deadline:
+    """A wall-clock limit on one HTTP attempt. Each connection the opener makes registers its
+    socket; when the time is up a timer (one short-lived thread per attempt) shuts the sockets
+    down, so a silent server, a header trickle or a slow endless body all end within `seconds`
+    (a socket timeout alone restarts on every byte). Connects get the time left as their timeout."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.expired = seconds, False
+        self._end = time.monotonic() + seconds
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(self._end - time.monotonic(), 0.001)
+
+    def register(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def opener(self, no_proxy: bool) -> urllib.request.OpenerDirector:
+        deadline = self
+
+        class Connection(http.client.HTTPConnection):
+            def connect(self):
+                self.timeout = min(self.timeout, deadline.remaining())
+                super().connect()
+                deadline.register(self.sock)
+
+        class SecureConnection(http.client.HTTPSConnection):
+            def connect(self):
+                self.timeout = min(self.timeout, deadline.remaining())
+                super().connect()
+                deadline.register(self.sock)
+
+        class Handler(urllib.request.HTTPHandler):
+            def http_open(self, req):
+                return self.do_open(Connection, req)
+
+        class SecureHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req):
+                return self.do_open(SecureConnection, req, context=self._context)
+
+        handlers = [Handler(), SecureHandler()]
+        if no_proxy:  # a judge on this machine must not go through an HTTP(S)_PROXY
+            handlers.insert(0, urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener(*handlers)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class _Retryable(Exception):
