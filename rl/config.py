@@ -261,6 +261,9 @@ class CaptionSampling(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same scaling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate. `vllm`: needs the `vllm` extra and a GPU.")
+    top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens (TRL GRPOConfig.top_k; TRL's default 0 = off). None or 0: off. As in TRL, log-probs are of the temperature-scaled distribution without the filter. hf backend only.")
+    min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens below min_p x the top probability (TRL GRPOConfig.min_p; default None = off). hf backend only.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already in the prompt or caption (TRL GRPOConfig.repetition_penalty; 1.0 = off, TRL's default). hf backend only.")
 
 
 class TrajectorySampling(_Section):
@@ -594,6 +597,10 @@ class Recipe(_Section):
             raise ValueError(f"rollout.trajectory.sde_window ({t.sde_window}) is larger than num_steps ({t.num_steps})")
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
+        c = self.rollout.caption
+        if c.backend == "vllm" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
+            raise ValueError("rollout.caption.top_k / min_p / repetition_penalty are applied by the hf backend only: "
+                             "unset them, or set rollout.caption.backend: hf")
         if self.rollout.caption.backend == "vllm" and self.models.encoder.adapter.kind != "lora":
             raise ValueError("rollout.caption.backend: vllm loads the encoder adapter as a LoRA request: "
                              "models.encoder.adapter.kind must be lora")

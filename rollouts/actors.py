@@ -117,7 +117,8 @@ class RolloutWorker:
         return generate_captions(self.models.encoder, images, group_size, max_new_tokens=c.max_new_tokens,
                                  temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version,
                                  greedy=greedy, micro_batch_size=self.recipe.rollout.micro_batch_size,
-                                 logits_chunk=self.recipe.learner.logits_chunk)
+                                 logits_chunk=self.recipe.learner.logits_chunk, top_k=c.top_k, min_p=c.min_p,
+                                 repetition_penalty=c.repetition_penalty)
 
     @torch.no_grad()
     def _condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor

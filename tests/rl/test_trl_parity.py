@@ -238,3 +238,23 @@ def test_generate_captions_top_k_reaches_generate():
     a = generate_captions(enc, images, 2, max_new_tokens=8, seed=5)
     b = generate_captions(enc, images, 2, max_new_tokens=8, seed=5, top_k=0, min_p=None, repetition_penalty=1.0)
     assert torch.equal(a.completion_ids, b.completion_ids)
+
+
+def test_recipe_sampling_filters_reach_generation(monkeypatch):
+    """rollout.caption.top_k / min_p / repetition_penalty go from the recipe to generate_captions."""
+    import rollouts.actors as actors
+    from rl.config import Recipe
+
+    seen = {}
+
+    def fake(encoder, images, group_size, **kw):
+        seen.update(kw)
+        return "group"
+
+    monkeypatch.setattr(actors, "generate_captions", fake)
+    recipe = Recipe.model_validate({"device": "cpu", "rollout": {"caption": {"top_k": 5, "min_p": 0.1,
+                                                                         "repetition_penalty": 1.2}}})
+    worker = actors.RolloutWorker.__new__(actors.RolloutWorker)
+    worker.recipe, worker.vllm, worker.version, worker.models = recipe, None, 0, type("M", (), {"encoder": None})()
+    assert worker.captions([], 2, seed=0) == "group"
+    assert (seen["top_k"], seen["min_p"], seen["repetition_penalty"]) == (5, 0.1, 1.2)
