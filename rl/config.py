@@ -286,6 +286,24 @@ class TrajectorySampling(_Section):
     render_steps: int = Field(10, gt=0, description="ODE steps of the frozen decoder rendering captions in stage 2 and cold start.")
     cfg_scale: float = Field(1.0, ge=1, description="Classifier-free guidance scale s: v = v_u + s (v_c - v_u), with v_u the velocity for the empty caption (the connector's output for it). 1.0: off, one conditional pass. SD3/SD3.5 sample with 7.0 (Flow-GRPO trains SD3.5 with 4.5); used in decoder rollouts and caption renders. Cold start never uses it.")
     cfg_in_training: bool = Field(True, description="With cfg_scale > 1: the learner's log-probs use the guided velocity (one batched conditional + unconditional pass, as the rollout sampled). False: the learner scores and trains the conditional velocity alone (half the compute; the rollout stores log-probs under that policy too).")
+    cfg_detach_uncond: bool = Field(
+        False,
+        description="With guidance in training (cfg_scale > 1 and cfg_in_training): stop the gradient through the "
+        "unconditional velocity, v = sg(v_u) + s (v_c - sg(v_u)), as if v_u were computed under no_grad (values, "
+        "ratios and the KL's value are unchanged; the one batched pass stays). False (default, Flow-GRPO): the "
+        "gradient also flows through v_u, scaled by (1 - s), i.e. -3.5 at s = 4.5 (Flow-GRPO's train_sd3.py "
+        "`compute_log_prob` runs both halves in one batched call with grad and combines them with no detach). "
+        "true needs guidance in training: it is refused with cfg_scale 1 or cfg_in_training false.",
+    )
+    cps_logprob: Literal["gaussian", "flow_grpo"] = Field(
+        "gaussian",
+        description="Log-prob convention of the `cps` sampler (rollouts/sde.py `cps_step_with_logprob`; the `sde` "
+        "sampler is unaffected). `gaussian` (default): the full density log N(x'; mean, std^2), on the scale of the "
+        "`sde` sampler's; the last step (sigma_next 0, std 0) scores 0. `flow_grpo`: Flow-GRPO's -(x' - mean)^2 "
+        "(sd3_sde_with_logprob.py, sde_type 'cps'), whose log-ratio is 2 std^2 times the density's (the PPO ratio "
+        "differs, so does the clipping) and whose last step keeps a gradient. Rollout and learner use the same one. "
+        "The recipes sample with `sde` (rollouts/actors.py), so this matters only where the cps sampler is selected.",
+    )
 
     @model_validator(mode="after")
     def _one_step_selection(self) -> "TrajectorySampling":
@@ -307,6 +325,11 @@ class TrajectorySampling(_Section):
         if sel == "all" and (self.sde_window is not None or self.timestep_fraction is not None):
             raise ValueError(f"step_selection 'all' trains every step: set sde_window ({self.sde_window}) and "
                              f"timestep_fraction ({self.timestep_fraction}) to null, or pick the selection they mean")
+        if self.cfg_detach_uncond and (self.cfg_scale == 1.0 or not self.cfg_in_training):
+            raise ValueError(
+                f"cfg_detach_uncond=true detaches the unconditional velocity of guided training, but there is none: "
+                f"cfg_scale={self.cfg_scale}, cfg_in_training={self.cfg_in_training}. Set cfg_detach_uncond to false, "
+                "or cfg_scale > 1 (Flow-GRPO: 4.5) with cfg_in_training true")
         if self.window_range is not None:
             if self.sde_window is None:
                 raise ValueError(f"window_range {self.window_range} bounds the SDE window, but sde_window is null "

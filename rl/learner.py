@@ -534,8 +534,11 @@ class Learner:
                             if cfg.beta > 0:
                                 with torch.no_grad(), self.models.reference("decoder"):
                                     _, mean_ref, _ = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale,
-                                                                   steps=[s])
-                            logp, mean, std = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale, steps=[s])
+                                                                   steps=[s], cps_logprob=t.cps_logprob)
+                            # Flow-GRPO lets the gradient through v_u as well; cfg_detach_uncond stops it.
+                            logp, mean, std = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale, steps=[s],
+                                                            cfg_detach_uncond=t.cfg_detach_uncond,
+                                                            cps_logprob=t.cps_logprob)
                             if it == 0 and not stale:
                                 old_logp[rows, s] = logp[:, 0].detach()
                             if cfg.beta > 0:

@@ -29,7 +29,8 @@ class SDEStep(NamedTuple):
     """Result of one denoising step; B is the batch size, `...` the latent dims.
 
     prev_sample: (B, ...) the next latent x' (at level sigma_next), in the input sample's dtype.
-    log_prob:    (B,) float32, log N(x'; mean, std^2) averaged over the latent dims.
+    log_prob:    (B,) float32, log N(x'; mean, std^2) averaged over the latent dims (for "cps" with
+                 Flow-GRPO's convention: -(x' - mean)^2 averaged, see `cps_step_with_logprob`).
     mean:        (B, ...) float32, mean of the transition Gaussian.
     std:         (B, 1, ..., 1) float32, std of the transition Gaussian; for "sde" that is
                  a * sqrt(sigma / (1 - sigma)) * sqrt(-dt), for "cps" sigma_next * sin(a * pi / 2).
@@ -64,16 +65,27 @@ def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return lp.mean(dim=tuple(range(1, lp.ndim)))
 
 
+def _flow_grpo_cps_log_prob(x: Tensor, mean: Tensor) -> Tensor:
+    """Flow-GRPO's CPS "log-prob" -(x - mean)^2, averaged over non-batch dims -> (B,): the Gaussian
+    exponent without its 1 / (2 std^2) and without the normalising constants
+    (sd3_sde_with_logprob.py, sde_type 'cps': "remove all constants"). Defined for std = 0 too."""
+    lp = -((x.detach() - mean) ** 2)
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
 def _finish(mean: Tensor, std: Tensor, sample: Tensor, prev_sample: Optional[Tensor],
-            generator: Optional[torch.Generator], noise: Optional[Tensor] = None) -> SDEStep:
-    """x' = mean + std * noise (noise from `generator` unless given), or `prev_sample`; scored."""
+            generator: Optional[torch.Generator], noise: Optional[Tensor] = None,
+            log_prob: Literal["gaussian", "flow_grpo"] = "gaussian") -> SDEStep:
+    """x' = mean + std * noise (noise from `generator` unless given), or `prev_sample`; scored by
+    the full Gaussian density ("gaussian") or Flow-GRPO's CPS -(x' - mean)^2 ("flow_grpo")."""
     if prev_sample is None:
         if noise is None:
             noise = torch.randn(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
         x_next = mean + std * noise.to(device=sample.device, dtype=torch.float32)
     else:
         x_next = prev_sample.to(device=sample.device, dtype=torch.float32)
-    return SDEStep(x_next.to(sample.dtype), _gaussian_log_prob(x_next, mean, std), mean, std)
+    lp = _flow_grpo_cps_log_prob(x_next, mean) if log_prob == "flow_grpo" else _gaussian_log_prob(x_next, mean, std)
+    return SDEStep(x_next.to(sample.dtype), lp, mean, std)
 
 
 def _deterministic(mean: Tensor, sample: Tensor, prev_sample: Optional[Tensor]) -> SDEStep:
@@ -120,7 +132,8 @@ def sde_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_
 
 def cps_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_next: Sigma,
                           noise_level: float, prev_sample: Optional[Tensor] = None,
-                          generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None) -> SDEStep:
+                          generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
+                          log_prob: Literal["gaussian", "flow_grpo"] = "gaussian") -> SDEStep:
     """Coefficients-preserving step from sigma to sigma_next (Wang & Yu 2025, Flow-CPS).
 
     Re-noises the predicted clean latent so that x' has exactly the signal/noise coefficients
@@ -130,12 +143,19 @@ def cps_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_
         std       = sigma_next * sin(a * pi / 2)
         mean      = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) eps_hat
         x'        = mean + std * noise
-        log_prob  = mean over latent dims of log N(x'; mean, std^2)
-    Public implementations drop the constants and the variance (-(x' - mean)^2); we keep the full
-    density so "sde" and "cps" log-probs are on the same scale (the ratio is unaffected since std
-    depends on the schedule only). noise_level = 0 gives the deterministic DDIM step (log_prob 0,
-    std 0); so does the last step sigma_next = 0 for any noise_level (x' = x0_hat, log_prob 0).
-    Arguments as in `sde_step_with_logprob`.
+    Mean, std and sample are Flow-GRPO's (sd3_sde_with_logprob.py, sde_type 'cps'). The log-prob
+    (`log_prob`, recipe `rollout.trajectory.cps_logprob`), averaged over the latent dims:
+      "gaussian" (default):  log N(x'; mean, std^2), constants included, on the scale of "sde";
+      "flow_grpo":           -(x' - mean)^2, Flow-GRPO's (constants AND the variance dropped).
+    The two are NOT interchangeable in GRPO: the constants cancel in a log-ratio but the variance
+    does not, log-ratio_gaussian = log-ratio_flow_grpo / (2 std^2), so the PPO ratio under
+    "flow_grpo" is the "gaussian" one raised to the power 2 std^2 (a step-dependent temperature:
+    different clipping, and per-step gradients scaled by 2 std^2).
+    The last step (sigma_next = 0) has std = 0 for any noise level and x' = mean = x0_hat:
+    "gaussian" gives it log_prob 0 (a point mass; no gradient), "flow_grpo" gives it
+    -(x' - x0_hat_theta)^2 as Flow-GRPO does (0 at the sampling weights, but a gradient once they move).
+    noise_level = 0 gives the deterministic DDIM step (log_prob 0 and std 0 under either
+    convention: an ODE step is never scored). Other arguments as in `sde_step_with_logprob`.
     """
     x, v = sample.float(), velocity.float()
     s, s_next = _column(sigma, x), _column(sigma_next, x)
@@ -145,17 +165,23 @@ def cps_step_with_logprob(velocity: Tensor, sample: Tensor, sigma: Sigma, sigma_
     mean = (1 - s_next) * x0_hat + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * eps_hat
     if noise_level == 0:
         return _deterministic(mean, sample, prev_sample)
-    return _finish(mean, std, sample, prev_sample, generator, noise)
+    if log_prob not in ("gaussian", "flow_grpo"):
+        raise ValueError(f"unknown CPS log_prob {log_prob!r}; use 'gaussian' or 'flow_grpo'")
+    return _finish(mean, std, sample, prev_sample, generator, noise, log_prob)
 
 
 def step_with_logprob(kind: Literal["sde", "cps"], velocity: Tensor, sample: Tensor, sigma: Sigma,
                       sigma_next: Sigma, noise_level: float, prev_sample: Optional[Tensor] = None,
-                      generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None) -> SDEStep:
-    """Dispatch to `sde_step_with_logprob` ("sde") or `cps_step_with_logprob` ("cps")."""
-    steps = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
-    if kind not in steps:
-        raise ValueError(f"unknown step kind {kind!r}; use 'sde' (Flow-GRPO) or 'cps' (Flow-CPS)")
-    return steps[kind](velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator, noise)
+                      generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
+                      cps_logprob: Literal["gaussian", "flow_grpo"] = "gaussian") -> SDEStep:
+    """Dispatch to `sde_step_with_logprob` ("sde") or `cps_step_with_logprob` ("cps", scored by
+    `cps_logprob`; the "sde" step always has the full Gaussian density, as Flow-GRPO's)."""
+    if kind == "sde":
+        return sde_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator, noise)
+    if kind == "cps":
+        return cps_step_with_logprob(velocity, sample, sigma, sigma_next, noise_level, prev_sample, generator, noise,
+                                     log_prob=cps_logprob)
+    raise ValueError(f"unknown step kind {kind!r}; use 'sde' (Flow-GRPO) or 'cps' (Flow-CPS)")
 
 
 def shift_sigma(t: Tensor, shift: float) -> Tensor:

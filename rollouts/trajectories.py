@@ -22,7 +22,8 @@ Which steps are trained (`choose_steps`, drawn per rollout from its seed) and st
   - or Flow-GRPO's prefix, the first int(timestep_fraction * num_steps) steps, with every step SDE.
 
 Classifier-free guidance (`guided_velocity`) is one batched transformer call over
-[unconditional; conditional] rows, v = v_u + s (v_c - v_u), in every path that asks for it.
+[unconditional; conditional] rows, v = v_u + s (v_c - v_u), in every path that asks for it; the
+learner may stop the gradient through v_u (`cfg_detach_uncond`; Flow-GRPO does not).
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ def _pad_to(cond: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.
 
 def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
                     cond_mask: torch.Tensor, pooled: torch.Tensor, uncond: Uncond | None = None,
-                    cfg_scale: float = 1.0, doubled: tuple[torch.Tensor, ...] | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    cfg_scale: float = 1.0, doubled: tuple[torch.Tensor, ...] | None = None,
+                    detach_uncond: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Velocity with classifier-free guidance (Ho & Salimans 2022; SD3's sampler):
 
         v = v_u + s (v_c - v_u),   v_c = v_theta(x, sigma, c),  v_u = v_theta(x, sigma, empty caption)
@@ -161,6 +162,10 @@ def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond
     conditions have the fixed length of `Models.condition` (the empty caption's too), else they are
     right-padded to the longer one first (masked positions are zeros).
     `doubled`: that 2N-row condition if already built (`guidance_condition`).
+    `detach_uncond` (recipe `rollout.trajectory.cfg_detach_uncond`): v = sg(v_u) + s (v_c - sg(v_u)),
+    so the gradient reaches the weights through s * v_c only, as if v_u were computed under no_grad
+    (the value is unchanged). False, Flow-GRPO's train_sd3.py: the gradient also flows through the
+    unconditional half, scaled by (1 - s). The pass stays one batched call either way.
     Returns (v (N, C, h, w), v_c (N, C, h, w)); without guidance both are the same tensor.
     """
     if cfg_scale == 1.0:
@@ -168,6 +173,8 @@ def guided_velocity(decoder: Decoder, x: torch.Tensor, sigma: torch.Tensor, cond
         return v, v
     c2, p2, m2 = doubled if doubled is not None else guidance_condition(cond, cond_mask, pooled, uncond, cfg_scale)
     v_u, v_c = decoder.velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), c2, p2, m2).chunk(2)  # 2 x (N, ...)
+    if detach_uncond:
+        v_u = v_u.detach()
     return v_u + cfg_scale * (v_c - v_u), v_c
 
 
@@ -198,7 +205,7 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
             sde_steps: list[int] | None = None, sampler: str = "sde", generator: torch.Generator | None = None,
             grad_last: int = 0, uncond: Uncond | None = None, cfg_scale: float = 1.0,
             cfg_in_training: bool = True, row_generators: Sequence[torch.Generator] | None = None,
-            record_steps: list[int] | None = None,
+            record_steps: list[int] | None = None, cps_logprob: str = "gaussian",
             ) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """Integrate from noise (sigma = 1) to a clean latent along SD3's shifted schedule.
 
@@ -211,6 +218,7 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
     SDE noise: row i's from `row_generators[i]` when given (one generator per row, so a row's sample
     does not depend on the batch it is in), else from `generator` shared by the batch.
     `record_steps`: the steps whose transitions are returned (None: the SDE steps); each must be one.
+    `cps_logprob`: the log-prob convention of the "cps" sampler (`rollouts.sde.cps_step_with_logprob`).
     Returns (x_0, {j: (x_j, x_{j+1}, log_prob_j)} for the recorded steps).
     """
     sigmas = shifted_sigmas(num_steps, decoder.shift).to(noise.device)
@@ -228,13 +236,14 @@ def denoise(decoder: Decoder, noise: torch.Tensor, cond: torch.Tensor, cond_mask
                                      doubled)
             a = noise_level if j in sde else 0.0
             eps = _row_noise(row_generators, x) if row_generators is not None and a > 0 else None
-            out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator, noise=eps)
+            out = step_with_logprob(sampler, v, x, sigmas[j], sigmas[j + 1], a, generator=generator, noise=eps,
+                                    cps_logprob=cps_logprob)
             if j in recorded:
                 log_prob = out.log_prob
                 if not cfg_in_training and v_c is not v:
                     # Score the guided sample under the conditional policy the learner trains.
                     log_prob = step_with_logprob(sampler, v_c, x, sigmas[j], sigmas[j + 1], a,
-                                                 prev_sample=out.prev_sample).log_prob
+                                                 prev_sample=out.prev_sample, cps_logprob=cps_logprob).log_prob
                 record[j] = (x.detach(), out.prev_sample.detach(), log_prob.detach())
             x = out.prev_sample
     return x, record
@@ -298,7 +307,7 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
                         timestep_fraction: float | None = None, sampler: str = "sde", version: int = 0,
                         uncond: Uncond | None = None, cfg_scale: float = 1.0,
                         cfg_in_training: bool = True, micro_batch_size: int | None = None,
-                        step_selection: str | None = None) -> Trajectory:
+                        step_selection: str | None = None, cps_logprob: str = "gaussian") -> Trajectory:
     """G SDE trajectories per condition from one shared initial noise per group (Flow-GRPO).
 
     cond (B, L, D), cond_mask (B, L), pooled (B, P): one condition per source image; N = B * G
@@ -307,7 +316,8 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
     `stochastic_steps`), the initial noise (condition b: seed * 1000 + b)
     and the SDE noise (row r: `row_generator(seed, r)`).
     Log-probs are stored under the policy the learner will score: the guided velocity, or the
-    conditional one when `cfg_in_training` is False (see `denoise`).
+    conditional one when `cfg_in_training` is False (see `denoise`), and, for the "cps" sampler,
+    in the `cps_logprob` convention (the learner must score with the same one).
     `micro_batch_size` rows at a time through the transformer and the VAE decode (None: all N);
     each micro-batch's results go to the CPU before the next one starts. Per-row noise makes the
     trajectory the same for every micro_batch_size, up to float round-off in batched matmuls.
@@ -326,7 +336,8 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
         src = source.to(device)
         x0, rec = denoise(decoder, noise, cond[src], cond_mask[src], pooled[src], num_steps,
                           noise_level=noise_level, sde_steps=sde, sampler=sampler, row_generators=gens,
-                          uncond=uncond, cfg_scale=cfg_scale, cfg_in_training=cfg_in_training, record_steps=steps)
+                          uncond=uncond, cfg_scale=cfg_scale, cfg_in_training=cfg_in_training, record_steps=steps,
+                          cps_logprob=cps_logprob)
         parts.append((*(torch.stack([rec[j][k] for j in steps], dim=1).cpu() for k in range(3)),
                       decoder.decode(x0).cpu()))
     latents, next_latents, log_probs, images = (torch.cat(p) for p in zip(*parts))
@@ -348,6 +359,7 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
 # ----------------------------------------------------------------------------------------------
 def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sampler: str = "sde",
                   rows: slice | None = None, cfg_scale: float = 1.0, steps: Sequence[int] | None = None,
+                  cfg_detach_uncond: bool = False, cps_logprob: str = "gaussian",
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Recompute (log_prob (n, K), mean (n, K, C, h, w), std (n, K, 1, 1, 1)) of the stored
     transitions of rows `rows` (None: all N) at the K positions `steps` among the trajectory's S
@@ -355,7 +367,9 @@ def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sample
     The learner's side of UAE eq. 4; it may score one step and one row slice at a time and
     back-propagate each (Flow-GRPO's per-timestep loop), so that only one step's graph is alive.
     `cfg_scale > 1` scores the guided velocity (needs `traj.uncond`), one batched pass per step;
-    1 scores the conditional velocity. With unchanged weights and the rollout's guidance setting,
+    1 scores the conditional velocity. `cfg_detach_uncond`: the unconditional half carries no
+    gradient (`guided_velocity`'s `detach_uncond`; values unchanged). `cps_logprob`: the "cps"
+    sampler's log-prob convention (`rollouts.sde.cps_step_with_logprob`). With unchanged weights and the rollout's guidance setting,
     log_prob equals the stored `traj.log_probs` (up to float round-off when the rows are batched
     differently from the rollout's micro-batches)."""
     rows = rows if rows is not None else slice(None)
@@ -368,9 +382,9 @@ def step_logprobs(decoder: Decoder, traj: Trajectory, noise_level: float, sample
         x = traj.latents[rows, s].to(device)
         n = x.shape[0]
         v, _ = guided_velocity(decoder, x, traj.sigmas[s].expand(n).to(device), cond, mask, pooled,
-                               traj.uncond, cfg_scale, doubled)
+                               traj.uncond, cfg_scale, doubled, detach_uncond=cfg_detach_uncond)
         out = step_with_logprob(sampler, v, x, float(traj.sigmas[s]), float(traj.sigmas_next[s]), noise_level,
-                                prev_sample=traj.next_latents[rows, s].to(device))
+                                prev_sample=traj.next_latents[rows, s].to(device), cps_logprob=cps_logprob)
         lps.append(out.log_prob)
         means.append(out.mean)
         stds.append(out.std)
