@@ -284,8 +284,8 @@ class TrajectorySampling(_Section):
         "timestep_fraction is, `all` otherwise). unified_grpo.yaml: flow_grpo with timestep_fraction 0.99.",
     )
     render_steps: int = Field(10, gt=0, description="ODE steps of the frozen decoder rendering captions in stage 2 and cold start.")
-    cfg_scale: float = Field(1.0, ge=1, description="Classifier-free guidance scale s: v = v_u + s (v_c - v_u), with v_u the velocity for the empty caption (the connector's output for it). 1.0: off, one conditional pass. SD3/SD3.5 sample with 7.0 (Flow-GRPO trains SD3.5 with 4.5); used in decoder rollouts and caption renders. Cold start never uses it.")
-    cfg_in_training: bool = Field(True, description="With cfg_scale > 1: the learner's log-probs use the guided velocity (one batched conditional + unconditional pass, as the rollout sampled). False: the learner scores and trains the conditional velocity alone (half the compute; the rollout stores log-probs under that policy too).")
+    cfg_scale: float = Field(1.0, ge=1, description="Classifier-free guidance scale s: v = v_u + s (v_c - v_u), with v_u the velocity for the empty caption (the connector's output for it). 1.0: off, one conditional pass. SD3/SD3.5 sample with 7.0 (Flow-GRPO samples and trains SD3.5 with 4.5; unified_grpo.yaml: 4.5); used in decoder rollouts and caption renders. Cold start never uses it.")
+    cfg_in_training: bool = Field(True, description="With cfg_scale > 1: the learner's log-probs use the guided velocity (one batched conditional + unconditional pass, as the rollout sampled). False: the learner scores and trains the conditional velocity alone (half the compute; the rollout stores log-probs under that policy too). Flow-GRPO: true (train.cfg).")
     cfg_detach_uncond: bool = Field(
         False,
         description="With guidance in training (cfg_scale > 1 and cfg_in_training): stop the gradient through the "
