@@ -392,11 +392,48 @@ class EncoderOptim(PolicyOptim):
         "plain k-estimator gradient (the behaviour before TRL parity). true needs beta > 0.",
     )
 
+    vllm_importance_sampling_correction: bool = Field(
+        True,
+        description="With rollout.caption.backend `vllm`: weight each caption token's policy loss by the "
+        "importance weight between the learner's own log-probs (recomputed at the update's first pass, its pi_old) "
+        "and vLLM's (rl/grpo.py `rollout_is_weights`), correcting the mismatch between the two engines (truncated "
+        "IS, Yao et al. 2025). TRL vllm_importance_sampling_correction, default true. With it, pi_old is always the "
+        "learner's first pass, also for a stale rollout, and the weight carries the rest (decoupled PPO). No effect "
+        "with the hf backend (its log-probs are the learner's: weight exactly 1, none applied). false: vLLM's "
+        "log-probs are pi_old for a stale rollout, as the hf backend's.",
+    )
+    vllm_importance_sampling_mode: Literal["sequence_mask", "sequence_truncate", "token_mask", "token_truncate"] = Field(
+        "sequence_mask",
+        description="How the weights are formed (TRL vllm_importance_sampling_mode; TRL 1.16 default "
+        "`sequence_mask`). `token_truncate`: per-token ratio clipped to [clip_min, clip_max] (TIS). `token_mask`: "
+        "per-token ratio, 0 outside [clip_min, clip_max]. `sequence_truncate`: one ratio per caption (exp of the sum "
+        "of its tokens' log-ratios), clipped. `sequence_mask`: one ratio per caption, the caption dropped (0) "
+        "outside the bounds (MIS).",
+    )
+    vllm_importance_sampling_clip_max: float | None = Field(
+        3.0, gt=0,
+        description="Upper bound C_max of the weights (TRL vllm_importance_sampling_clip_max, default 3.0; TIS "
+        "papers use 2). `*_truncate`: clipped to it; `*_mask`: larger ratios weigh 0. None: no upper bound.",
+    )
+    vllm_importance_sampling_clip_min: float | None = Field(
+        None, ge=0,
+        description="Lower bound C_min (TRL vllm_importance_sampling_clip_min, default None: none). `*_truncate`: "
+        "raised to it; `*_mask`: smaller ratios weigh 0.",
+    )
+
     @model_validator(mode="after")
     def _bias_correction_needs_kl(self) -> "EncoderOptim":
         if self.use_bias_correction_kl and self.beta == 0:
             raise ValueError("use_bias_correction_kl=true corrects the KL term, but beta=0 has none: set "
                              "grpo.encoder.use_bias_correction_kl to null/false, or grpo.encoder.beta > 0")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"grpo.encoder.vllm_importance_sampling_clip_min ({lo}) must be below clip_max ({hi}): "
+                             "lower clip_min or raise clip_max")
+        if self.vllm_importance_sampling_mode.endswith("truncate") and lo is None and hi is None:
+            raise ValueError(f"vllm_importance_sampling_mode {self.vllm_importance_sampling_mode!r} clips to "
+                             "[clip_min, clip_max], but both are null: set grpo.encoder.vllm_importance_sampling_clip_max "
+                             "(TRL: 3.0)")
         return self
 
     def bias_correction_kl(self) -> bool:

@@ -35,6 +35,9 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
   epsilon_high = 0.28 is DAPO's "clip-higher" (Yu et al. 2025).
 - `agg` in `aggregate` / `grpo_loss`: "token_mean" (default, DAPO), "sequence_mean" (original
   GRPO, the 1/|o_i| of UAE eq. 2), "constant" (Dr. GRPO: divide by B * max completion length).
+- `mode` in `rollout_is_weights`: "sequence_mask" (default, TRL 1.16), "sequence_truncate",
+  "token_mask", "token_truncate": the correction between a rollout engine's log-probs (vLLM) and
+  the learner's, multiplied into the policy term (`micro_batch_loss(is_weights=...)`).
 - KL placement: in the loss (`grpo_loss(kl=..., beta=...)`) or in the reward (`kl_in_reward`).
   beta = 0 (default) needs no reference model at all (DAPO, Dr. GRPO).
 """
@@ -392,6 +395,7 @@ def micro_batch_loss(
     epsilon_high: float | None = None,
     level: Literal["token", "sequence"] = "token",
     bias_correction_kl: bool = False,
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """`grpo_loss` on one micro-batch (b rows, t elements) of a larger batch:
 
@@ -407,11 +411,16 @@ def micro_batch_loss(
     bias_correction_kl: KL_it <- r_it KL_it with the (differentiable) importance ratio, TRL's
     use_bias_correction_kl (DeepSeek-V3.2): the KL gradient becomes the unbiased reverse-KL one.
     The kl statistic is of the corrected KL, as TRL logs it.
+    is_weights: (b, t) or (b, 1), constant, the rollout engine's correction (`rollout_is_weights`):
+    it multiplies the clipped policy term only, not the KL (TRL's per_token_loss *
+    importance_sampling_ratio before + beta KL). None: weight 1, the loss unchanged.
     """
     if beta != 0.0 and kl is None:
         raise ValueError(f"beta={beta} needs kl=(B, T) per-element KL; pass it or set beta=0")
     per_el, ratio, clipped = clipped_policy_loss(logp, old_logp, advantages, epsilon, epsilon_high,
                                                  level=level, mask=token_weights > 0)
+    if is_weights is not None:
+        per_el = per_el * is_weights.detach()
     if kl is not None and bias_correction_kl:
         kl = kl * ratio
     total = per_el + beta * kl if (kl is not None and beta != 0.0) else per_el
@@ -427,6 +436,46 @@ def micro_batch_loss(
             "ratio_max": float(r.max()) if r.numel() else None, "ratio_min": float(r.min()) if r.numel() else None,
         }
     return LossOutput(loss, stats)
+
+
+# ALGO LOGIC: the rollout engine's correction (vLLM samples, the learner trains)
+
+
+def rollout_is_weights(
+    learner_logp: Tensor,
+    rollout_logp: Tensor,
+    mask: Tensor,
+    mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "sequence_mask",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> Tensor:
+    """Importance weights between the learner's log-probs and the rollout engine's, TRL 1.16's
+    vllm_importance_sampling_correction (truncated IS, Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"):
+
+        d_it = m_it (logp_learner - logp_rollout)_it   (NaN: 0, weight 1 on that token)
+        token_*:    rho_it = exp(d_it)                         -> (B, T)
+        sequence_*: rho_i  = exp(sum_t d_it)                   -> (B, 1)
+        *_truncate: rho <- clamp(rho, clip_min, clip_max)      (None: that side unbounded)
+        *_mask:     rho <- 0 where rho < clip_min or rho > clip_max
+
+    learner_logp: (B, T) the learner's pi_old (its own log-probs before the update) of the tokens the
+    engine sampled; rollout_logp: (B, T) the engine's, of the same distribution (same temperature,
+    same blocked tokens: vLLM's processed_logprobs). mask: (B, T) completion mask. Detached: a
+    constant factor on each token's policy loss (`micro_batch_loss(is_weights=...)`).
+    TRL 1.16's defaults: mode "sequence_mask", clip_max 3.0, clip_min None.
+    """
+    if mode not in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"):
+        raise ValueError(f"mode={mode!r}: use 'token_truncate', 'token_mask', 'sequence_truncate' or 'sequence_mask'")
+    d = torch.nan_to_num((learner_logp.detach() - rollout_logp.detach()) * mask.to(learner_logp.dtype), nan=0.0)
+    if mode.startswith("sequence"):
+        d = d.sum(dim=-1, keepdim=True)  # (B, 1)
+    rho = torch.exp(d)
+    lo = -float("inf") if clip_min is None else clip_min
+    hi = float("inf") if clip_max is None else clip_max
+    if mode.endswith("truncate"):
+        return rho.clamp(min=clip_min, max=clip_max) if (clip_min is not None or clip_max is not None) else rho
+    return rho.masked_fill((rho < lo) | (rho > hi), 0.0)
 
 
 class LossStats:

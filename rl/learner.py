@@ -458,30 +458,43 @@ class Learner:
         adv = advantages.to(self.device)
         batches = self.micro_batches(adv.shape[0])
         stale = group.version != self.version
+        # Another engine (vLLM) sampled the captions: its log-probs are not the learner's numerics, so
+        # pi_old is the learner's own first pass even for a stale rollout, and each token's policy
+        # loss is weighted by the truncated importance weight learner / engine (TRL's
+        # vllm_importance_sampling_correction; decoupled PPO when stale). hf rollouts: no weights.
+        correct = group.sampler != "hf" and cfg.vllm_importance_sampling_correction
+        from_first_pass = correct or not stale
         # pi_old: the rollout's log-probs when the policy has moved since; otherwise the policy's own
         # log-probs of the first pass (ratio exactly 1 there, no extra forward).
-        old_logp = group.logprobs.to(self.device) if stale else torch.zeros_like(w)
+        old_logp = torch.zeros_like(w) if from_first_pass else group.logprobs.to(self.device)
+        rollout_logp = group.logprobs.to(self.device) if correct else None
+        cmask = group.completion_mask.to(self.device)
+        is_w: list[torch.Tensor | None] = [None] * len(batches)  # per micro-batch, (b, T) or (b, 1)
         ref_logp = torch.zeros_like(w) if cfg.beta > 0 else None
         stats: dict[str, Any] = {}
         entropy_sum = 0.0
         with self._training():
             for it in range(g.num_iterations):
                 acc = grpo.LossStats()
-                for rows in batches:
+                for k, rows in enumerate(batches):
                     if ref_logp is not None and it == 0:
                         with torch.no_grad(), self.models.reference("encoder"):
                             ref_logp[rows] = completion_logprobs(model, group, temperature, suppressed, rows=rows,
                                                                  chunk=chunk)[0]
-                    def loss_fn(rows=rows, it=it):
+                    def loss_fn(rows=rows, it=it, k=k):
                         logp, entropy = completion_logprobs(model, group, temperature, suppressed,
                                                             with_entropy=(it == 0), rows=rows, chunk=chunk)
-                        if it == 0 and not stale:
+                        if it == 0 and from_first_pass:
                             old_logp[rows] = logp.detach()
+                        if it == 0 and correct:  # fixed for the batch's iterations, as TRL's (once per rollout)
+                            is_w[k] = grpo.rollout_is_weights(
+                                old_logp[rows], rollout_logp[rows], cmask[rows], cfg.vllm_importance_sampling_mode,
+                                cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max)
                         kl = grpo.kl_estimator(logp, ref_logp[rows], g.kl_estimator) if ref_logp is not None else None
                         out = grpo.micro_batch_loss(logp, old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl,
                                                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                                     level=cfg.importance_sampling_level,
-                                                    bias_correction_kl=cfg.bias_correction_kl())
+                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k])
                         return out, entropy
 
                     out, entropy = self._forward_backward(loss_fn)
@@ -495,6 +508,12 @@ class Learner:
         stats["stale_rollout"] = float(stale)
         stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
         stats["truncated_frac"] = float(truncated.float().mean()) if truncated.numel() else 0.0
+        if correct:  # TRL's sampling/importance_sampling_ratio/{min,mean,max}: over captions or completion tokens
+            rho = torch.cat(is_w)
+            rho = rho.flatten() if rho.shape[1] == 1 else rho[cmask.bool()]
+            stats.update(is_ratio_mean=float(rho.mean()) if rho.numel() else 1.0,
+                         is_ratio_min=float(rho.min()) if rho.numel() else 1.0,
+                         is_ratio_max=float(rho.max()) if rho.numel() else 1.0)
         return stats
 
     # ------------------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ class CaptionGroup(NamedTuple):
     # image tokens' 3-D M-RoPE positions (get_rope_index) only when it is passed; None (groups built
     # by hand) leaves it out, so every token gets a 1-D text position.
     mm_token_type_ids: torch.Tensor | None = None
+    # Which engine sampled the captions and wrote `logprobs`: "hf" (`generate_captions`: the learner's
+    # own computation, so no correction) or "vllm" (`VLLMCaptioner`: another engine's numerics, which
+    # the learner corrects with `grpo.rollout_is_weights`).
+    sampler: str = "hf"
 
 
 def vllm_available() -> bool:
@@ -265,12 +269,57 @@ def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature
     return logp, torch.cat(entropies).view(n, t).detach() if with_entropy else None
 
 
+# vLLM's SamplingParams.logit_bias is added to the logits before temperature, so it blocks a token
+# the way the learner's fill does: exp(-1e4 / T) is exactly 0 in float32 for any T <= 1e2, and its
+# processed log-prob stays finite. logit_bias is one of V1's built-in logits processors (a few ids,
+# where allowed_token_ids would list the other ~152k; bad_words takes strings, not ids).
+BLOCKED_LOGIT_BIAS = -1.0e4
+
+
+def vllm_engine_kwargs(model_name: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.3) -> dict:
+    """Keyword arguments of `vllm.LLM` for caption rollouts.
+
+    logprobs_mode "processed_logprobs" (vLLM >= 0.10.2; TRL 1.16 sets it too): the returned log-probs
+    are of the distribution vLLM samples from, after the logit bias (blocked tokens) and the
+    temperature, which is what the learner computes (`completion_logprobs`: z / T, blocked ids
+    filled). The default raw_logprobs are before both, so the importance weights would be biased.
+    vLLM's processed log-probs also come after top_p (renormalised over the nucleus), the learner's
+    do not: with top_p < 1 the weights carry that difference too (TRL has the same)."""
+    return dict(model=model_name, enable_lora=True, max_lora_rank=max_lora_rank,
+                gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt={"image": 1},
+                logprobs_mode="processed_logprobs")
+
+
+def vllm_sampling_kwargs(group_size: int, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                         blocked_ids: Sequence[int] = (), eos_id: int | None = None) -> dict:
+    """Keyword arguments of `vllm.SamplingParams` for one caption group, as `generate_captions`
+    samples: G samples per prompt (n), the same temperature / top_p / length, the encoder's
+    suppressed ids blocked through `logit_bias` (`BLOCKED_LOGIT_BIAS`), the caption ending at the
+    encoder's EOS (stop_token_ids; it stays in the tokens), and the sampled token's log-prob only
+    (logprobs=0)."""
+    kwargs = dict(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, logprobs=0,
+                  seed=seed)
+    if blocked_ids:
+        kwargs["logit_bias"] = {int(i): BLOCKED_LOGIT_BIAS for i in blocked_ids}
+    if eos_id is not None:
+        kwargs["stop_token_ids"] = [int(eos_id)]
+    return kwargs
+
+
+def sampled_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict]) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's per-position {token id: Logprob} dicts (with
+    logprobs=0 the sampled token's entry, possibly among others: read it by id, not by position)."""
+    return [float(lp[t].logprob) for t, lp in zip(token_ids, logprobs)]
+
+
 class VLLMCaptioner:
     """Caption rollouts with vLLM (GPU). LoRA weights arrive as LoRA requests, never a full copy.
 
     Used when `rollout.caption.backend: vllm`; `rl.config` refuses that value where vLLM is absent.
-    The log-probs vLLM returns are the rollout engine's; the learner corrects the mismatch with its
-    own log-probs through the importance ratio.
+    It samples the same distribution as `generate_captions` (`vllm_sampling_kwargs`: blocked ids,
+    temperature) and returns its log-probs (`vllm_engine_kwargs`: processed log-probs); its groups
+    say sampler "vllm", and the learner weighs their tokens by `grpo.rollout_is_weights` (its own
+    log-probs against these).
     """
 
     def __init__(self, model_name: str, max_lora_rank: int = 64, gpu_memory_utilization: float = 0.3):
@@ -278,8 +327,7 @@ class VLLMCaptioner:
             raise RuntimeError("the vllm backend needs `pip install 'unified-grpo[vllm]'` and a CUDA GPU")
         from vllm import LLM
 
-        self.llm = LLM(model=model_name, enable_lora=True, max_lora_rank=max_lora_rank,
-                       gpu_memory_utilization=gpu_memory_utilization, limit_mm_per_prompt={"image": 1})
+        self.llm = LLM(**vllm_engine_kwargs(model_name, max_lora_rank, gpu_memory_utilization))
         self.lora_path: str | None = None
         self.version = 0
 
@@ -288,19 +336,21 @@ class VLLMCaptioner:
         self.lora_path, self.version = adapter_dir, version
 
     def generate(self, prompts: list[str], images: list[Image.Image], group_size: int, *,
-                 max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[list[tuple[list[int], list[float]]]]:
+                 max_new_tokens: int, temperature: float, top_p: float, seed: int, blocked_ids: Sequence[int] = (),
+                 eos_id: int | None = None) -> list[list[tuple[list[int], list[float]]]]:
+        """For each prompt (its text must hold the image placeholder,
+        <|vision_start|><|image_pad|><|vision_end|>, as `Encoder.prompt_text()`), G (token ids,
+        log-probs) pairs."""
         from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
 
-        params = SamplingParams(n=group_size, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens,
-                                logprobs=0, seed=seed)
+        params = SamplingParams(**vllm_sampling_kwargs(group_size, max_new_tokens=max_new_tokens,
+                                                       temperature=temperature, top_p=top_p, seed=seed,
+                                                       blocked_ids=blocked_ids, eos_id=eos_id))
         lora = LoRARequest(f"policy-v{self.version}", self.version + 1, self.lora_path) if self.lora_path else None
         requests = [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(prompts, images)]
         outs = self.llm.generate(requests, params, lora_request=lora)
-        result = []
-        for o in outs:
-            result.append([(list(c.token_ids), [next(iter(lp.values())).logprob for lp in c.logprobs]) for c in o.outputs])
-        return result
+        return [[(list(c.token_ids), sampled_logprobs(c.token_ids, c.logprobs)) for c in o.outputs] for o in outs]
 
     def caption_group(self, encoder: Encoder, images: Sequence[Image.Image], group_size: int, *,
                       max_new_tokens: int, temperature: float, top_p: float, seed: int, version: int) -> CaptionGroup:
@@ -310,22 +360,31 @@ class VLLMCaptioner:
         inputs = encoder.prepare(images)
         _check_prompt_keys(inputs)
         outs = self.generate([encoder.prompt_text()] * len(images), list(images), group_size,
-                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        rows = [c for per_image in outs for c in per_image]  # image-major, as generate_captions
-        t = max(1, max(len(ids) for ids, _ in rows))
-        ids = torch.full((len(rows), t), encoder.pad_token_id, dtype=torch.long)
-        logprobs = torch.zeros(len(rows), t)
-        for i, (tok, lp) in enumerate(rows):
-            ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
-            logprobs[i, : len(lp)] = torch.tensor(lp)
-        mask = completion_mask(ids, encoder.eos_token_id)
-        return CaptionGroup(
-            prompt_ids=inputs["input_ids"], prompt_mask=inputs["attention_mask"],
-            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-            completion_ids=ids, completion_mask=mask, logprobs=logprobs.masked_fill(mask == 0, 0.0),
-            captions=encoder.decode(ids, mask), group_size=group_size, version=version,
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
-        )
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                             blocked_ids=encoder.suppressed_ids, eos_id=encoder.eos_token_id)
+        return group_from_samples(encoder, inputs, outs, group_size, version)
+
+
+def group_from_samples(encoder: Encoder, inputs: dict, outs: list[list[tuple[list[int], list[float]]]],
+                       group_size: int, version: int) -> CaptionGroup:
+    """A `CaptionGroup` (sampler "vllm") from the processor's inputs for B images and each image's
+    G (token ids, log-probs) from the engine: right-padded like `generate_captions`' groups, log-probs
+    0 on padding."""
+    rows = [c for per_image in outs for c in per_image]  # image-major, as generate_captions
+    t = max(1, max(len(ids) for ids, _ in rows))
+    ids = torch.full((len(rows), t), encoder.pad_token_id, dtype=torch.long)
+    logprobs = torch.zeros(len(rows), t)
+    for i, (tok, lp) in enumerate(rows):
+        ids[i, : len(tok)] = torch.tensor(tok, dtype=torch.long)
+        logprobs[i, : len(lp)] = torch.tensor(lp)
+    mask = completion_mask(ids, encoder.eos_token_id)
+    return CaptionGroup(
+        prompt_ids=inputs["input_ids"], prompt_mask=inputs["attention_mask"],
+        pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+        completion_ids=ids, completion_mask=mask, logprobs=logprobs.masked_fill(mask == 0, 0.0),
+        captions=encoder.decode(ids, mask), group_size=group_size, version=version,
+        mm_token_type_ids=inputs.get("mm_token_type_ids"), sampler="vllm",
+    )
 
 
 def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup:

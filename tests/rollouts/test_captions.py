@@ -99,12 +99,22 @@ def test_expand_inputs_repeats_each_images_patches_group_size_times():
 
 @pytest.mark.skipif(not vllm_available(), reason="vLLM backend needs the `vllm` extra and a CUDA GPU")
 def test_vllm_captioner_samples_group_size_captions(images):  # pragma: no cover - GPU only
+    from rl.models.encoder import CHAT_TEMPLATE, QWEN25_SPECIAL_IDS, UAE_CAPTION_PROMPT, USER_INSTRUCTION
     from rollouts.captions import VLLMCaptioner
 
+    # The encoder's prompt (Encoder.prompt_text() with its defaults): vLLM puts the image at its
+    # <|vision_start|><|image_pad|><|vision_end|> placeholder and refuses a prompt without one.
+    prompt = CHAT_TEMPLATE.format(system=UAE_CAPTION_PROMPT, user=USER_INSTRUCTION)
+    assert "<|image_pad|>" in prompt
+    blocked = [QWEN25_SPECIAL_IDS[t] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                               "<|vision_end|>", "<|im_start|>", "<|endoftext|>")]
     captioner = VLLMCaptioner("Qwen/Qwen2.5-VL-3B-Instruct")
-    out = captioner.generate(["Describe the image."] * len(images), images, 2, max_new_tokens=8,
-                             temperature=1.0, top_p=1.0, seed=0)
+    out = captioner.generate([prompt] * len(images), images, 2, max_new_tokens=8, temperature=0.7, top_p=1.0,
+                             seed=0, blocked_ids=blocked, eos_id=QWEN25_SPECIAL_IDS["<|im_end|>"])
     assert len(out) == len(images) and all(len(o) == 2 for o in out)
+    for ids, logprobs in (c for o in out for c in o):
+        assert len(ids) == len(logprobs) and not set(ids) & set(blocked)
+        assert all(-1e3 < lp <= 0 for lp in logprobs)  # processed log-probs of sampled tokens: finite
 
 
 @pytest.mark.skipif(vllm_available(), reason="vLLM is usable here, so the recipe is accepted")
