@@ -15,7 +15,9 @@ TAGS = {
     "reward_mean": "reward/mean", "reward_std": "reward/std", "loss": "loss/total", "kl": "policy/kl",
     "clip_frac": "policy/clip_frac", "entropy": "policy/entropy", "zero_var_frac": "reward/zero_var_frac",
     "caption_len_mean": "caption/len_mean", "caption_len_min": "caption/len_min",
-    "caption_len_max": "caption/len_max", "caption/truncated_frac": "caption/truncated_frac", "seconds": "time/step_seconds", "grad_norm": "loss/grad_norm",
+    "caption_len_max": "caption/len_max", "caption/truncated_frac": "caption/truncated_frac",
+    "sampling/is_ratio_mean": "sampling/is_ratio_mean", "sampling/is_ratio_min": "sampling/is_ratio_min",
+    "sampling/is_ratio_max": "sampling/is_ratio_max", "seconds": "time/step_seconds", "grad_norm": "loss/grad_norm",
     "ratio_mean": "policy/ratio_mean",
 }
 

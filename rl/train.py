@@ -603,6 +603,8 @@ def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]
         "version": stats.get("version"), "stale": stats.get("stale_rollout", 0.0), **_caption_stats(captions),
         # captions cut at max_new_tokens without EOS (TRL: completions/clipped_ratio); encoder stage only
         **({"caption/truncated_frac": stats["truncated_frac"]} if "truncated_frac" in stats else {}),
+        # vLLM rollouts: truncated importance-sampling weights between engine and learner (TRL: sampling/)
+        **{f"sampling/{k}": stats[k] for k in ("is_ratio_mean", "is_ratio_min", "is_ratio_max") if k in stats},
         "captions": captions[:2],
     }
     for name, mean in batch.means.items():
