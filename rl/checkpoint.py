@@ -16,8 +16,11 @@
 
 `save_checkpoint` writes `.tmp-step-000012-<pid>/`, fsyncs, and renames it; older checkpoints beyond
 `keep_last` are deleted only after that rename, so a crash at any point leaves the previous
-complete checkpoint in place. `find_latest` walks from the newest and skips (and reports) anything
-whose manifest is missing or does not match its files, e.g. a directory truncated mid-copy.
+complete checkpoint in place. Checkpoints are ordered by the number in their name, parsed as an
+integer (never by the name's sort order or mtime). `find_latest` walks from the newest and skips (and
+reports) anything whose manifest is missing or does not match its files, e.g. a directory truncated
+mid-copy, or that holds a NaN or infinite tensor. A NaN or infinite tensor is never written either:
+`save_checkpoint` raises `CheckpointError` naming it, and `load_checkpoint` refuses one.
 
 Only safetensors, JSON and YAML are written, and loading never unpickles.
 """
@@ -28,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +41,7 @@ import torch
 import yaml
 
 PREFIX = "step-"
+_NAME = re.compile(r"step-(\d+)")  # step-000012; fullmatch: step-12.bak is not a checkpoint
 TMP_PREFIX = ".tmp-"
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -78,13 +83,18 @@ def save_checkpoint(root: str, step: int, weights: dict[str, torch.Tensor], stat
     """
     from safetensors.torch import save_file
 
+    tensors, skeleton = flatten_state(state)
+    # before anything is written: weights that went NaN must not become a "good" checkpoint
+    bad = nonfinite_tensor(weights, ADAPTERS) or nonfinite_tensor(tensors, STATE_TENSORS)
+    if bad is not None:
+        raise CheckpointError(f"refusing to write checkpoint step {step} under {root}: {bad}. The run diverged; "
+                              f"the last complete checkpoint is {(list_checkpoints(root) or ['none'])[-1]}")
     os.makedirs(root, exist_ok=True)
     name = f"{PREFIX}{step:06d}"
     final = os.path.join(root, name)
     tmp = os.path.join(root, f"{TMP_PREFIX}{name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    tensors, skeleton = flatten_state(state)
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, os.path.join(tmp, ADAPTERS))
     save_file(tensors, os.path.join(tmp, STATE_TENSORS))
     _write_text(os.path.join(tmp, STATE_JSON), json.dumps(skeleton))
@@ -107,7 +117,11 @@ def save_checkpoint(root: str, step: int, weights: dict[str, torch.Tensor], stat
     else:
         os.rename(tmp, final)
     _fsync_dir(root)
-    for stale in list_checkpoints(root)[:-keep_last]:
+    # Keep the newest `keep_last` by step number, this one always among them. Anything numbered
+    # above `step` is a later step of a timeline a resume went back from (find_latest skipped it as
+    # broken): left alone, neither counted nor deleted.
+    older = [p for p in list_checkpoints(root) if checkpoint_step(p) < step]
+    for stale in older[:max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in half_written(root):  # from a process that died mid-save; ours is renamed
         shutil.rmtree(leftover, ignore_errors=True)
@@ -120,10 +134,44 @@ def save_checkpoint(root: str, step: int, weights: dict[str, torch.Tensor], stat
 def list_checkpoints(root: str) -> list[str]:
     """Complete checkpoints under root, oldest first (manifest and file sizes checked, not hashes:
     cheap enough to run after every save)."""
+    return [p for p in _numbered(root) if verify_checkpoint(p, hashes=False) is None]
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a `step-NNNNNN` directory, as an integer (None for any other name)."""
+    m = _NAME.fullmatch(os.path.basename(os.path.normpath(path)))
+    return int(m.group(1)) if m else None
+
+
+def _numbered(root: str) -> list[str]:
+    """Every `step-N` directory under root, by step number ascending (step-1000000 after
+    step-999999, whatever the zero padding)."""
     if not os.path.isdir(root):
         return []
-    paths = [os.path.join(root, n) for n in sorted(os.listdir(root)) if n.startswith(PREFIX)]
-    return [p for p in paths if verify_checkpoint(p, hashes=False) is None]
+    paths = [os.path.join(root, n) for n in os.listdir(root) if checkpoint_step(n) is not None]
+    return sorted(paths, key=checkpoint_step)
+
+
+def nonfinite_tensor(tensors: dict[str, torch.Tensor], where: str) -> str | None:
+    """'`key` in `where` has N non-finite values of M' for the first floating tensor holding a NaN
+    or an infinity, or None when every one is finite."""
+    for key, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                return f"tensor {key!r} in {where} has {bad} non-finite values (NaN or inf) of {t.numel()}"
+    return None
+
+
+def check_finite(path: str) -> str | None:
+    """Why the tensors of checkpoint `path` cannot be resumed from (a NaN or inf), or None."""
+    from safetensors.torch import load_file
+
+    for fname in (ADAPTERS, STATE_TENSORS):
+        bad = nonfinite_tensor(load_file(os.path.join(path, fname)), fname)
+        if bad is not None:
+            return bad
+    return None
 
 
 def half_written(root: str) -> list[str]:
@@ -161,14 +209,11 @@ def find_latest(root: str) -> tuple[str | None, list[tuple[str, str]]]:
     """The newest complete checkpoint under root (or None) and every (path, reason) skipped on
     the way: half-written temporary directories and renamed ones that fail verification."""
     skipped = [(p, "half-written (never renamed)") for p in half_written(root)]
-    if os.path.isdir(root):
-        renamed = sorted((n for n in os.listdir(root) if n.startswith(PREFIX)), reverse=True)
-        for n in renamed:
-            path = os.path.join(root, n)
-            reason = verify_checkpoint(path)
-            if reason is None:
-                return path, skipped
-            skipped.append((path, reason))
+    for path in reversed(_numbered(root)):
+        reason = verify_checkpoint(path) or check_finite(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
     return None, skipped
 
 
@@ -188,8 +233,12 @@ def load_checkpoint(path: str, verify: bool = True) -> Checkpoint:
         recipe = yaml.safe_load(f)
     if trainer.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {trainer.get('format')!r}, this code reads {FORMAT}")
-    state = unflatten_state(skeleton, load_file(os.path.join(path, STATE_TENSORS)))
-    return Checkpoint(path=path, weights=load_adapters(path), state=state, trainer=trainer, recipe=recipe)
+    tensors, weights = load_file(os.path.join(path, STATE_TENSORS)), load_adapters(path)
+    bad = nonfinite_tensor(weights, ADAPTERS) or nonfinite_tensor(tensors, STATE_TENSORS)
+    if bad is not None:
+        raise CheckpointError(f"cannot resume from {path}: {bad}; resume from an earlier checkpoint")
+    state = unflatten_state(skeleton, tensors)
+    return Checkpoint(path=path, weights=weights, state=state, trainer=trainer, recipe=recipe)
 
 
 def load_adapters(path: str) -> dict[str, torch.Tensor]:

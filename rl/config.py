@@ -30,7 +30,9 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field of the tree refuses nan and +-inf at load (an lr of
+    # .inf or a reward weight of nan would otherwise validate and poison the weights or advantages).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +553,8 @@ class OutputConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps under `checkpoints/step-NNNNNN/` (adapters, connector, optimizer, RNG, data and schedule position; rl/checkpoint.py). 0: only at the end.")
     keep_last: int = Field(2, gt=0, description="Complete checkpoints kept; an older one is deleted only after a newer one is complete.")
     wandb_project: str | None = Field(None, description="Also log metrics to this Weights & Biases project (needs `pip install wandb` and a login, or WANDB_MODE=offline). None: no wandb.")
-    resume: Literal["auto", "never"] = Field("never", description="`auto`: continue from the newest complete checkpoint in `dir` (half-written ones are skipped and reported; none: start at step 0); refused when the recipe's `models` differ from the checkpoint's. `never`: start at step 0. `python -m rl.train RECIPE --resume` sets `auto`.")
+    resume: Literal["auto", "never"] = Field("never", description="`auto`: continue from the newest complete checkpoint in `dir` (half-written ones and ones holding non-finite tensors are skipped and reported; none: start at step 0); refused when the recipe's `models` differ from the checkpoint's. `never`: start at step 0, in a `dir` no earlier run used (one holding metrics.jsonl or checkpoints/ is refused unless `overwrite`). `python -m rl.train RECIPE --resume` sets `auto`.")
+    overwrite: bool = Field(False, description="Start at step 0 in a `dir` an earlier run used: that run's directory is first renamed to `<dir>.old-<UTC timestamp>` (moved aside, never deleted). False (default): such a `dir` is refused. Exclusive with `resume: auto`. `python -m rl.train RECIPE --overwrite` sets it.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -676,6 +679,9 @@ class Recipe(_Section):
                 if count % n:
                     raise ValueError(f"learner.micro_batch_size ({n}) must divide the {what} = {count}: "
                                      f"choose a divisor of {count}")
+        if self.output.overwrite and self.output.resume == "auto":
+            raise ValueError("output.overwrite moves the earlier run aside and output.resume: auto continues it: "
+                             "pass one of --overwrite and --resume")
         if self.pretrain.enabled and self.data.source is not None:
             raise ValueError("pretrain.enabled builds models for the generated shapes world: set data.source: null, or pretrain.enabled: false")
         return self
@@ -720,6 +726,8 @@ def _format_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].replace("Value error, ", "")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see rl/config.py for the fields)"
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number, got {e['input']!r}"
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
 

@@ -255,21 +255,47 @@ class Learner:
     def _optimizer_step(self) -> float:
         """One optimizer step over the accumulated gradient; returns the global gradient norm
         before clipping (DeepSpeed's own; at ZeRO-0 in fp32, where DeepSpeed keeps none, the norm of
-        the real gradients, which are then the model's .grad)."""
+        the real gradients, which are then the model's .grad).
+
+        A non-finite loss, gradient or result raises FloatingPointError naming the stage, the
+        weight version and the group. At ZeRO-0 in fp32 the gradient is checked before the step, so
+        the weights and optimizer state stay as they were. Elsewhere DeepSpeed's norm is known only
+        after its step (ZeRO 1-3 in fp32 skip a non-finite step themselves); the parameters are then
+        checked after it, and the checkpoint writer refuses non-finite tensors besides."""
         norm = None
         if self.zero_stage == 0 and not self.recipe.learner.bf16:
-            grads = [p.grad for _, p in self.named_params.values() if p.grad is not None]
-            norm = float(torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))) if grads else 0.0
+            grads = [(grp, p.grad.detach().float().norm()) for grp, p in self.named_params.values() if p.grad is not None]
+            if grads:
+                self._refuse_nonfinite("gradient norm", grads, "before the optimizer step (nothing was applied)")
+            norm = float(torch.linalg.vector_norm(torch.stack([g for _, g in grads]))) if grads else 0.0
         self.engine.step()
         if norm is None:
             ds = self.engine.get_global_grad_norm()
             norm = float(ds) if ds is not None else float("nan")
+            # ZeRO-3: the local partition (ds_tensor); a NaN or inf element makes its sum non-finite
+            sums = [(grp, getattr(p, "ds_tensor", p).detach().float().abs().sum()) for grp, p in self.named_params.values()]
+            self._refuse_nonfinite("parameter", sums, "after the optimizer step")
+            if ds is not None:
+                self._refuse_nonfinite("global gradient norm", [("all groups", torch.tensor(norm))],
+                                       "known only after DeepSpeed's step (which skips such a step at ZeRO 1-3 in fp32)")
         if self._stage == "cold_start":
             self.models.connector.after_optimizer_step()
         self.version += 1
         if self._ema is not None and self._stage in ("decoder", "cold_start"):  # stages that move the decoder LoRA
             self._ema.update(self._gathered(self._decoder_lora()))
         return norm
+
+    def _refuse_nonfinite(self, what: str, values: list[tuple[str, torch.Tensor]], when: str) -> None:
+        """FloatingPointError naming the group of the first non-finite value in [(group, scalar)]
+        (one device-to-host copy for all of them)."""
+        finite = torch.isfinite(torch.stack([v.to(values[0][1].device) for _, v in values])).tolist()
+        for (group, value), ok in zip(values, finite):
+            if not ok:
+                lr = "cold_start.lr" if self._stage == "cold_start" else f"grpo.{self._stage}.lr"
+                raise FloatingPointError(
+                    f"non-finite {what} ({float(value)}) in parameter group {group!r} at the {self._stage} stage, "
+                    f"weight version {self.version} -> {self.version + 1}, {when}. The loss or the weights "
+                    f"diverged: lower {lr} or grpo.max_grad_norm, or check the rewards")
 
     def micro_batches(self, n: int) -> list[slice]:
         """Row slices of `learner.micro_batch_size` (all n rows at once when None)."""

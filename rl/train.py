@@ -3,6 +3,7 @@
     python -m rl.train recipes/tiny.yaml                       # embedded default: tiny models, local Ray, CPU
     python -m rl.train recipes/tiny.yaml --max-steps 3 --set rollout.group_size=2
     python -m rl.train recipes/tiny.yaml --resume               # continue from runs/tiny/checkpoints/
+    python -m rl.train recipes/tiny.yaml --overwrite            # start anew; runs/tiny moves to runs/tiny.old-<time>
     python -m rl.export runs/tiny/checkpoints/step-000019 exported/   # peft + diffusers folders
     ray job submit --working-dir . -- python -m rl.train recipes/unified_grpo.yaml
 
@@ -61,7 +62,7 @@ class Trainer:
         from rl.checkpoint import seed_rng
 
         seed_rng(self.recipe.seed)  # a resume restores the driver's RNG over this
-        os.makedirs(self.out_dir, exist_ok=True)
+        self._setup_output_dir()  # first: a refused directory fails before anything is built or written
         self._setup_pretrained()  # before anything reads models.*.path (checkpoints compare them too)
         self._resume_from = self._find_checkpoint()  # before Ray: a refused resume fails at once
         self._setup_data()
@@ -70,6 +71,26 @@ class Trainer:
         if self._resume_from is not None:
             self._load_checkpoint(self._resume_from)
         self._setup_logging()
+
+    def _setup_output_dir(self) -> None:
+        """One run per output directory. A directory an earlier run used (metrics.jsonl or
+        checkpoints/ in it) is continued with `--resume`, moved aside to `<dir>.old-<UTC time>` with
+        `--overwrite` (never deleted), and refused otherwise: two runs' checkpoints, metrics rows
+        and TensorBoard events would mix."""
+        out, o = self.out_dir, self.recipe.output
+        if o.resume != "auto" and used_output_dir(out):
+            if not o.overwrite:
+                raise OutputDirInUse(
+                    f"output directory {out} holds an earlier run (metrics.jsonl or checkpoints/). Pass --resume "
+                    f"to continue it, --overwrite to move it aside to {out}.old-<timestamp> and start anew, or "
+                    f"--output-dir for a new directory")
+            base = f"{os.path.normpath(out)}.old-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+            aside, n = base, 1
+            while os.path.exists(aside):  # two overwrites within a second
+                aside, n = f"{base}-{n}", n + 1
+            os.rename(out, aside)
+            log.warning("--overwrite: moved the earlier run in %s aside to %s", out, aside)
+        os.makedirs(out, exist_ok=True)
 
     def _setup_pretrained(self) -> None:
         """`pretrain.enabled`: build the missing shapes-world models (rl/pretrain.py; cached, so a
@@ -215,22 +236,21 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, tensorboard=self.recipe.output.tensorboard,
                                      wandb_project=self.recipe.output.wandb_project,
                                      config=self.recipe.model_dump(mode="json"),
-                                     purge_step=self.step if self._resume_from is not None else None)
+                                     purge_step=self.step if self.recipe.output.resume == "auto" else None)
 
     def _find_checkpoint(self):
         """The checkpoint to resume from (`output.resume: auto`), read and checked, or None."""
         from rl import checkpoint as ckpt
 
         if self.recipe.output.resume != "auto":
-            if ckpt.list_checkpoints(self.checkpoint_root):
-                log.warning("%s holds checkpoints of an earlier run; starting at step 0 (resume: never). "
-                            "Pass --resume to continue from the newest.", self.checkpoint_root)
-            return None
+            return None  # _setup_output_dir refused (or moved aside) a directory with checkpoints
         path, skipped = ckpt.find_latest(self.checkpoint_root)
         for bad, reason in skipped:
             log.warning("resume: ignoring incomplete checkpoint %s: %s", bad, reason)
         if path is None:
-            log.info("resume: no complete checkpoint in %s; starting at step 0", self.checkpoint_root)
+            dropped = _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), 0)
+            log.info("resume: no complete checkpoint in %s; starting at step 0 (dropped %d metrics rows of the "
+                     "earlier attempt)", self.checkpoint_root, dropped)
             return None
         c = ckpt.load_checkpoint(path, verify=False)  # find_latest just verified it
         current = self.recipe.model_dump(mode="json")
@@ -530,6 +550,15 @@ class LearnerDied(RuntimeError):
     """The learner actor is gone: the run ends, its checkpoints stay as they are."""
 
 
+class OutputDirInUse(RuntimeError):
+    """output.dir holds an earlier run and neither --resume nor --overwrite was given."""
+
+
+def used_output_dir(path: str) -> bool:
+    """Whether an earlier run wrote into `path` (its metrics.jsonl or checkpoints/ exist)."""
+    return os.path.exists(os.path.join(path, "metrics.jsonl")) or os.path.exists(os.path.join(path, "checkpoints"))
+
+
 @dataclass
 class _Pending:
     """A launched step: its batch and the ObjectRefs of its rollout and rewards."""
@@ -622,9 +651,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in the output directory "
                              "(same as output.resume: auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start anew in an output directory an earlier run used, after moving that run "
+                             "aside to <dir>.old-<UTC timestamp> (nothing is deleted; same as output.overwrite: "
+                             "true). Without it or --resume such a directory is refused")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    overrides = args.set + (["output.resume=auto"] if args.resume else [])
+    overrides = args.set + (["output.resume=auto"] if args.resume else []) + (["output.overwrite=true"] if args.overwrite else [])
     try:
         recipe = load_recipe(args.recipe, overrides, output_dir=args.output_dir, max_steps=args.max_steps)
     except RecipeError as e:
@@ -640,9 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.eval_grid("end")
         path = trainer.save_checkpoint()
-    except CheckpointError as e:
+    except (CheckpointError, OutputDirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # the learner refused a non-finite step (through Ray: e.cause)
+        print(f"error: step {trainer.step}: {getattr(e, 'cause', e)}; last complete checkpoint: "
+              f"{trainer.checkpoint_path or 'none'}", file=sys.stderr)
+        return 1
     except LearnerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
