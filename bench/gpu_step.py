@@ -84,7 +84,7 @@ class Meter:
 
 def run(args) -> list[dict]:
     from rl import grpo
-    from rl.learner import Learner, make_clip_reward
+    from rl.learner import Learner
     from rl.shapes import generate_shapes
     from rollouts.actors import RolloutWorker, image_seed
 
@@ -93,7 +93,7 @@ def run(args) -> list[dict]:
     with Meter(device) as build:
         learner = Learner(recipe)
         worker = RolloutWorker(recipe, models=learner.models)
-        clip = make_clip_reward(recipe, learner.device)
+        clip = learner.clip()  # the reward's CLIP is the one the cold start already needs: one copy
     size = args.image_size
     records = generate_shapes(args.batch_size, seed=1)
     images = [r.image.resize((size, size)) for r in records]

@@ -81,6 +81,27 @@ class AdapterConfig(_Section):
         return self
 
 
+def _check_random_init(random_init: dict[str, int | None], name: str, names, keys: tuple[str, ...],
+                       conflicts: dict[str, Any], name_field: str = "name") -> None:
+    """The checks every `random_init` field shares: the architecture has a config in code, the keys
+    are known and at least 1 (or null: the published depth), and nothing else loads weights."""
+    names = sorted(names)
+    if name not in names:
+        raise ValueError(f"random_init: no config in code for {name_field} {name!r}; random_init builds one of "
+                         f"{names}: set {name_field} to one of them, or random_init: null")
+    for key, value in random_init.items():
+        if key not in keys:
+            raise ValueError(f"random_init: unknown key {key!r}; keys: {', '.join(keys)}")
+        if value is not None and value < 1:
+            raise ValueError(f"random_init.{key} must be at least 1 (or null: the published depth), got {value}")
+    for field, value in conflicts.items():
+        if value is not None:
+            if field == "path":
+                raise ValueError("random_init builds random weights, path loads saved ones: set one of them to null")
+            raise ValueError(f"random_init builds random weights, {field} loads others: set {field}: null, "
+                             "or random_init: null")
+
+
 class EncoderConfig(_Section):
     """The captioning LVLM (UAE: Qwen2.5-VL-3B-Instruct)."""
 
@@ -106,8 +127,12 @@ class EncoderConfig(_Section):
 
     @model_validator(mode="after")
     def _random_init_has_a_config(self) -> "EncoderConfig":
-        if self.random_init is None:
-            return self
+        if self.random_init is not None:
+            from rl.models.encoder import RANDOM_INIT_ENCODERS
+
+            _check_random_init(self.random_init, self.name, RANDOM_INIT_ENCODERS, ("num_layers", "vision_depth"),
+                               {"path": self.path})
+        return self
         from rl.models.encoder import RANDOM_INIT_ENCODERS
 
         names, keys = sorted(RANDOM_INIT_ENCODERS), ("num_layers", "vision_depth")
@@ -146,8 +171,11 @@ class DecoderConfig(_Section):
 
     @model_validator(mode="after")
     def _random_init_has_a_config(self) -> "DecoderConfig":
-        if self.random_init is None:
-            return self
+        if self.random_init is not None:
+            from rl.models.decoder import RANDOM_INIT_DECODERS
+
+            _check_random_init(self.random_init, self.name, RANDOM_INIT_DECODERS, ("num_layers",), {"path": self.path})
+        return self
         from rl.models.decoder import RANDOM_INIT_DECODERS
 
         names = sorted(RANDOM_INIT_DECODERS)
@@ -192,8 +220,12 @@ class ClipConfig(_Section):
 
     @model_validator(mode="after")
     def _random_init_has_a_config(self) -> "ClipConfig":
-        if self.random_init is None:
-            return self
+        if self.random_init is not None:
+            from rewards.clip import RANDOM_INIT_CLIPS
+
+            _check_random_init(self.random_init, self.model, RANDOM_INIT_CLIPS, ("layers",),
+                               {"pretrained": self.pretrained, "checkpoint": self.checkpoint}, name_field="model")
+        return self
         from rewards.clip import RANDOM_INIT_CLIPS
 
         names = sorted(RANDOM_INIT_CLIPS)

@@ -318,24 +318,27 @@ class Learner:
             for _, p in self.named_params.values():
                 p.requires_grad_(flags[id(p)])
 
-    def _gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Full values of (possibly ZeRO-3 partitioned) parameters, as CPU copies."""
-        params = [t for t in tensors.values() if hasattr(t, "ds_id")]
+    @contextlib.contextmanager
+    def _full(self, params, modify: bool = False):
+        """Inside: the full values of `params` even under ZeRO-3 (partitioned ones are gathered, and
+        with `modify` written back from rank 0 on exit); a no-op at ZeRO 0-2."""
+        params = [p for p in params if hasattr(p, "ds_id")]
         if not params:
-            return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
+            yield
+            return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+            yield
+
+    def _gathered(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full values of (possibly ZeRO-3 partitioned) parameters, as CPU copies."""
+        with self._full(tensors.values()):
             return {k: t.detach().to("cpu", copy=True) for k, t in tensors.items()}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Adapters and connector as one flat CPU state dict (full tensors at every ZeRO stage)."""
-        params = [p for _, p in self.named_params.values() if hasattr(p, "ds_id")]
-        if not params:
-            return self.models.trainable_state()
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params):
+        with self._full(p for _, p in self.named_params.values()):
             return self.models.trainable_state()
 
     def _decoder_lora(self) -> dict[str, torch.Tensor]:
@@ -442,13 +445,7 @@ class Learner:
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """The model's (low-precision) copies of adapters and connector, gathered under ZeRO-3."""
-        params = [p for _, p in self.named_params.values() if hasattr(p, "ds_id")]
-        if not params:
-            self.models.load_trainable_state(weights)
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        with self._full((p for _, p in self.named_params.values()), modify=True):
             self.models.load_trainable_state(weights)
 
     def grad_norms(self) -> dict[str, float]:
