@@ -418,6 +418,16 @@ class EncoderOptim(PolicyOptim):
         "loss_type `grpo`); with `token_mean` or `constant` each caption weighs by its length (TRL warns; allowed "
         "here). GSPO clips far tighter, about epsilon 3e-4 / epsilon_high 4e-4.",
     )
+    top_entropy_quantile: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="rho of Wang et al. 2025 (\"Beyond the 80/20 Rule\"; TRL top_entropy_quantile, default 1.0): only "
+        "the caption tokens whose entropy (of the policy's temperature-scaled distribution at that position, this "
+        "pass) is at least the (1 - rho) quantile of the micro-batch's loss-mask tokens, gathered over the learner "
+        "ranks, keep their policy-loss term; the others keep their KL term and still count in the denominators of "
+        "grpo.loss_agg (TRL's get_high_entropy_mask on the micro-batch). 1.0: every token (default); 0.0: only the "
+        "highest-entropy token(s); the paper recommends 0.2. The quantile is over the loss mask, so it skips "
+        "truncated captions with mask_truncated_completions (as TRL) and dropped rows with drop_zero_variance.",
+    )
     use_bias_correction_kl: bool | None = Field(
         None,
         description="Multiply the per-token KL by the importance ratio (differentiable: it changes the KL gradient "

@@ -497,6 +497,8 @@ class Learner:
         # A frozen vision tower runs once per image for the whole update (reference pass, micro-batches,
         # iterations); a trainable one once per image per forward, with gradient (completion_logprobs).
         feats = None if vision_trainable(model) else ImageFeatures(model, group)
+        top_q = cfg.top_entropy_quantile
+        gather = grpo.gather_ragged if self.world_size > 1 else None  # the k-th micro-batch of every rank
         stats: dict[str, Any] = {}
         entropy_sum = 0.0
         with self._training():
@@ -509,8 +511,11 @@ class Learner:
                                                                  chunk=chunk, features=feats)[0]
                     def loss_fn(rows=rows, it=it, k=k):
                         logp, entropy = completion_logprobs(model, group, temperature, suppressed,
-                                                            with_entropy=(it == 0), rows=rows, chunk=chunk,
-                                                            features=feats)
+                                                            with_entropy=(it == 0 or top_q < 1.0), rows=rows,
+                                                            chunk=chunk, features=feats)
+                        # TRL: the quantile of this pass's entropies over the micro-batch's mask, every iteration
+                        keep = grpo.high_entropy_mask(entropy, mask[rows].to(self.device), top_q, gather) \
+                            if top_q < 1.0 else None
                         if it == 0 and from_first_pass:
                             old_logp[rows] = logp.detach()
                         if it == 0 and correct:  # fixed for the batch's iterations, as TRL's (once per rollout)
@@ -521,8 +526,9 @@ class Learner:
                         out = grpo.micro_batch_loss(logp, old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl,
                                                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                                     level=cfg.importance_sampling_level,
-                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k])
-                        return out, entropy
+                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k],
+                                                    entropy_mask=keep)
+                        return out, entropy if it == 0 else None
 
                     out, entropy = self._forward_backward(loss_fn)
                     acc.add(out)
