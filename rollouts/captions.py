@@ -84,11 +84,15 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
     call takes max(1, micro_batch_size // G) images x G samples (None: all B images in one call).
     The calls' completions are right-padded to a common T (pad id, mask 0).
 
-    Log-probs (N, T) are computed after generation by `completion_logprobs` under no_grad, in the
-    same row micro-batches, `logits_chunk` positions at a time: exactly the learner's computation,
-    so the first importance ratio is 1 up to float round-off. This costs one forward over prompt +
-    caption (TRL's old_per_token_logps does the same) instead of keeping generate's (N, V) logits for
-    each of the T steps. Greedy decoding scores at temperature 1.
+    The vision tower runs once per image of a call (`image_features`); generate() gets the embeddings
+    (`mm_encoder_outputs`, repeated for the G samples) and computes only the last position's logits
+    at each step (logits_to_keep=1), none of which are kept.
+
+    Log-probs (N, T) are computed after each generate call by `completion_logprobs` under no_grad,
+    on the same rows and image embeddings, `logits_chunk` positions at a time: exactly the learner's
+    computation, so the first importance ratio is 1 up to float round-off. This costs one forward
+    over prompt + caption (TRL's old_per_token_logps does the same) instead of keeping generate's
+    (N, V) logits for each of the T steps. Greedy decoding scores at temperature 1.
 
     The sampled captions depend on `micro_batch_size` through the global random stream (seeded once
     from `seed`), not their distribution.

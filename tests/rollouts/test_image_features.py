@@ -157,3 +157,20 @@ def test_learner_reads_each_image_once_per_update():
     # reference pass + 2 iterations x 3 micro-batches of 2 rows: the per-copy path read 3 x B x G images
     assert sum(count.calls) == int(group.image_grid_thw.prod(dim=1).sum())
     assert stats["version"] == 2 and torch.isfinite(torch.tensor(stats["loss"]))
+
+
+def test_rollout_never_forms_prompt_wide_vocabulary_logits(encoder, images):
+    # generate() asks for the last position's logits only (logits_to_keep=1: the prompt's P positions
+    # never reach lm_head); the scoring pass runs lm_head on at most logits_chunk caption positions.
+    shapes = []
+    handle = encoder.model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        group = generate_captions(encoder, images, G, max_new_tokens=8, temperature=T, seed=4, logits_chunk=5)
+    finally:
+        handle.remove()
+    vocab = encoder.model.config.text_config.vocab_size
+    steps = [s for s in shapes if len(s) == 3]  # generation: (rows, 1, V)
+    scoring = [s for s in shapes if len(s) == 2]  # scoring: (<= chunk, V)
+    assert steps and all(s[1] == 1 and s[2] == vocab for s in steps)
+    assert scoring and all(s[0] <= 5 for s in scoring)
+    assert sum(s[0] for s in scoring) == group.completion_ids.numel()
