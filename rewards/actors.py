@@ -4,6 +4,12 @@
 actor was given, `reward_device`) and every plugin of the recipe, resolved once at start. `score`
 runs them all on one batch through `rewards.api.compute_rewards` and returns plain data (the
 (K, N) matrix, weights, means).
+
+Plugins get TRL's arguments (trl 1.16 `GRPOTrainer._calculate_rewards`, chat prompts): `prompts`
+the caption request as chat messages with the row's image in them (`trl.data_utils.
+prepare_multimodal_messages`, as TRL builds a multimodal prompt), `completions` one assistant
+message per caption, and the per-row columns as keyword lists. A relative `path/to/file.py:fn`
+is resolved against the recipe's folder (`base_dir`), the same rule as recipe validation.
 """
 
 from __future__ import annotations
@@ -13,8 +19,24 @@ from typing import Any, Sequence
 
 import torch
 
-from rewards.api import RewardBatch, RewardFn, compute_rewards, load_reward
+from rewards.api import RewardBatch, RewardFn, compute_rewards, load_reward, reward_name, unique_names
 from rl.config import Recipe
+
+
+def trl_prompt(image: Any) -> list[dict]:
+    """The caption request of one image as TRL passes a conversational multimodal prompt: the
+    encoder's chat messages (`caption_messages`) with `image` filled in, through TRL's own
+    `prepare_multimodal_messages` (every content a list of typed blocks)."""
+    from trl.data_utils import prepare_multimodal_messages
+
+    from rl.models.encoder import caption_messages
+
+    return prepare_multimodal_messages(caption_messages(), images=[image])  # fills the {"type": "image"} placeholder
+
+
+def trl_completion(caption: str) -> list[dict]:
+    """One caption as TRL passes a conversational completion (no response schema)."""
+    return [{"role": "assistant", "content": caption}]
 
 
 def reward_device(recipe: Recipe) -> torch.device:
@@ -34,13 +56,15 @@ class RewardWorker:
         self.recipe = recipe
         self.device = reward_device(recipe)
         self.fns: list[RewardFn] = []
-        for spec in recipe.rewards.functions:
+        specs = recipe.rewards.functions
+        names = unique_names([reward_name(spec.name) for spec in specs])  # metric keys: reward/<name>
+        for spec, name in zip(specs, names):
             if spec.name == "clip":
                 from rl.learner import make_clip_reward
 
-                self.fns.append(RewardFn(make_clip_reward(recipe, self.device), name="clip", weight=spec.weight))
+                self.fns.append(RewardFn(make_clip_reward(recipe, self.device), name=name, weight=spec.weight, spec="clip"))
             else:
-                self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir))
+                self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir, name=name))
 
     def ready(self) -> bool:
         return True
@@ -55,11 +79,13 @@ class RewardWorker:
         return compute_rewards(self.fns, prompts, completions, step=step, on_error=self.recipe.rewards.on_error, **kwargs)
 
     def score_rollout(self, stage: str, captions: Sequence[Any], renders: Sequence[Any] | None,
-                      image_ids: Sequence[str], images: Sequence[Any], elements: Sequence[Any], step: int) -> RewardBatch:
+                      image_ids: Sequence[str], images: Sequence[Any], elements: Sequence[Any], step: int,
+                      columns: dict[str, Sequence[Any]] | None = None) -> RewardBatch:
         """Score a rollout worker's result directly: the driver passes the ObjectRefs of its
         captions (the encoder's CaptionGroup, or the decoder's one caption per image) and renders,
         so rollout and reward chain inside Ray without the driver waiting in between. Per-image
-        data are repeated to the N = B * G rows."""
+        data (`columns`: the dataset's other columns, `references` included, one entry per image)
+        are repeated to the N = B * G rows, as TRL repeats dataset columns per generation."""
         g = self.recipe.rollout.group_size
         rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731
         if stage == "encoder":
@@ -68,8 +94,11 @@ class RewardWorker:
             captions = rep(captions)
         else:
             raise ValueError(f"no rewards for stage {stage!r}")
-        return self.score(rep(image_ids), captions, step=step, images=rep(images), renders=renders,
-                          image_ids=rep(image_ids), elements=rep(elements), group_ids=rep(range(len(image_ids))))
+        prompts = [trl_prompt(image) for image in images]  # one chat per image, shared by its G rows
+        known = dict(images=rep(images), renders=renders, image_ids=rep(image_ids), elements=rep(elements),
+                     group_ids=rep(range(len(image_ids))))
+        extra = {k: rep(v) for k, v in (columns or {}).items() if k not in known}
+        return self.score(rep(prompts), [trl_completion(c) for c in captions], step=step, **known, **extra)
 
 
 def remote_reward_actor(recipe: Recipe, num_cpus: float = 1.0, max_restarts: int = 0, base_dir: str | None = None):

@@ -268,6 +268,8 @@ class DataConfig(_Section):
     image_column: str = Field("image", description="Image column of a `datasets` source.")
     split: str = Field("train", description="Split of a `datasets` source.")
     limit: int | None = Field(None, gt=0, description="Use at most this many images.")
+    reference_column: str | None = Field(None, description="Column of reference caption texts (a string or a list of strings per image), passed to reward functions as `references`; e.g. the `text` column of an image folder's metadata.jsonl / metadata.csv (datasets' imagefolder convention). None: `text` or `caption` when the dataset has one, else no references. A named column the dataset lacks is refused at load.")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="An image that fails to decode (corrupt or truncated file, unknown format, a header announcing more than 2 x PIL's MAX_IMAGE_PIXELS: a decompression bomb). `fail`: exit 2 naming the file, before Ray starts. `skip`: leave it out; the count and the first file are logged.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
@@ -825,7 +827,7 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
 
     specs = [r.name for r in recipe.rewards.functions if r.name != "clip"]
     try:
-        validate_specs(specs)
+        validate_specs(specs, base_dir=base_dir)  # relative plugin files: against the recipe's folder, as the workers
     except RewardSpecError as e:
         index = next((i for i, r in enumerate(recipe.rewards.functions) if r.name in str(e)), None)
         where = f"rewards.functions.{index}.name" if index is not None else "rewards.functions"

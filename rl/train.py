@@ -34,6 +34,7 @@ import torch
 from rl import grpo
 from rl.checkpoint import CheckpointError
 from rl.config import Recipe, RecipeError, load_recipe
+from rl.data import DataError
 from rl.metrics import completions_table, reward_stats
 
 log = logging.getLogger("unified_grpo")
@@ -114,6 +115,7 @@ class Trainer:
         self.dataset = load_dataset_from_config(
             d.source, image_column=d.image_column, split=d.split, limit=d.limit,
             image_size=self.recipe.models.decoder.image_size, generate=d.generate.model_dump(),
+            reference_column=d.reference_column, on_bad_image=d.on_bad_image,
         )
         log.info("data: %d images from %s", len(self.dataset), d.source or "the generated shapes world")
 
@@ -419,7 +421,7 @@ class Trainer:
             captions, renders = p.rollout_ref[1:]
             p.driver_ref = captions
         p.reward_ref = self.rewards[p.reward_actor].score_rollout.remote(
-            stage, captions, renders, ids, images, [r.elements for r in records], step)
+            stage, captions, renders, ids, images, [r.elements for r in records], step, _columns(records))
         return p
 
     def _rollout_remote(self, index: int | None, method: str, num_returns: int, *args: Any):
@@ -632,6 +634,13 @@ def _caption_stats(captions: list[str]) -> dict[str, float]:
             "caption_len_max": max(lengths)}
 
 
+def _columns(records) -> dict[str, list[Any]]:
+    """The dataset's per-image columns for reward functions (as TRL passes dataset columns):
+    `references` (reference caption texts or None) and every other column of the source."""
+    keys = sorted({k for r in records for k in r.columns})
+    return {"references": [r.references for r in records], **{k: [r.columns.get(k) for r in records] for k in keys}}
+
+
 def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]) -> dict[str, Any]:
     """One metrics row from a reward batch, its advantages and the learner's statistics."""
     weights = torch.tensor(batch.weights).unsqueeze(1)
@@ -686,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.eval_grid("end")
         path = trainer.save_checkpoint()
-    except (CheckpointError, OutputDirInUse) as e:
+    except (CheckpointError, OutputDirInUse, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the learner refused a non-finite step (through Ray: e.cause)
