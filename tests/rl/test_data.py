@@ -1,5 +1,7 @@
 """Dataset loading from every source kind, its error messages, and resumable batching."""
 import io
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,3 +237,46 @@ def test_folder_of_json_without_images_names_the_files(tmp_path):
     assert check_source(str(tmp_path)) == "dataset_files"
     with pytest.raises(DataError, match=r"no column image_column='image'; available columns: a, b \(read from rows.json"):
         load_dataset_from_config(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `python -m rl.train`: bad data is exit 2 naming it, before Ray starts
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_sources(tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    _solid((1, 2, 3)).save(corrupt / "ok.png")
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    _bomb_png(bomb / "huge.png")
+    json_only = tmp_path / "json_only"
+    json_only.mkdir()
+    (json_only / "rows.json").write_text('[{"caption": "x"}]')
+    return [  # (data.source, what the message must name)
+        (str(corrupt), r"cannot read image .*corrupt/broken.png"),
+        (str(bomb), r"cannot read image .*bomb/huge.png: DecompressionBombError"),
+        (str(json_only), r"no column image_column='image'.*read from rows.json"),
+        ("imags/", r"data source folder 'imags/' does not exist"),  # a typo'd relative path
+        ("someone/no-such-dataset", r"'someone/no-such-dataset' is not a local folder.*HF_HUB_OFFLINE=1"),
+    ]
+
+
+def test_train_refuses_bad_data_with_exit_2_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from rl.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+    for i, (source, message) in enumerate(_bad_sources(tmp_path)):
+        out = tmp_path / f"run{i}"
+        rc = main([str(tiny), "--output-dir", str(out), "--set", "pretrain.enabled=false",
+                   "--set", f"data.source={source}"])
+        err = capsys.readouterr().err
+        assert rc == 2, (source, err[-2000:])
+        assert re.search(message, err), (source, err[-2000:])
+        assert not ray.is_initialized() and not (out / "actors.json").exists()
