@@ -19,8 +19,9 @@ Sources (`load_dataset_from_config`):
 
 A relative local path is relative to the current directory. Something that looks like a path
 (starts with `.`, `~` or `/`, ends with `/`, has two slashes or a backslash, or names a folder that
-exists below its first component) and is not there is refused as a missing folder, never tried as a
-Hub name; so is a Hub name that is not in the local cache when HF_HUB_OFFLINE=1. Images that fail to
+exists below its first component) and is not there is refused as a missing folder at recipe load,
+never tried as a Hub name; a Hub name is checked when loaded (a missing one, or one not in the local
+cache when HF_HUB_OFFLINE=1, is a DataError naming it and the local folder it is not). Images that fail to
 decode (corrupt, truncated, a header announcing a decompression bomb) are refused naming the file,
 or with `on_bad_image="skip"` skipped, counted and logged.
 
@@ -63,13 +64,15 @@ class DataError(ValueError):
 
 @dataclass
 class ImageRecord:
-    """One training image. elements / captions are ground truth when the source has them;
-    references are the dataset's reference caption texts; columns its other columns."""
+    """One training image. elements / captions are ground truth when the source has them; texts
+    are the source's string columns by name; references the reference caption texts
+    (`reference_column`); columns every column of the source but the image and those above."""
 
     image: Image.Image  # RGB
     image_id: str
     elements: dict | None = None
     captions: dict | None = None
+    texts: dict[str, str] | None = None
     references: list[str] | None = None
     columns: dict[str, Any] = field(default_factory=dict)
 
@@ -147,18 +150,6 @@ def _is_path_like(source: str) -> bool:
             or ("/" in source and Path(first).is_dir()))
 
 
-def _hub_dataset_cached(name: str) -> tuple[bool, str]:
-    """Offline (HF_HUB_OFFLINE=1): whether `datasets` can resolve the Hub dataset `name` from the
-    local cache (no network call), and why not."""
-    import datasets
-
-    try:
-        datasets.load_dataset_builder(name)
-    except Exception as e:  # noqa: BLE001 - any failure means "not usable offline"
-        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return True, ""
-
-
 def _iter_image_files(folder: Path) -> Iterator[Path]:
     return (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -219,12 +210,9 @@ def check_source(source: str | None, image_column: str = "image") -> str:
     if _is_path_like(source):
         raise DataError(f"data source folder {source!r} does not exist (relative to the current directory "
                         f"{os.getcwd()})")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        cached, why = _hub_dataset_cached(source)
-        if not cached:
-            raise DataError(f"data source {source!r} is not a local folder (none in {os.getcwd()}) and, with "
-                            f"HF_HUB_OFFLINE=1, not a Hub dataset in the local cache ({why})")
-    return "hub"  # online: a hub name is accepted without a network call; loading it names a missing one
+    # A Hub name is accepted without a network call (recipes naming one validate offline); loading
+    # it (rl.train's data setup, before Ray) names a missing or, offline, an uncached one.
+    return "hub"
 
 
 def _prepare(image: Image.Image, image_size: int | None) -> Image.Image:
@@ -320,9 +308,12 @@ def _open_hf(source: str, *, split: str, cache_dir: str | None) -> Any:
         else:
             ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types; all mean "cannot use this source"
-        offline = " (HF_HUB_OFFLINE is set: the dataset must already be in the local cache)" \
+        offline = " (HF_HUB_OFFLINE=1: a Hub dataset must already be in the local cache)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise DataError(f"cannot load dataset {source!r} split {split!r}{offline}: {type(e).__name__}: {e}") from e
+        where = "" if path.exists() else f" (no local folder {source!r} in {os.getcwd()}, so it was read as a Hub name)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"cannot load dataset {source!r} split {split!r}{where}{offline}: {type(e).__name__}: "
+                        f"{first}") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"dataset {source!r} has no split {split!r}; available splits: "
@@ -386,12 +377,14 @@ def _records(ds: Any, source: str, *, root: Path | None, image_column: str, refe
         else:
             image_id = f"{name}-{i:06d}"
         refs = row.get(ref_col) if ref_col else None
+        columns = {k: v for k, v in row.items() if k not in (image_column, "image_id", "elements", "captions")}
         records.append(ImageRecord(
             image=image, image_id=image_id,
             elements=row.get("elements") if isinstance(row.get("elements"), dict) else None,
             captions=row.get("captions") if isinstance(row.get("captions"), dict) else None,
+            texts={k: v for k, v in columns.items() if isinstance(v, str)} or None,
             references=[refs] if isinstance(refs, str) else list(refs) if refs else None,
-            columns={k: v for k, v in row.items() if k not in (image_column, "image_id", "elements", "captions")},
+            columns=columns,
         ))
     if skipped:
         logger.warning("data: skipped %d image(s) of %r that failed to decode (data.on_bad_image: skip); "

@@ -108,11 +108,11 @@ def test_folder_errors(tmp_path):
 
 def test_check_source_kinds(monkeypatch, tmp_path):
     assert check_source(None) == "generate"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, a Hub name not in the cache is refused at once
-    with pytest.raises(DataError, match="'someone/some-dataset' is not a local folder.*HF_HUB_OFFLINE=1"):
-        check_source("someone/some-dataset")
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert check_source("someone/some-dataset") == "hub"  # online: not downloaded, just accepted
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_source("someone/some-dataset") == "hub"  # not downloaded, just accepted: recipes validate offline
+    with pytest.raises(DataError, match=r"cannot load dataset 'someone/some-dataset' split 'train' \(no local folder "
+                                        r"'someone/some-dataset' in .*read as a Hub name\) \(HF_HUB_OFFLINE=1"):
+        load_dataset_from_config("someone/some-dataset")  # loading names it, and the folder it is not
     # What can only be a path is never tried as a Hub name: a typo below an existing folder too.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -189,6 +189,7 @@ def test_imagefolder_splits_metadata_references_and_columns(tmp_path):
     assert [r.image_id for r in train] == ["train/0", "train/1"]
     assert [r.references for r in train] == [["train caption 0"], ["train caption 1"]]
     assert [r.columns for r in train] == [{"text": "train caption 0", "score": 0}, {"text": "train caption 1", "score": 1}]
+    assert [r.texts for r in train] == [{"text": "train caption 0"}, {"text": "train caption 1"}]  # string columns
     test = load_dataset_from_config(str(tmp_path), split="test")
     assert [(r.image_id, r.image.getpixel((0, 0)), r.references) for r in test] == [
         ("test/0", (0, 0, 255), ["test caption 0"])]
@@ -260,7 +261,8 @@ def _bad_sources(tmp_path):
         (str(bomb), r"cannot read image .*bomb/huge.png: DecompressionBombError"),
         (str(json_only), r"no column image_column='image'.*read from rows.json"),
         ("imags/", r"data source folder 'imags/' does not exist"),  # a typo'd relative path
-        ("someone/no-such-dataset", r"'someone/no-such-dataset' is not a local folder.*HF_HUB_OFFLINE=1"),
+        ("someone/no-such-dataset", r"cannot load dataset 'someone/no-such-dataset'.*no local folder.*HF_HUB_OFFLINE=1"),
+        ("imags", r"cannot load dataset 'imags'.*no local folder 'imags' in "),  # a typo without a slash
     ]
 
 
