@@ -51,3 +51,26 @@ def test_trl_reward_and_relative_file_plugin_in_a_real_run(tmp_path):
         assert r["reward/think_format_reward"] == 0.0  # captions of random models have no <think> block
         assert r["reward/trl_format"] == 1.0  # it raises (and stops the run) unless the arguments are TRL's
         assert r["reward/shape_words"] is not None and r["reward/shape_words"] == r["reward/shape_words_2"]
+
+
+def test_readme_specs_validate_and_resolve_in_the_reward_worker_alike(tmp_path, monkeypatch):
+    """The README's relative specs, from a working directory that is not the recipe's folder: the
+    recipe validates, and the real RewardWorker (as the driver starts it, with the recipe's folder)
+    resolves the same files, names the metrics by function and passes TRL's arguments."""
+    from rewards.actors import RewardWorker
+    from rl.config import load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    functions = ("[{name: 'plugins/my_reward.py:shape_words'}, {name: 'trl.rewards:think_format_reward'}, "
+                 "{name: 'verl:plugins/my_reward.py:from_verl_example'}]")
+    recipe = load_recipe(TINY, [f"rewards.functions={functions}", "rollout.group_size=2"])
+    worker = RewardWorker(recipe, base_dir=str(TINY.parent))
+    assert worker.names() == ["shape_words", "think_format_reward", "from_verl_example"]
+    images = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 0, 0))]
+    batch = worker.score_rollout("decoder", ["a red circle", "<think>x</think> blue"], None, ["a", "b"], images,
+                                 [None, None], 0, {"ground_truth": ["red", "red"], "references": [None, None]})
+    assert batch.per_reward == {  # G = 2 rows per image
+        "shape_words": [2 / 3, 2 / 3, 0.5, 0.5],  # red, circle of "a red circle"; blue of "<think>x</think> blue"
+        "think_format_reward": [0.0, 0.0, 1.0, 1.0],
+        "from_verl_example": [1.0, 1.0, 0.0, 0.0],
+    }
