@@ -686,7 +686,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = Trainer(recipe, recipe_dir=str(Path(args.recipe).resolve().parent))
+    # Relative plugin files resolve against the recipe's folder, in the reward actors too. Passed
+    # relative to the working directory when it lies below it: under `ray job submit --working-dir .`
+    # every node unpacks the code into its own folder and runs the actors there.
+    recipe_dir, cwd = Path(args.recipe).resolve().parent, Path.cwd().resolve()
+    trainer = Trainer(recipe, recipe_dir=os.path.relpath(recipe_dir, cwd) if recipe_dir.is_relative_to(cwd) else str(recipe_dir))
     t0 = time.time()
     try:
         trainer.setup()

@@ -39,8 +39,10 @@ def test_trl_reward_and_relative_file_plugin_in_a_real_run(tmp_path):
         "--set", "eval.grid_images=0", "--set", "output.plot=false",
         "--set", f"rewards.functions={functions}",
     ]
-    # The working directory is not the recipe's folder: the relative plugin resolves against recipes/.
-    proc = subprocess.run(cmd, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    # From the repository root, as the README runs it: the relative plugin resolves against recipes/
+    # (there is no plugins/ in the root), and the actors get that folder relative to their cwd.
+    assert not (ROOT / "plugins").exists()
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
