@@ -375,6 +375,10 @@ def _usage_sections(recipe, bases: dict[str, str]) -> list[str]:
     if conn.reader == "base" and enc_lora:  # the caption is re-read by the base encoder, its adapter off
         read = ["    with encoder.disable_adapter():  # connector.reader: base",
                 "        hidden = encoder(input_ids=ids, output_hidden_states=True).hidden_states"]
+    elif conn.reader == "base":  # a merged encoder has no adapter to switch off
+        read = ["    # connector.reader: base read captions with the encoder's adapter OFF; this merged encoder",
+                "    # carries it, so for training's condition load the base model here instead",
+                "    hidden = encoder(input_ids=ids, output_hidden_states=True).hidden_states"]
     return [
         "## Use it: caption an image, render a caption", "",
         "The python blocks below, run in order in this folder, need transformers, peft, diffusers and "

@@ -412,3 +412,34 @@ def test_bases_built_from_a_config_are_saved_and_local_ones_named_by_folder_only
     assert _base_reference(EncoderConfig.model_construct(name="x", path="/data/models/qwen-vl/")) == "qwen-vl"
     assert _portable({"a": ["/abs/p/x.yaml", "rel/p", "~/cache/m"], "b": 1}) == {
         "a": ["<local>/x.yaml", "rel/p", "<local>/m"], "b": 1}
+
+
+@pytest.mark.parametrize("layers", ["last", "norm_avg", "learned"])
+@pytest.mark.parametrize("pooled", ["learned", "zeros", "mean"])
+def test_card_connector_rebuild_equals_the_projects_connector(layers, pooled):
+    """The card's torch rebuild of the connector, for every layer selection and pooled mode: it loads
+    the project's state dict strictly and gives its outputs on the same hidden states."""
+    import torch.nn.functional as F
+
+    from rl.config import Recipe
+    from rl.export import _usage_sections
+    from rl.models.connector import Connector
+
+    recipe = Recipe.model_validate({"models": {"connector": {"layers": layers, "pooled": pooled}}})
+    code = "\n".join(_usage_sections(recipe, {"encoder": "encoder/base", "decoder": "decoder/base"}))
+    rebuild = "class Connector" + code.split("class Connector", 1)[1].split("connector = Connector", 1)[0]
+    c = {"hidden_size": 16, "cond_dim": 12, "pooled_dim": 10, "num_layers": 3, "mlp_ratio": 2.0}
+    project = Connector(c["hidden_size"], c["cond_dim"], c["pooled_dim"], c["num_layers"], layers=layers, pooled=pooled)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in project.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    scope = {"torch": torch, "F": F}
+    exec(rebuild, scope)
+    card = scope["Connector"](c)
+    card.load_state_dict(project.state_dict())  # strict: the same keys and shapes
+    hidden = tuple(torch.randn(1, 5, 16, generator=g) for _ in range(4))  # embeddings + 3 layers
+    with torch.no_grad():
+        want, got = project(hidden), card(hidden)
+    for w, o in zip(want, got):
+        assert w.shape == o.shape and torch.allclose(w, o, atol=1e-6)
