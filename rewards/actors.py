@@ -97,7 +97,9 @@ class RewardWorker:
         prompts = [trl_prompt(image) for image in images]  # one chat per image, shared by its G rows
         known = dict(images=rep(images), renders=renders, image_ids=rep(image_ids), elements=rep(elements),
                      group_ids=rep(range(len(image_ids))))
-        extra = {k: rep(v) for k, v in (columns or {}).items() if k not in known}
+        # A column named like an argument of the call (images, step, ...) is not passed: the stack's wins.
+        reserved = {*known, "prompts", "completions", "step", "on_error"}
+        extra = {k: rep(v) for k, v in (columns or {}).items() if k not in reserved}
         return self.score(rep(prompts), [trl_completion(c) for c in captions], step=step, **known, **extra)
 
 

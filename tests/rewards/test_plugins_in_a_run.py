@@ -70,7 +70,8 @@ def test_readme_specs_validate_and_resolve_in_the_reward_worker_alike(tmp_path, 
     assert worker.names() == ["shape_words", "think_format_reward", "from_verl_example"]
     images = [Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), (255, 0, 0))]
     batch = worker.score_rollout("decoder", ["a red circle", "<think>x</think> blue"], None, ["a", "b"], images,
-                                 [None, None], 0, {"ground_truth": ["red", "red"], "references": [None, None]})
+                                 [None, None], 0, {"ground_truth": ["red", "red"], "references": [None, None],
+                                                   "step": [7, 7], "images": [None, None]})  # those two are the stack's
     assert batch.per_reward == {  # G = 2 rows per image
         "shape_words": [2 / 3, 2 / 3, 0.5, 0.5],  # red, circle of "a red circle"; blue of "<think>x</think> blue"
         "think_format_reward": [0.0, 0.0, 1.0, 1.0],
