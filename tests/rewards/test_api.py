@@ -349,3 +349,28 @@ def test_format_tags_only_and_conversational():
     assert load_reward("format")(["p"], ["<answer>a red circle</answer>"], step=0) == [0.2]
     conversational = [[{"role": "assistant", "content": THINK + ANSWER}]]
     assert load_reward("format_reade")(["p"], conversational, step=0) == [1.0]
+
+
+def test_load_reward_runs_inside_trls_own_calculate_rewards():
+    """A loaded reward is a TRL reward function: TRL's GRPOTrainer._calculate_rewards (trl 1.16, a
+    trainer built with object.__new__, only the attributes that method reads set) names it by its
+    __name__ and calls it with its own keywords, on the arguments our reward workers build."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from trl import GRPOTrainer
+
+    from rewards.actors import trl_completion, trl_prompt
+
+    fns = [load_reward("plugins/basic.py:length_reward", base_dir=HERE), load_reward("trl.rewards:think_format_reward")]
+    t = object.__new__(GRPOTrainer)
+    t.__dict__.update(accelerator=SimpleNamespace(device=torch.device("cpu"), is_main_process=True), reward_funcs=fns,
+                      reward_processing_classes=[None, None], reward_func_names=[f.__name__ for f in fns],
+                      state=SimpleNamespace(global_step=0), args=SimpleNamespace(report_to=[]),
+                      environments=None, _log_completion_extra=None, _log_metric=None)
+    prompts = [trl_prompt(Image.new("RGB", (4, 4)))] * 2
+    completions = [trl_completion("<think>a</think>b"), trl_completion("plain")]
+    inputs = [{"prompt": p, "image_id": i} for p, i in zip(prompts, ["x", "y"])]  # a dataset column: image_id
+    rewards = t._calculate_rewards(inputs, prompts, completions, [[1], [2]])
+    assert t.reward_func_names == ["length_reward", "think_format_reward"]
+    assert torch.allclose(rewards, torch.tensor([[1.7, 1.0], [0.5, 0.0]]))  # len / 10; TRL's think rule
