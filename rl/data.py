@@ -286,9 +286,14 @@ def _load_folder(folder: Path, *, split: str, cache_dir: str | None) -> Any:
     except Exception as e:  # noqa: BLE001 - datasets raises many types (bad metadata, mixed formats)
         raise DataError(f"cannot read image folder {str(folder)!r} split {split!r}: {type(e).__name__}: {e}") from e
     images = {str(Path(f).resolve()) for f in files[split] if Path(f).suffix.lower() in IMAGE_EXTENSIONS}
-    rows = {str(Path(c["path"]).resolve()) for c in ds.cast_column("image", datasets.Image(decode=False))["image"]
-            if c and c.get("path")}
-    missing = sorted(images - rows)
+    paths = [str(Path(c["path"]).resolve()) if c and c.get("path") else None
+             for c in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+    # A metadata file above the split folders lists every split's files: keep this split's rows (and
+    # rows naming no existing file, so that decoding names them), drop the other splits' images.
+    keep = [i for i, p in enumerate(paths) if p is None or p in images or not os.path.isfile(p)]
+    if len(keep) < len(paths):
+        ds = ds.select(keep)
+    missing = sorted(images - set(paths))
     if missing:
         meta = [f for f in files[split] if Path(f).name in METADATA_FILES]
         raise DataError(f"image folder {str(folder)!r} split {split!r}: {len(missing)} image(s) have no row in "

@@ -203,6 +203,22 @@ def test_imagefolder_splits_metadata_references_and_columns(tmp_path):
         load_dataset_from_config(str(tmp_path))
 
 
+def test_imagefolder_root_metadata_over_split_folders(tmp_path):
+    """One metadata.jsonl above train/ and test/: each split gets its own rows only; a row naming a
+    file that does not exist is an image that fails to decode, named."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        _solid((1, 1, 1)).save(tmp_path / split / f"{split}.png")
+    rows = ['{"file_name": "train/train.png", "text": "tr"}', '{"file_name": "test/test.png", "text": "te"}']
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert [(r.image_id, r.references) for r in load_dataset_from_config(str(tmp_path))] == [("train/train", ["tr"])]
+    assert [(r.image_id, r.references) for r in load_dataset_from_config(str(tmp_path), split="test")] == [
+        ("test/test", ["te"])]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows + ['{"file_name": "train/gone.png", "text": "x"}']) + "\n")
+    with pytest.raises(DataError, match=r"cannot read image .*train/gone.png: FileNotFoundError"):
+        load_dataset_from_config(str(tmp_path))
+
+
 def test_imagefolder_metadata_csv_captions(tmp_path):
     for i in range(3):
         _solid((i, 0, 0)).save(tmp_path / f"im{i}.jpg")
