@@ -57,7 +57,7 @@ class RewardWorker:
         self.device = reward_device(recipe)
         self.fns: list[RewardFn] = []
         specs = recipe.rewards.functions
-        names = unique_names([reward_name(spec.name) for spec in specs])  # metric keys: reward/<name>
+        names = unique_names([reward_name(spec.name) for spec in specs])  # metric keys: reward_<name>_mean / _std
         for spec, name in zip(specs, names):
             if spec.name == "clip":
                 from rl.learner import make_clip_reward

@@ -29,7 +29,7 @@ A recipe names a reward by a spec string, resolved by `load_reward` in this orde
     "verl:<any spec above>"           a verl `compute_score(data_source, solution_str,
                                       ground_truth, extra_info=None)`, adapted by `from_verl`
 
-A reward's `name` (its metrics key, `reward/<name>`) is the function's name (`reward_name`: the
+A reward's `name` (its metrics keys, `reward_<name>_mean` / `_std`) is the function's name (`reward_name`: the
 registered or entry-point name, or the attribute after the colon), with `_2`, `_3`, ... when two of a
 recipe's rewards share it (`unique_names`). `load_reward` returns a `RewardFn`, itself callable with
 TRL's signature (`step` optional), so it can be handed to TRL's GRPOTrainer as is.

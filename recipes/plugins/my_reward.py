@@ -6,7 +6,7 @@ recipe in recipes/ names it `plugins/my_reward.py:...`):
     rewards:
       functions:
         - {name: clip, weight: 1.0}
-        - {name: plugins/my_reward.py:shape_words, weight: 0.5}   # logged as reward/shape_words
+        - {name: plugins/my_reward.py:shape_words, weight: 0.5}   # logged as reward_shape_words_mean / _std
 
 The signature and the arguments are TRL's (GRPOTrainer with a chat model): `fn(prompts, completions,
 **kwargs) -> list[float | None]`, one score per completion (caption), None for "no score" (left out of

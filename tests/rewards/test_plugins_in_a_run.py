@@ -1,5 +1,5 @@
 """Reward plugins in a real `python -m rl.train` run (issue 17): TRL's own reward function and a
-file plugin named relative to the recipe (as the README shows), both logged as reward/<name>; the
+file plugin named relative to the recipe (as the README shows), both logged as reward_<name>_mean / _std; the
 arguments in TRL's format; a clash of function names gets a suffix."""
 import json
 import os
@@ -49,10 +49,11 @@ def test_trl_reward_and_relative_file_plugin_in_a_real_run(tmp_path):
     assert [r["stage"] for r in rows] == ["encoder", "decoder"]
     names = ["clip", "think_format_reward", "shape_words", "shape_words_2", "trl_format"]
     for r in rows:
-        assert sorted(k for k in r if k.startswith("reward/") and k != "reward/mean") == sorted(f"reward/{n}" for n in names)
-        assert r["reward/think_format_reward"] == 0.0  # captions of random models have no <think> block
-        assert r["reward/trl_format"] == 1.0  # it raises (and stops the run) unless the arguments are TRL's
-        assert r["reward/shape_words"] is not None and r["reward/shape_words"] == r["reward/shape_words_2"]
+        assert sorted(k for k in r if k.startswith("reward_") and k not in ("reward_mean", "reward_std")) == sorted(
+            f"reward_{n}_{s}" for n in names for s in ("mean", "std"))
+        assert r["reward_think_format_reward_mean"] == 0.0  # captions of random models have no <think> block
+        assert r["reward_trl_format_mean"] == 1.0  # it raises (and stops the run) unless the arguments are TRL's
+        assert 0 <= r["reward_shape_words_mean"] <= 1 and r["reward_shape_words_mean"] == r["reward_shape_words_2_mean"]
 
 
 def test_readme_specs_validate_and_resolve_in_the_reward_worker_alike(tmp_path, monkeypatch):
