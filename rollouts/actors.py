@@ -88,6 +88,11 @@ class RolloutWorker:
         self.vllm = None
         if recipe.rollout.caption.backend == "vllm":  # recipe validation made sure vLLM and a GPU exist
             self._start_vllm()
+        elif recipe.rollout.caption.backend == "vllm_server":  # a separate server (TRL vllm_mode "server")
+            from rollouts.vllm_server import VLLMServerCaptioner
+
+            self.vllm = VLLMServerCaptioner(recipe.rollout.caption, device=self.models.device)
+            self.vllm.push_weights(self.models.encoder.model, self.version)  # the server may hold another run's LoRA
 
     def ready(self) -> bool:
         return True
@@ -99,7 +104,9 @@ class RolloutWorker:
         """Load the learner's adapters + connector (LoRA weights only, never the base model)."""
         self.models.load_trainable_state(state)
         self.version = version
-        if self.vllm is not None:  # the engine takes the encoder LoRA as a LoRA request
+        if self.vllm is not None and self.recipe.rollout.caption.backend == "vllm_server":
+            self.vllm.push_weights(self.models.encoder.model, version)  # merged LoRA modules over NCCL
+        elif self.vllm is not None:  # the engine takes the encoder LoRA as a LoRA request
             path = os.path.join(self._vllm_dir, f"lora-v{version}")
             self.models.encoder.model.save_pretrained(path)
             self.vllm.load_lora(path, version)

@@ -17,8 +17,10 @@ image's embeddings (`image_features`, passed to Qwen2.5-VL as `mm_encoder_output
 in the rollout's log-probs and in the learner (`ImageFeatures` keeps a frozen tower's output for a
 whole update: reference pass, micro-batches and iterations).
 
-Backends: `hf` (transformers generate, here) and `vllm` (`VLLMCaptioner`, GPU only, used when the
-`vllm` extra is installed; LoRA weights reach it as LoRA requests).
+Backends: `hf` (transformers generate, here), `vllm` (`VLLMCaptioner`, GPU only, used when the
+`vllm` extra is installed; LoRA weights reach it as LoRA requests) and `vllm_server`
+(`rollouts.vllm_server`, a separate server as TRL's server mode, sharing this module's sampling
+parameters and `group_from_samples`).
 """
 
 from __future__ import annotations
