@@ -296,7 +296,21 @@ class CaptionSampling(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Maximum caption length in tokens (ReaDe: 768).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same scaling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate. `vllm`: needs the `vllm` extra and a GPU.")
+    backend: Literal["hf", "vllm", "vllm_server"] = Field(
+        "hf",
+        description="`hf`: transformers generate (default). `vllm`: an in-process vLLM engine on the rollout worker's GPU "
+        "(TRL vllm_mode `colocate`); needs the `vllm` extra and a CUDA GPU. `vllm_server`: generation on a separate vLLM "
+        "server on other GPUs or nodes (TRL vllm_mode `server`), started with `trl vllm-serve --model BASE "
+        "--enable-scale-out` on the encoder's base weights; the rollout worker sends token-id prompts with the server's "
+        "image features and pushes the encoder's merged LoRA modules after every weight sync through TRL's VLLMClient "
+        "(NCCL: the rollout worker needs vLLM installed and a CUDA GPU too). Unlike TRL, which pushes every parameter, "
+        "only the modules the LoRA changes are pushed. Both vLLM backends return processed log-probs and the learner "
+        "applies grpo.encoder.vllm_importance_sampling_correction.")
+    vllm_server_base_url: str | None = Field(None, description="backend `vllm_server`: the server's base URL, e.g. `http://10.0.0.2:8000`; when set, vllm_server_host and vllm_server_port are ignored (TRL vllm_server_base_url, default None).")
+    vllm_server_host: str = Field("0.0.0.0", description="backend `vllm_server`: host of the server (TRL vllm_server_host, default 0.0.0.0).")
+    vllm_server_port: int = Field(8000, gt=0, lt=65536, description="backend `vllm_server`: HTTP port of the server (TRL vllm_server_port, default 8000).")
+    vllm_server_timeout: float = Field(240.0, ge=0, description="backend `vllm_server`: seconds to wait for the server to answer before the rollout worker fails with a ConnectionError (TRL vllm_server_timeout, default 240).")
+    vllm_group_port: int = Field(51216, gt=0, lt=65536, description="backend `vllm_server`: port of the NCCL weight-update group between the rollout worker and the server (TRL vllm_group_port, default 51216).")
     top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens (TRL GRPOConfig.top_k; TRL's default 0 = off). None or 0: off. As in TRL, log-probs are of the temperature-scaled distribution without the filter. hf backend only.")
     min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens below min_p x the top probability (TRL GRPOConfig.min_p; default None = off). hf backend only.")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already in the prompt or caption (TRL GRPOConfig.repetition_penalty; 1.0 = off, TRL's default). hf backend only.")
@@ -440,7 +454,7 @@ class EncoderOptim(PolicyOptim):
 
     vllm_importance_sampling_correction: bool = Field(
         True,
-        description="With rollout.caption.backend `vllm`: weight each caption token's policy loss by the "
+        description="With rollout.caption.backend `vllm` or `vllm_server`: weight each caption token's policy loss by the "
         "importance weight between the learner's own log-probs (recomputed at the update's first pass, its pi_old) "
         "and vLLM's (rl/grpo.py `rollout_is_weights`), correcting the mismatch between the two engines (truncated "
         "IS, Yao et al. 2025). TRL vllm_importance_sampling_correction, default true. With it, pi_old is always the "
@@ -707,12 +721,15 @@ class Recipe(_Section):
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
         c = self.rollout.caption
-        if c.backend == "vllm" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
+        if c.backend != "hf" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
             raise ValueError("rollout.caption.top_k / min_p / repetition_penalty are applied by the hf backend only: "
                              "unset them, or set rollout.caption.backend: hf")
-        if self.rollout.caption.backend == "vllm" and self.models.encoder.adapter.kind != "lora":
-            raise ValueError("rollout.caption.backend: vllm loads the encoder adapter as a LoRA request: "
-                             "models.encoder.adapter.kind must be lora")
+        if self.rollout.caption.backend != "hf" and self.models.encoder.adapter.kind != "lora":
+            raise ValueError(f"rollout.caption.backend: {c.backend} loads the encoder adapter as LoRA (a LoRA request, "
+                             "or merged LoRA modules pushed to the server): models.encoder.adapter.kind must be lora")
+        if c.backend == "vllm_server" and not self.resources.colocate and self.resources.rollout_workers > 1:
+            raise ValueError("rollout.caption.backend: vllm_server serves one rollout worker (one NCCL weight-update "
+                             f"group per server): set resources.rollout_workers to 1 (it is {self.resources.rollout_workers})")
         if self.rollout.batch_size % self.resources.learner_workers:
             raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must divide by resources.learner_workers "
                              f"({self.resources.learner_workers}): each learner rank trains whole groups")
@@ -844,3 +861,10 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
         if not vllm_available():
             raise RecipeError("invalid recipe: rollout.caption.backend: `vllm` needs the `vllm` extra "
                               "(pip install 'unified-grpo[vllm]') and a CUDA GPU; use `hf` on this machine")
+    if recipe.rollout.caption.backend == "vllm_server":
+        from rollouts.captions import vllm_available
+
+        if not vllm_available():  # TRL's VLLMClient refuses to build without vLLM; its NCCL group needs CUDA
+            raise RecipeError("invalid recipe: rollout.caption.backend: `vllm_server` talks to the server through "
+                              "TRL's VLLMClient, which needs the `vllm` extra (pip install 'unified-grpo[vllm]') "
+                              "and a CUDA GPU on the rollout worker; use `hf` on this machine")

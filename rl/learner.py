@@ -487,8 +487,15 @@ class Learner:
         # vllm_importance_sampling_correction; decoupled PPO when stale). hf rollouts: no weights.
         correct = group.sampler != "hf" and cfg.vllm_importance_sampling_correction
         from_first_pass = correct or not stale
+        if not from_first_pass and group.logprobs is None:
+            raise RuntimeError(
+                f"encoder rollout of weight version {group.version} reached the learner at version {self.version} "
+                "without its log-probs: it skipped scoring its captions as on-policy (rollouts.actors."
+                "rollouts_may_be_stale, resources.async_rollouts 0), so pi_old is lost; a stale rollout must be "
+                "scored (RolloutWorker.score_captions)")
         # pi_old: the rollout's log-probs when the policy has moved since; otherwise the policy's own
-        # log-probs of the first pass (ratio exactly 1 there, no extra forward).
+        # log-probs of the first pass (ratio exactly 1 there, no extra forward; TRL's
+        # per_token_logps.detach() when old_per_token_logps is None, so the rollout need not score).
         old_logp = torch.zeros_like(w) if from_first_pass else group.logprobs.to(self.device)
         rollout_logp = group.logprobs.to(self.device) if correct else None
         cmask = group.completion_mask.to(self.device)
