@@ -39,6 +39,10 @@ class RewardWorker:
                 from rl.learner import make_clip_reward
 
                 self.fns.append(RewardFn(make_clip_reward(recipe, self.device), name="clip", weight=spec.weight))
+            elif spec.name == "judge":  # ReaDe's judged caption reward, as `rewards.judge` configures it
+                from rewards.judge import judge_from_config
+
+                self.fns.append(RewardFn(judge_from_config(recipe.rewards.judge), name="judge", weight=spec.weight))
             else:
                 self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir))
 

@@ -225,6 +225,17 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
     return rows
 
 
+def text_columns(row: dict, captions: Any) -> dict | None:
+    """A row's `captions` dict plus its other string fields (text columns such as `text` or `caption`),
+    which `rewards.judge.references: column | extract` read as `record.captions[column]`. (Issue 17,
+    warm branch: a small, separate addition; the loader itself belongs to the data work.)"""
+    out = dict(captions) if isinstance(captions, dict) else {}
+    for key, value in row.items():
+        if isinstance(value, str) and key not in ("file_name", "image_id") and key not in out:
+            out[key] = value
+    return out or None
+
+
 def _load_folder(folder: Path, limit: int | None, image_size: int | None) -> list[ImageRecord]:
     files = _image_files(folder)
     if not files:
@@ -240,7 +251,7 @@ def _load_folder(folder: Path, limit: int | None, image_size: int | None) -> lis
             image=_prepare(_open_image(path), image_size),
             image_id=row.get("image_id", rel.rsplit(".", 1)[0]),
             elements=row.get("elements"),
-            captions=row.get("captions"),
+            captions=text_columns(row, row.get("captions")),
         ))
     return records
 
@@ -306,7 +317,7 @@ def _load_hf(source: str, *, image_column: str, split: str, limit: int | None,
             image=image,
             image_id=str(image_id) if image_id is not None else f"{name}-{i:06d}",
             elements=row.get("elements") if isinstance(row.get("elements"), dict) else None,
-            captions=row.get("captions") if isinstance(row.get("captions"), dict) else None,
+            captions=text_columns({k: v for k, v in row.items() if k != image_column}, row.get("captions")),
         ))
     return records
 
