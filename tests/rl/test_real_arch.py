@@ -121,10 +121,13 @@ def test_dryrun_recipe_differs_from_the_paper_recipe_only_where_it_says():
         "rollout.group_size", "rollout.caption.max_new_tokens", "ray.address", "ray.num_cpus",
         "resources.colocate", "resources.learner_workers", "resources.rollout_workers", "resources.cpus_per_actor",
         "resources.gpus_per_actor", "resources.async_rollouts", "learner.bf16", "output.dir", "rollout.micro_batch_size",
+        "schedule.warmup_steps", "warmup.max_new_tokens", "data.source", "data.limit", "rewards.functions",
+        "rewards.judge.backend", "rewards.judge.base_url", "rewards.judge.model", "rewards.judge.references",
+        "rewards.judge.column", "rewards.judge.timeout", "rewards.judge.max_concurrency",
     }
     assert changed <= allowed, changed - allowed
     recipe = load_recipe(DRYRUN)
-    assert recipe.stages() == ["cold_start", "encoder", "decoder"] and recipe.data.source is None
+    assert recipe.stages() == ["warmup", "cold_start", "encoder", "decoder"] and recipe.data.source is None
 
 
 # ----------------------------------------------------------------------------------------------
