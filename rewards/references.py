@@ -52,9 +52,10 @@ def parse_element_text(text: Any) -> dict[str, list[str]]:
 
 
 def _column_text(record, column: str) -> Any:
-    """The text column `column` of a record: `record.captions[column]` (rl/data.py puts a source's
-    text columns there), or None."""
-    return (record.captions or {}).get(column)
+    """The text column `column` of a record: `record.texts[column]` (rl/data.py: a source's string
+    columns), else `record.captions[column]` (the shapes world's `short` / `medium` / `full`), or None."""
+    texts = getattr(record, "texts", None) or {}
+    return texts[column] if column in texts else (record.captions or {}).get(column)
 
 
 class ElementCache:
@@ -123,7 +124,7 @@ def attach_references(recipe, records: Sequence[Any], batch: int = 64) -> dict[s
     for r in records:
         text = _column_text(r, column)
         if text is None or not str(text).strip():
-            have = sorted((r.captions or {}).keys())
+            have = sorted({**(r.captions or {}), **(getattr(r, "texts", None) or {})})
             raise ReferencesError(f"rewards.judge.column: image {r.image_id!r} has no text in column {column!r} "
                                   f"(its text columns: {have or 'none'})")
         texts.append(text)

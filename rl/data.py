@@ -52,6 +52,7 @@ class ImageRecord:
     image_id: str
     elements: dict | None = None
     captions: dict | None = None
+    texts: dict | None = None  # the source's string columns (metadata.jsonl fields), by name: `text_columns`
 
 
 @lru_cache(maxsize=8)
@@ -225,14 +226,11 @@ def _read_metadata(folder: Path) -> dict[str, dict]:
     return rows
 
 
-def text_columns(row: dict, captions: Any) -> dict | None:
-    """A row's `captions` dict plus its other string fields (text columns such as `text` or `caption`),
-    which `rewards.judge.references: column | extract` read as `record.captions[column]`. (Issue 17,
-    warm branch: a small, separate addition; the loader itself belongs to the data work.)"""
-    out = dict(captions) if isinstance(captions, dict) else {}
-    for key, value in row.items():
-        if isinstance(value, str) and key not in ("file_name", "image_id") and key not in out:
-            out[key] = value
+def text_columns(row: dict) -> dict | None:
+    """A row's string fields (text columns such as `text` or `caption`) but the file name and id, which
+    `rewards.judge.references: column | extract` read as `record.texts[column]`. (Issue 17, warm branch:
+    a small, separate addition; the loader itself belongs to the data work.)"""
+    out = {k: v for k, v in row.items() if isinstance(v, str) and k not in ("file_name", "image_id")}
     return out or None
 
 
@@ -251,7 +249,8 @@ def _load_folder(folder: Path, limit: int | None, image_size: int | None) -> lis
             image=_prepare(_open_image(path), image_size),
             image_id=row.get("image_id", rel.rsplit(".", 1)[0]),
             elements=row.get("elements"),
-            captions=text_columns(row, row.get("captions")),
+            captions=row.get("captions"),
+            texts=text_columns(row),
         ))
     return records
 
@@ -317,7 +316,8 @@ def _load_hf(source: str, *, image_column: str, split: str, limit: int | None,
             image=image,
             image_id=str(image_id) if image_id is not None else f"{name}-{i:06d}",
             elements=row.get("elements") if isinstance(row.get("elements"), dict) else None,
-            captions=text_columns({k: v for k, v in row.items() if k != image_column}, row.get("captions")),
+            captions=row.get("captions") if isinstance(row.get("captions"), dict) else None,
+            texts=text_columns({k: v for k, v in row.items() if k != image_column}),
         ))
     return records
 

@@ -296,7 +296,9 @@ class Learner:
         if self._stage in ("cold_start", "warmup"):
             self.models.connector.after_optimizer_step()
         self.version += 1
-        if self._ema is not None and self._stage in ("decoder", "cold_start", "warmup"):  # stages that move the decoder LoRA
+        moves_decoder = self._stage in ("decoder", "cold_start") or (
+            self._stage == "warmup" and models_train_decoder(self.models))
+        if self._ema is not None and moves_decoder:  # stages that move the decoder LoRA
             self._ema.update(self._gathered(self._decoder_lora()))
         return norm
 

@@ -31,7 +31,7 @@ def closed_port() -> int:
 def records(texts):
     from PIL import Image
 
-    return [ImageRecord(Image.new("RGB", (8, 8)), f"img{i}", None, {"text": t} if t is not None else None)
+    return [ImageRecord(Image.new("RGB", (8, 8)), f"img{i}", None, None, {"text": t} if t is not None else None)
             for i, t in enumerate(texts)]
 
 
@@ -147,3 +147,22 @@ def test_unreachable_judge_exits_2_before_training(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "rewards.judge.base_url" in out.stderr and "not reachable" in out.stderr
     assert not (tmp_path / "run" / "actors.json").exists()  # no actor was started
+
+
+def test_a_folder_metadata_text_column_reaches_the_references(tmp_path):
+    from PIL import Image
+
+    from rl.data import load_dataset_from_config
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"p{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"p{i}.png", "text": f"A dark square {i}. It is small."}) + "\n" for i in range(2)))
+    ds = load_dataset_from_config(str(folder))
+    assert [r.texts for r in ds] == [{"text": "A dark square 0. It is small."}, {"text": "A dark square 1. It is small."}]
+    r = load_recipe(JUDGE, [f"data.source={folder}", f"output.dir={tmp_path / 'run'}",
+                            "rewards.judge.references=extract", "rewards.judge.column=text"])
+    attach_references(r, ds.records)
+    assert ds[1].elements["detail"] == ["A dark square 1.", "It is small."]
