@@ -138,3 +138,23 @@ def test_cache_key_follows_the_encoder_identity(tmp_path):
     assert caption_key(a) != caption_key(c)
     a.models.encoder.adapter.r = 16  # the adapter is off when captioning: same captions
     assert caption_key(a) == caption_key(warmup_recipe(tmp_path))
+
+
+@pytest.mark.parametrize("zero", [3])
+def test_the_warmup_step_is_the_same_at_every_zero_stage(tmp_path, zero):
+    """Two warm-up steps at ZeRO 0 and at ZeRO `zero` (fp32, micro-batches of 2) end with the same
+    connector and decoder LoRA (1e-5)."""
+    records = generate_shapes(4, seed=7)
+    images, captions = [r.image for r in records], [r.captions["full"] for r in records]
+    out = []
+    for stage in (0, zero):
+        r = warmup_recipe(tmp_path, train_decoder_lora=True)
+        r.learner.zero_stage, r.learner.micro_batch_size = stage, 2
+        torch.manual_seed(0)
+        learner = Learner(r)
+        for step in range(2):
+            learner.train_warmup(images, captions, [10 * step + i for i in range(4)])
+        out.append({k: v.float() for k, v in learner.trainable_state().items()})
+    assert out[0].keys() == out[1].keys()
+    for k in out[0]:
+        assert torch.allclose(out[0][k], out[1][k], atol=1e-5, rtol=1e-4), k
