@@ -267,6 +267,10 @@ def run_unified_bench(checkpoint: str | None, recipe_path: str | None = None, *,
     from rollouts.actors import RolloutWorker
 
     t0 = time.time()
+    if data:  # a wrong --data fails here, before any model is built (or pretrained)
+        from rl.data import check_source
+
+        check_source(data, image_column)
     checkpoint = resolve_checkpoint(checkpoint)
     recipe, weights = load_for_eval(checkpoint, recipe_path, overrides)
     recipe.device = "cpu" if not torch.cuda.is_available() else recipe.device
