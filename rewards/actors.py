@@ -63,6 +63,11 @@ class RewardWorker:
                 from rl.learner import make_clip_reward
 
                 self.fns.append(RewardFn(make_clip_reward(recipe, self.device), name=name, weight=spec.weight, spec="clip"))
+            elif spec.name == "judge":  # ReaDe's judged caption reward, as `rewards.judge` configures it
+                from rewards.judge import judge_from_config
+
+                self.fns.append(RewardFn(judge_from_config(recipe.rewards.judge), name=name, weight=spec.weight,
+                                         spec="judge"))
             else:
                 self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir, name=name))
 

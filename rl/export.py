@@ -276,7 +276,7 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
         front["base_model"] = hub_bases
     enc, dec = recipe.models.encoder, recipe.models.decoder
     stages = recipe.stages()[: c.step]
-    counts = {s: stages.count(s) for s in ("cold_start", "encoder", "decoder")}
+    counts = {s: stages.count(s) for s in ("warmup", "cold_start", "encoder", "decoder")}
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         "# Unified-GRPO adapters", "",

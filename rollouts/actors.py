@@ -228,6 +228,22 @@ class RolloutWorker:
         # The renders go out as PIL images; the tensor copy would only travel along unread.
         return traj._replace(images=None), group.captions, to_pil(traj.images)
 
+    @_oom_names("warmup")
+    @torch.no_grad()
+    def warmup_captions(self, images: Sequence[Image.Image], seed: int) -> list[str]:
+        """The warm-up stage's long captions (UAE sec. 2.2, rl/warmup.py): one greedy caption per image
+        from the frozen encoder (adapter off) under UAE's prompt, at most warmup.max_new_tokens tokens,
+        `rollout.micro_batch_size` rows per generate call (always transformers' generate)."""
+        from rl import adapters
+        from rl.warmup import warmup_tokens
+
+        with adapters.disabled(self.models.encoder.model):
+            group = generate_captions(self.models.encoder, images, 1, max_new_tokens=warmup_tokens(self.recipe),
+                                      seed=seed, version=self.version, greedy=True,
+                                      micro_batch_size=self.recipe.rollout.micro_batch_size,
+                                      logits_chunk=self.recipe.learner.logits_chunk)
+        return list(group.captions)
+
     @_oom_names("cold_start")
     def cold_start_rollout(self, images: Sequence[Image.Image], seed: int) -> CaptionGroup:
         """Stage 1: one sampled caption per image (no gradient; the learner re-reads it)."""
