@@ -36,7 +36,7 @@ def check_run(out_dir):
     assert all(np.isfinite(x["loss"]) for x in r if x["stage"] == "warmup")
     for x in r:
         if x["stage"] in ("encoder", "decoder"):
-            assert np.isfinite(x["reward/clip"]) and np.isfinite(x["reward/judge"]), x
+            assert np.isfinite(x["reward_clip_mean"]) and np.isfinite(x["reward_judge_mean"]), x
     return r
 
 
