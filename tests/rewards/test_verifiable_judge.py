@@ -203,7 +203,7 @@ def test_recipe_refuses_verifiable_judge_on_other_data(tmp_path, capsys):
                  "--set", "pretrain.enabled=false"]) == 2
     assert "rewards.judge.backend" in capsys.readouterr().err
     # the shapes world itself is accepted
-    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["rewards.judge.backend=verifiable", "rewards.functions=[{name: judge}]"])
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", judge[1::2])
     assert recipe.rewards.judge.backend == "verifiable"
 
 
