@@ -169,6 +169,12 @@ def test_parser_reads_every_cell_and_keeps_the_background_colour_off_the_shapes(
     said = parse_statements("a red circle on a white background, two squares")
     assert said.shapes["circle"].colors == {"red"} and said.backgrounds == {"white"}
     assert "square" in said.shapes and said.counts == set()
+    # no punctuation at all: noun phrases still split at articles, each shape keeps its own facts
+    run_on = parse_statements("two shapes on a black background a large white circle at the top left a small "
+                              "white square at the bottom right")
+    assert (run_on.counts, run_on.backgrounds) == ({"two"}, {"black"})
+    assert run_on.shapes["circle"].sizes == {"large"} and run_on.shapes["circle"].cells == {"top left"}
+    assert run_on.shapes["square"].sizes == {"small"} and run_on.shapes["square"].cells == {"bottom right"}
 
 
 def test_elements_outside_the_shapes_world_are_refused():
