@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -27,12 +28,12 @@ class TimedReward:
     A call that overruns, or that calls sys.exit (which would otherwise end the actor's process),
     fails naming the function and the step; then `on_error` applies as for any plugin failure
     (`fail`: RewardPluginError; `skip_sample`: None scores and a warning). Python cannot stop a
-    thread, so an overrunning call goes on in the background; while it does, the next calls fail at
-    once rather than queue behind it (at most one call per function is ever left running)."""
+    thread, so an overrunning call goes on in the background (a daemon thread: it does not hold the
+    process's exit back); while it does, the next calls fail at once rather than queue behind it (at
+    most one call per function is ever left running)."""
 
     def __init__(self, fn: RewardFn, timeout_s: float):
         self.fn, self.name, self.weight, self.timeout_s = fn, fn.name, fn.weight, timeout_s
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward {fn.name}")
         self._overran: tuple[int, concurrent.futures.Future] | None = None  # (step, call) still running
 
     def __repr__(self) -> str:
@@ -43,7 +44,15 @@ class TimedReward:
         if self._overran is not None and not self._overran[1].done():
             return self._fail(step, f"its call of step {self._overran[0]} is still running (it took longer than "
                               f"rewards.timeout_s = {self.timeout_s:g} s)", on_error, n)
-        call = self._pool.submit(self.fn, prompts, completions, step=step, on_error=on_error, **kwargs)
+        call: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                call.set_result(self.fn(prompts, completions, step=step, on_error=on_error, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - SystemExit too: handed to the caller below
+                call.set_exception(e)
+
+        threading.Thread(target=run, daemon=True, name=f"reward {self.name} step {step}").start()
         try:
             return call.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:

@@ -406,8 +406,8 @@ class RolloutConfig(_Section):
     trajectory: TrajectorySampling = Field(default_factory=TrajectorySampling)
     timeout_s: float = Field(
         1800.0, gt=0,
-        description="Seconds the driver waits for one step's rollout (caption group, renders or trajectories), and "
-        "for each actor to start (its models built). A rollout actor slower than this is taken for hung: it is "
+        description="Seconds the driver waits for one step's rollout (caption group, renders or trajectories). A "
+        "rollout actor slower than this is taken for hung: it is "
         "killed, Ray restarts it and the step is retried with the last synced weights, as for an actor that died "
         "(`resources.max_restarts` times), then the run stops naming the actor and the step (exit 1). Rollouts "
         "inside the learner (`resources.colocate`) stop the run at once. Default 1800 s: a production step "
@@ -618,6 +618,12 @@ class ResourcesConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per rollout and learner actor (0 on CPU); reward actors take half.")
     placement: Literal["PACK", "SPREAD", "none"] = Field("PACK", description="Ray placement group strategy for all actors: `PACK` on as few nodes as possible, `SPREAD` across nodes, `none` (no placement group).")
     max_restarts: int = Field(3, ge=0, description="Rollout and reward actors that die are restarted this many times; the step that lost one is retried with the last synced weights. A dead learner ends the run with the last checkpoint intact.")
+    start_timeout_s: float = Field(
+        1800.0, gt=0,
+        description="Seconds every actor (learner ranks, rollout and reward actors) has to start, i.e. to be placed "
+        "and build its models; one still starting after it ends the run naming it (exit 1). Default 1800 s: loading "
+        "SD3.5-large and Qwen2.5-VL from a network disk takes minutes.",
+    )
     async_rollouts: Literal[0, 1] = Field(0, description="1: rollouts (and rewards) of step t+1 are generated with the weights of step t while the learner trains step t (staleness at most one version, corrected by the importance ratio). 0: strictly on-policy.")
 
 

@@ -240,16 +240,16 @@ class Trainer:
         self._sync_weights(ray.get(self.learner.version.remote()))  # identical adapters before the first rollout
 
     def _wait_ready(self, groups: list[tuple[str, list[Any]]]) -> None:
-        """Every actor built its models, within `rollout.timeout_s` (an actor that cannot be placed
-        or hangs in its constructor would otherwise block here forever)."""
+        """Every actor built its models, within `resources.start_timeout_s` (an actor that cannot be
+        placed or hangs in its constructor would otherwise block here forever)."""
         import ray
 
         refs = {a.ready.remote(): f"{role} actor {i}" for role, actors in groups for i, a in enumerate(actors)}
-        timeout = self.recipe.rollout.timeout_s
+        timeout = self.recipe.resources.start_timeout_s
         ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         ray.get(ready)  # an actor whose constructor raised raises here
         if waiting:
-            raise StepTimeout(f"{', '.join(refs[w] for w in waiting)} not started within rollout.timeout_s = "
+            raise StepTimeout(f"{', '.join(refs[w] for w in waiting)} not started within resources.start_timeout_s = "
                               f"{timeout:g} s (resources this cluster lacks, or a model that takes longer to load?)")
 
     def _write_actors(self) -> None:
