@@ -164,7 +164,8 @@ class Trainer:
             # every process of this Ray inherits a marker; a watcher stops them when this process
             # ends, even by SIGKILL (rl/reaper.py)
             with reaper.watched() as self._reaper:
-                ray.init(num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                # address "local": a new Ray of our own even when `ray start` left one on this machine
+                ray.init(address="local", num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                          runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
             return
         # Under `ray job submit` the job's runtime_env (working_dir, env_vars) already applies;
@@ -369,9 +370,14 @@ class Trainer:
         self._state_ref = self.learner.trainable_state.remote() if self.rollouts else None
         if self.rollouts:
             refs = [a.set_weights.remote(self._state_ref, self.version) for a in self.rollouts]
+            timeout = 2 * self.recipe.rollout.timeout_s  # queued behind a rollout in flight (async_rollouts)
             for index, ref in enumerate(refs):
                 try:
-                    ray.get(ref)
+                    ray.get(ref, timeout=timeout)
+                except ray.exceptions.GetTimeoutError:
+                    raise StepTimeout(f"step {self.step}: rollout actor {index} took no weights (version {version}) "
+                                      f"within 2 x rollout.timeout_s = {timeout:g} s; last complete checkpoint: "
+                                      f"{self.checkpoint_path or 'none'}") from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                     # Died (or restarting) mid-sync: Ray restarts it, and its next launch notices the
                     # new process (_check_restarted) and hands it this same `_state_ref`.
@@ -564,7 +570,7 @@ class Trainer:
             return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                     "loss": s0["loss"], "kl": 0.0, **_caption_stats(extras["captions"]), "grad_norm": s0["grad_norm"],
                     "version": s0["version"], "layer_weights": s0["layer_weights"], "captions": extras["captions"][:2]}
-        return _row(extras["batch"], extras["adv"], stats[0], extras["captions"])
+        return _row(extras["batch"], extras["adv"], stats[0], extras["captions"], self.recipe.rollout.group_size)
 
     # ------------------------------------------------------------------------------------------
     # save / cleanup
@@ -603,7 +609,12 @@ class Trainer:
 
         exs = heldout_examples(self.recipe, k)
         args = ([e.image for e in exs], [e.image_id for e in exs], self.recipe.eval.seed)
-        captions, renders = ray.get(self._rollout_remote(0 if self.rollouts else None, "eval_render", 2, *args))
+        try:
+            captions, renders = ray.get(self._rollout_remote(0 if self.rollouts else None, "eval_render", 2, *args),
+                                        timeout=self.recipe.rollout.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise StepTimeout(f"grid_{tag}.png: no evaluation render from {'rollout actor 0' if self.rollouts else 'the learner'} "
+                              f"within rollout.timeout_s = {self.recipe.rollout.timeout_s:g} s") from None
         coverage = [s["coverage"] for s in score_captions(captions, exs)]
         path = os.path.join(self.out_dir, f"grid_{tag}.png")
         render_grid(args[0], captions, renders, path, title=f"held-out, {tag} (step {self.step})", scores=coverage)
@@ -741,11 +752,12 @@ def _caption_stats(captions: list[str]) -> dict[str, float]:
             "caption_len_max": max(lengths)}
 
 
-def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]) -> dict[str, Any]:
+def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str], group_size: int) -> dict[str, Any]:
     """One metrics row from a reward batch, its advantages and the learner's statistics."""
     weights = torch.tensor(batch.weights).unsqueeze(1)
-    present = ~torch.isnan(batch.matrix)
-    total = (torch.nan_to_num(batch.matrix) * weights).sum(0)[present.any(0)]  # weighted reward per row
+    # weighted reward per row; a missing score counts as its group's mean, as in the advantages (never 0)
+    total = (grpo.fill_missing(batch.matrix, group_size) * weights).sum(0)
+    total = total[~torch.isnan(total)]
     row = {
         "reward_mean": float(total.mean()) if len(total) else float("nan"),
         "reward_std": float(total.std()) if len(total) > 1 else 0.0,
