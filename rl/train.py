@@ -525,6 +525,7 @@ class Trainer:
                 if hung:  # taken for dead: Ray restarts it (max_restarts) and the step is launched again
                     actor = self.rollouts[index] if role == "rollout" else self.rewards[index]
                     ray.kill(actor, no_restart=False)
+                _drain([*p.rollout_ref, p.reward_ref])
                 try:  # _launch waits for the restart and re-syncs the restarted rollout actor
                     retry = self._launch(p.step, p.records, p.position)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e2:
@@ -705,6 +706,20 @@ class _Pending:
     rollout_ref: Any = None  # one ObjectRef per item the rollout method returns
     driver_ref: Any = None  # the item the driver itself reads: the caption group, or the captions
     reward_ref: Any = None
+
+
+def _drain(refs: list[Any], wait_s: float = 5.0) -> None:
+    """Fetch and drop the results of a launch given up on: Ray prints every failed result that is
+    never fetched as an "Unhandled error" with its traceback when it is garbage-collected."""
+    import ray
+
+    refs = [r for r in refs if r is not None]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the failure itself is logged by the caller
+            pass
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
