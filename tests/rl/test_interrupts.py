@@ -101,4 +101,7 @@ def test_ctrl_c_ends_quietly_naming_the_last_checkpoint(tmp_path):
     newest, skipped = ckpt.find_latest(str(out / "checkpoints"))
     assert named == newest and Path(named).is_dir()
     ckpt.load_checkpoint(named)  # complete, hashes match
-    assert _alive([p for p in ray_procs if "rl.reaper" not in " ".join(p.cmdline())]) == []
+    deadline = time.time() + 20  # the driver stopped its Ray and waited for the watcher: all gone
+    while _alive(ray_procs) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _alive(ray_procs) == []
