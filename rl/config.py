@@ -449,6 +449,16 @@ class EncoderOptim(PolicyOptim):
         "loss_type `grpo`); with `token_mean` or `constant` each caption weighs by its length (TRL warns; allowed "
         "here). GSPO clips far tighter, about epsilon 3e-4 / epsilon_high 4e-4.",
     )
+    top_entropy_quantile: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="rho of Wang et al. 2025 (\"Beyond the 80/20 Rule\"; TRL top_entropy_quantile, default 1.0): only "
+        "the caption tokens whose entropy (of the policy's temperature-scaled distribution at that position, this "
+        "pass) is at least the (1 - rho) quantile of the micro-batch's loss-mask tokens, gathered over the learner "
+        "ranks, keep their policy-loss term; the others keep their KL term and still count in the denominators of "
+        "grpo.loss_agg (TRL's get_high_entropy_mask on the micro-batch). 1.0: every token (default); 0.0: only the "
+        "highest-entropy token(s); the paper recommends 0.2. The quantile is over the loss mask, so it skips "
+        "truncated captions with mask_truncated_completions (as TRL) and dropped rows with drop_zero_variance.",
+    )
     use_bias_correction_kl: bool | None = Field(
         None,
         description="Multiply the per-token KL by the importance ratio (differentiable: it changes the KL gradient "
@@ -643,6 +653,8 @@ class OutputConfig(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps under `checkpoints/step-NNNNNN/` (adapters, connector, optimizer, RNG, data and schedule position; rl/checkpoint.py). 0: only at the end.")
     keep_last: int = Field(2, gt=0, description="Complete checkpoints kept; an older one is deleted only after a newer one is complete.")
     wandb_project: str | None = Field(None, description="Also log metrics to this Weights & Biases project (needs `pip install wandb` and a login, or WANDB_MODE=offline). None: no wandb.")
+    log_completions_every: int = Field(0, ge=0, description="Every N encoder-GRPO steps (those whose step number is a multiple of N), write the step's completions table: one row per caption with step, image id, caption, each reward function's score and the advantage, appended to `completions.jsonl` and shown as a TensorBoard text table (tag `completions`; a wandb table with wandb_project). 0 (default): never. TRL: log_completions (default false), a table every logging_steps; decoder steps are not tabled (their completions are images).")
+    num_completions_to_log: int | None = Field(None, gt=0, description="Rows of each completions table: the step's first N captions (image-major, G per image). None (default): all of them. TRL's num_completions_to_print limits the console print only; here it limits the table.")
     resume: Literal["auto", "never"] = Field("never", description="`auto`: continue from the newest complete checkpoint in `dir` (half-written ones and ones holding non-finite tensors are skipped and reported; none: start at step 0); refused when the recipe's `models` differ from the checkpoint's. `never`: start at step 0, in a `dir` no earlier run used (one holding metrics.jsonl or checkpoints/ is refused unless `overwrite`). `python -m rl.train RECIPE --resume` sets `auto`.")
     overwrite: bool = Field(False, description="Start at step 0 in a `dir` an earlier run used: that run's directory is first renamed to `<dir>.old-<UTC timestamp>` (moved aside, never deleted). False (default): such a `dir` is refused. Exclusive with `resume: auto`. `python -m rl.train RECIPE --overwrite` sets it.")
 

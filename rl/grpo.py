@@ -35,6 +35,8 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
   epsilon_high = 0.28 is DAPO's "clip-higher" (Yu et al. 2025).
 - `agg` in `aggregate` / `grpo_loss`: "token_mean" (default, DAPO), "sequence_mean" (original
   GRPO, the 1/|o_i| of UAE eq. 2), "constant" (Dr. GRPO: divide by B * max completion length).
+- `quantile` in `high_entropy_mask` (grpo.encoder.top_entropy_quantile, default 1.0 = off): only the
+  top-rho entropy tokens keep their policy term (Wang et al. 2025; TRL's get_high_entropy_mask).
 - `mode` in `rollout_is_weights`: "sequence_mask" (default, TRL 1.16), "sequence_truncate",
   "token_mask", "token_truncate": the correction between a rollout engine's log-probs (vLLM) and
   the learner's, multiplied into the policy term (`micro_batch_loss(is_weights=...)`).
@@ -43,7 +45,7 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -422,6 +424,7 @@ def micro_batch_loss(
     level: Literal["token", "sequence"] = "token",
     bias_correction_kl: bool = False,
     is_weights: Tensor | None = None,
+    entropy_mask: Tensor | None = None,
 ) -> LossOutput:
     """`grpo_loss` on one micro-batch (b rows, t elements) of a larger batch:
 
@@ -440,6 +443,8 @@ def micro_batch_loss(
     is_weights: (b, t) or (b, 1), constant, the rollout engine's correction (`rollout_is_weights`):
     it multiplies the clipped policy term only, not the KL (TRL's per_token_loss *
     importance_sampling_ratio before + beta KL). None: weight 1, the loss unchanged.
+    entropy_mask: (b, t) bool, `high_entropy_mask`: tokens outside it lose their policy term, not their
+    KL term nor their weight in the denominators (TRL's per_token_loss * entropy_mask before + beta KL).
     """
     if beta != 0.0 and kl is None:
         raise ValueError(f"beta={beta} needs kl=(B, T) per-element KL; pass it or set beta=0")
@@ -447,6 +452,8 @@ def micro_batch_loss(
                                                  level=level, mask=token_weights > 0)
     if is_weights is not None:
         per_el = per_el * is_weights.detach()
+    if entropy_mask is not None:
+        per_el = per_el * entropy_mask.to(per_el.dtype)
     if kl is not None and bias_correction_kl:
         kl = kl * ratio
     total = per_el + beta * kl if (kl is not None and beta != 0.0) else per_el
@@ -462,6 +469,41 @@ def micro_batch_loss(
             "ratio_max": float(r.max()) if r.numel() else None, "ratio_min": float(r.min()) if r.numel() else None,
         }
     return LossOutput(loss, stats)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float,
+                      gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(b, t) bool: the tokens whose entropy is in the top `quantile` of the masked tokens (Wang et al.
+    2025, "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RL for LLM Reasoning";
+    TRL 1.16 GRPOTrainer.get_high_entropy_mask with threshold 1 - top_entropy_quantile):
+
+        tau = torch.quantile({H_it : m_it = 1, over all ranks}, 1 - quantile)   (linear interpolation)
+        keep_it = m_it and H_it m_it >= tau
+
+    entropies: (b, t) per-token entropies; mask: (b, t) the loss mask; gather: the masked entropies of
+    every learner rank from this rank's (1-D, lengths may differ; None: one rank). No masked token
+    anywhere: nothing kept (TRL's)."""
+    local = entropies[mask.bool()].detach().float()
+    values = gather(local) if gather is not None else local
+    if values.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return ((entropies.detach() * mask.to(entropies.dtype)) >= threshold) & mask.bool()
+
+
+def gather_ragged(x: Tensor) -> Tensor:
+    """The 1-D tensors `x` of every rank of the default torch.distributed group, concatenated in rank
+    order (lengths may differ): padded to the longest, all-gathered, cut back to each rank's length
+    (TRL: accelerator.pad_across_processes + gather). A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    n = torch.tensor([x.numel()], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    padded = torch.cat([x, x.new_zeros(max(int(s) for s in sizes) - x.numel())])
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
 # ALGO LOGIC: the rollout engine's correction (vLLM samples, the learner trains)

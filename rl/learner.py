@@ -25,7 +25,7 @@ from rl import grpo
 from rl.config import Recipe
 from rl.ema import EMA
 from rl.models.unified import Models, build_models, resolve_device
-from rollouts.captions import CaptionGroup, completion_logprobs, shard_group
+from rollouts.captions import CaptionGroup, ImageFeatures, completion_logprobs, shard_group, vision_trainable
 from rollouts.sde import gaussian_kl_same_std, kl_std
 from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory, step_logprobs
 
@@ -494,6 +494,11 @@ class Learner:
         cmask = group.completion_mask.to(self.device)
         is_w: list[torch.Tensor | None] = [None] * len(batches)  # per micro-batch, (b, T) or (b, 1)
         ref_logp = torch.zeros_like(w) if cfg.beta > 0 else None
+        # A frozen vision tower runs once per image for the whole update (reference pass, micro-batches,
+        # iterations); a trainable one once per image per forward, with gradient (completion_logprobs).
+        feats = None if vision_trainable(model) else ImageFeatures(model, group)
+        top_q = cfg.top_entropy_quantile
+        gather = grpo.gather_ragged if self.world_size > 1 else None  # the k-th micro-batch of every rank
         stats: dict[str, Any] = {}
         entropy_sum = 0.0
         with self._training():
@@ -503,10 +508,14 @@ class Learner:
                     if ref_logp is not None and it == 0:
                         with torch.no_grad(), self.models.reference("encoder"):
                             ref_logp[rows] = completion_logprobs(model, group, temperature, suppressed, rows=rows,
-                                                                 chunk=chunk)[0]
+                                                                 chunk=chunk, features=feats)[0]
                     def loss_fn(rows=rows, it=it, k=k):
                         logp, entropy = completion_logprobs(model, group, temperature, suppressed,
-                                                            with_entropy=(it == 0), rows=rows, chunk=chunk)
+                                                            with_entropy=(it == 0 or top_q < 1.0), rows=rows,
+                                                            chunk=chunk, features=feats)
+                        # TRL: the quantile of this pass's entropies over the micro-batch's mask, every iteration
+                        keep = grpo.high_entropy_mask(entropy, mask[rows].to(self.device), top_q, gather) \
+                            if top_q < 1.0 else None
                         if it == 0 and from_first_pass:
                             old_logp[rows] = logp.detach()
                         if it == 0 and correct:  # fixed for the batch's iterations, as TRL's (once per rollout)
@@ -517,8 +526,9 @@ class Learner:
                         out = grpo.micro_batch_loss(logp, old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl,
                                                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                                     level=cfg.importance_sampling_level,
-                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k])
-                        return out, entropy
+                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k],
+                                                    entropy_mask=keep)
+                        return out, entropy if it == 0 else None
 
                     out, entropy = self._forward_backward(loss_fn)
                     acc.add(out)

@@ -39,6 +39,7 @@ from rl import grpo
 from rewards.api import RewardPluginError
 from rl.checkpoint import CheckpointError
 from rl.config import Recipe, RecipeError, load_recipe
+from rl.metrics import completions_table, reward_stats
 
 log = logging.getLogger("unified_grpo")
 
@@ -313,6 +314,7 @@ class Trainer:
             log.warning("resume: ignoring incomplete checkpoint %s: %s", bad, reason)
         if path is None:
             dropped = _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), 0)
+            _truncate_metrics(os.path.join(self.out_dir, "completions.jsonl"), 0)
             log.info("resume: no complete checkpoint in %s; starting at step 0 (dropped %d metrics rows of the "
                      "earlier attempt)", self.checkpoint_root, dropped)
             return None
@@ -353,6 +355,7 @@ class Trainer:
         self.last_metrics = c.trainer.get("metrics", {})
         self.checkpoint_path, self._saved_step = c.path, c.step
         dropped = _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), c.step)
+        _truncate_metrics(os.path.join(self.out_dir, "completions.jsonl"), c.step)
         restore_rng(c.state["driver"]["rng"])
         log.info("resumed from %s at step %d (%s); dropped %d metrics rows of later steps; %.1f s",
                  c.path, c.step, c.trainer["schedule"], dropped, time.time() - t0)
@@ -428,6 +431,7 @@ class Trainer:
             row = {"step": self.step, "stage": stage, **row, "learner_wait": round(waited, 4),
                    "seconds": round(time.time() - t0, 4)}
             self.metrics.log(row)
+            self._log_completions(stage, extras)
             # timings differ from run to run: keep them out of what checkpoints and model cards hold
             self.last_metrics[stage] = {k: v for k, v in row.items()
                                         if isinstance(v, (int, float)) and k not in ("seconds", "learner_wait")}
@@ -549,7 +553,17 @@ class Trainer:
         adv = self._advantages(batch)
         captions = rollout.captions if stage == "encoder" else rollout
         ref = p.rollout_ref[0]  # the group or trajectory, already in the object store: one copy for every rank
-        return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions}
+        return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions,
+                                                                          "image_ids": [r.image_id for r in p.records]}
+
+    def _log_completions(self, stage: str, extras: dict[str, Any]) -> None:
+        """The completions table of an encoder step, every output.log_completions_every steps."""
+        every = self.recipe.output.log_completions_every
+        if stage != "encoder" or not every or self.step % every:
+            return
+        self.metrics.log_completions(completions_table(
+            self.step, extras["image_ids"], extras["captions"], self.recipe.rollout.group_size,
+            extras["batch"].per_reward, extras["adv"].advantages.tolist(), self.recipe.output.num_completions_to_log))
 
     def _train_refs(self, stage: str, *args: Any) -> list[Any]:
         return [w.train.remote(stage, *args) for w in self.learners]
@@ -786,8 +800,7 @@ def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]
         **{f"sampling/{k}": stats[k] for k in ("is_ratio_mean", "is_ratio_min", "is_ratio_max") if k in stats},
         "captions": captions[:2],
     }
-    for name, mean in batch.means.items():
-        row[f"reward/{name}"] = mean
+    row.update(reward_stats(batch.per_reward))  # reward_<name>_mean / _std (TRL: rewards/<name>/mean, /std)
     return row
 
 
