@@ -556,7 +556,9 @@ class GRPOConfig(_Section):
     reward_combine: Literal["sum_then_normalize", "normalize_then_sum", "normalize_then_sum_raw"] = Field(
         "sum_then_normalize",
         description="How several weighted rewards form one advantage (TRL: multi_objective_aggregation, default "
-        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`. `normalize_then_sum` "
+        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`; a sample missing one "
+        "reward's score (None, skip_sample) gets that reward's group mean in its sum, neutral as in the normalize "
+        "modes (a deliberate difference from TRL, whose nansum counts it as 0, i.e. a low score). `normalize_then_sum` "
         "(TRL's, GDPO): each reward normalised in its group (unbiased group std + 1e-4, whatever `scale`), weighted "
         "sum, then standardised over the batch (mean, unbiased std + 1e-4). `normalize_then_sum_raw`: each reward "
         "normalised with `scale`, weighted sum, no batch standardisation (the behaviour before TRL parity). "
@@ -582,7 +584,7 @@ class RewardSpec(_Section):
 
 class RewardsConfig(_Section):
     functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights.")
-    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A plugin that raises or returns bad values: `fail` stops the run naming it; `skip_sample` drops the bad scores.")
+    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A reward function that raises, returns bad values, calls sys.exit or overruns `timeout_s`: `fail` stops the run naming it and the step (exit 1); `skip_sample` drops the bad scores (None: left out of the advantages in every `grpo.reward_combine` mode, never counted as 0) and logs a warning.")
     need_renders: bool | None = Field(None, description="Render every caption with the frozen decoder in the encoder stage (kwargs `renders`). None: only when `clip` is among the functions; plugins that read `renders` need true.")
     timeout_s: float = Field(
         600.0, gt=0,
