@@ -24,7 +24,7 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
