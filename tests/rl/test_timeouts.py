@@ -108,3 +108,32 @@ def test_a_rollout_slower_than_its_timeout_stops_the_run_naming_the_actor(tmp_pa
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: step 0: rollout actor 0: no encoder rollout within 0.05 s (rollout.timeout_s)"), err
     assert (tmp_path / "run" / "failures.jsonl").read_text().count("rollout.timeout_s") == 1
+
+
+def test_an_actor_that_does_not_start_in_time_is_named():
+    """Trainer._wait_ready on real Ray actors: one whose start takes longer than
+    resources.start_timeout_s ends the wait naming it (it used to wait forever)."""
+    import ray
+
+    from rl.train import StepTimeout, Trainer
+
+    class Quick:
+        def ready(self):
+            return True
+
+    class Stuck:
+        def ready(self):
+            time.sleep(60)  # stands for a constructor or placement that never finishes
+            return True
+
+    recipe = Recipe.model_validate({"resources": {"start_timeout_s": 2}})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        quick = ray.remote(num_cpus=0)(Quick).remote()
+        stuck = ray.remote(num_cpus=0)(Stuck).remote()
+        t0 = time.time()
+        with pytest.raises(StepTimeout, match=r"^reward actor 1 not started within resources.start_timeout_s = 2 s"):
+            Trainer(recipe)._wait_ready([("learner", [quick]), ("reward", [quick, stuck])])
+        assert time.time() - t0 < 30
+    finally:
+        ray.shutdown()
