@@ -104,8 +104,8 @@ def run_ours(args, records) -> tuple[list[float], list[float]]:
         batch = step_images(records, step, args.images)
         t0, c0 = time.perf_counter(), time.process_time()
         worker.version = learner.version  # colocated: a weight sync is a version bump
-        # step 1. rollout: G captions per image
-        group = worker.captions([r.image for r in batch], g, seed=args.seed + step)
+        # step 1. rollout: G captions per image (on-policy: not scored, as encoder_rollout and TRL)
+        group = worker.captions([r.image for r in batch], g, seed=args.seed + step, score=worker.score_captions)
         # step 2. reward and group-relative advantages
         r = colour_reward(completions=group.captions)
         adv = grpo.group_advantages(r, g, scale=recipe.grpo.scale, clip=recipe.grpo.adv_clip)

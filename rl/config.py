@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Stage = Literal["cold_start", "encoder", "decoder"]
+Stage = Literal["warmup", "cold_start", "encoder", "decoder"]
 
 
 class RecipeError(ValueError):
@@ -286,10 +286,12 @@ def _physical_memory() -> int | None:
 
 
 class DataConfig(_Section):
-    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the shapes world.")
+    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the 32x32 shapes world (rl/shapes.py), valid only with tiny models (`tiny` or `random_init` encoder, decoder and CLIP): a recipe with published weights and no data source is refused at load.")
     image_column: str = Field("image", description="Image column of a `datasets` source.")
     split: str = Field("train", description="Split of a `datasets` source.")
     limit: int | None = Field(None, gt=0, description="Use at most this many images.")
+    reference_column: str | None = Field(None, description="Column of reference caption texts (a string or a list of strings per image), passed to reward functions as `references`; e.g. the `text` column of an image folder's metadata.jsonl / metadata.csv (datasets' imagefolder convention). None: `text` or `caption` when the dataset has one, else no references. A named column the dataset lacks is refused at load.")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="An image that fails to decode (corrupt or truncated file, unknown format, a header announcing more than 2 x PIL's MAX_IMAGE_PIXELS: a decompression bomb). `fail`: exit 2 naming the file, before Ray starts. `skip`: leave it out; the count and the first file are logged.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
@@ -299,8 +301,10 @@ class PhaseConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """Stage 1 once, then the phases in order, repeated `cycles` times (UAE sec. 2.3)."""
+    """The decoder warm-up (UAE sec. 2.2), then stage 1 once, then the phases in order, repeated
+    `cycles` times (UAE sec. 2.3)."""
 
+    warmup_steps: int = Field(0, ge=0, description="Steps of the `warmup` stage before anything else (UAE sec. 2.2's long-caption decoder warm-up, rl/warmup.py; settings in the `warmup:` section): the frozen encoder captions each image at length under UAE's prompt (cached on disk), and the connector (and, with warmup.train_decoder_lora, the decoder LoRA) learn to render the image from that caption with the flow-matching loss. 0 (default): none. unified_grpo.yaml: 200.")
     cold_start_steps: int = Field(0, ge=0, description="Stage 1 steps (UAE eq. 3) before any RL.")
     phases: list[PhaseConfig] = Field(
         default_factory=lambda: [PhaseConfig(stage="encoder", steps=50), PhaseConfig(stage="decoder", steps=50)],
@@ -316,7 +320,21 @@ class CaptionSampling(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Maximum caption length in tokens (ReaDe: 768).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same scaling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate. `vllm`: needs the `vllm` extra and a GPU.")
+    backend: Literal["hf", "vllm", "vllm_server"] = Field(
+        "hf",
+        description="`hf`: transformers generate (default). `vllm`: an in-process vLLM engine on the rollout worker's GPU "
+        "(TRL vllm_mode `colocate`); needs the `vllm` extra and a CUDA GPU. `vllm_server`: generation on a separate vLLM "
+        "server on other GPUs or nodes (TRL vllm_mode `server`), started with `trl vllm-serve --model BASE "
+        "--enable-scale-out` on the encoder's base weights; the rollout worker sends token-id prompts with the server's "
+        "image features and pushes the encoder's merged LoRA modules after every weight sync through TRL's VLLMClient "
+        "(NCCL: the rollout worker needs vLLM installed and a CUDA GPU too). Unlike TRL, which pushes every parameter, "
+        "only the modules the LoRA changes are pushed. Both vLLM backends return processed log-probs and the learner "
+        "applies grpo.encoder.vllm_importance_sampling_correction.")
+    vllm_server_base_url: str | None = Field(None, description="backend `vllm_server`: the server's base URL, e.g. `http://10.0.0.2:8000`; when set, vllm_server_host and vllm_server_port are ignored (TRL vllm_server_base_url, default None).")
+    vllm_server_host: str = Field("0.0.0.0", description="backend `vllm_server`: host of the server (TRL vllm_server_host, default 0.0.0.0).")
+    vllm_server_port: int = Field(8000, gt=0, lt=65536, description="backend `vllm_server`: HTTP port of the server (TRL vllm_server_port, default 8000).")
+    vllm_server_timeout: float = Field(240.0, ge=0, description="backend `vllm_server`: seconds to wait for the server to answer before the rollout worker fails with a ConnectionError (TRL vllm_server_timeout, default 240).")
+    vllm_group_port: int = Field(51216, gt=0, lt=65536, description="backend `vllm_server`: port of the NCCL weight-update group between the rollout worker and the server (TRL vllm_group_port, default 51216).")
     top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens (TRL GRPOConfig.top_k; TRL's default 0 = off). None or 0: off. As in TRL, log-probs are of the temperature-scaled distribution without the filter. hf backend only.")
     min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens below min_p x the top probability (TRL GRPOConfig.min_p; default None = off). hf backend only.")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already in the prompt or caption (TRL GRPOConfig.repetition_penalty; 1.0 = off, TRL's default). hf backend only.")
@@ -469,7 +487,7 @@ class EncoderOptim(PolicyOptim):
 
     vllm_importance_sampling_correction: bool = Field(
         True,
-        description="With rollout.caption.backend `vllm`: weight each caption token's policy loss by the "
+        description="With rollout.caption.backend `vllm` or `vllm_server`: weight each caption token's policy loss by the "
         "importance weight between the learner's own log-probs (recomputed at the update's first pass, its pi_old) "
         "and vLLM's (rl/grpo.py `rollout_is_weights`), correcting the mismatch between the two engines (truncated "
         "IS, Yao et al. 2025). TRL vllm_importance_sampling_correction, default true. With it, pi_old is always the "
@@ -582,8 +600,59 @@ class RewardSpec(_Section):
     weight: float = Field(1.0, description="Weight in the combined reward.")
 
 
+JUDGE_REWARDS = ("judge", "judge_offline")  # built-in rewards that read reference elements
+
+
+class JudgeConfig(_Section):
+    """The judged caption reward `judge` (ReaDe sec. 3.2.1 eq. 4; rewards/judge.py): a judge decides per
+    reference element whether the caption supports, omits or contradicts it. Reference elements per
+    image come from `references`."""
+
+    backend: Literal["offline", "http"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0).")
+    base_url: str | None = Field(None, description="http: the endpoint up to the API version, e.g. http://127.0.0.1:8000/v1. Checked at start (GET /models) before anything trains: an unreachable judge ends the run with exit 2.")
+    model: str | None = Field(None, description="http: the served model name (vllm serve's --served-model-name, else its model id).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="http: environment variable holding the API key (never written to the recipe, logs or checkpoints); unset: no Authorization header.")
+    timeout: float = Field(60.0, gt=0, description="http: seconds for one whole request (HTTPJudge.timeout).")
+    max_retries: int = Field(3, ge=0, description="http: retries of a failed request (HTTPJudge.max_retries).")
+    max_concurrency: int = Field(16, gt=0, description="http: requests in flight at once.")
+    threshold: float = Field(0.6, gt=0, le=1, description="offline: similarity from which an element counts as supported (rewards/judge.py OFFLINE_THRESHOLD, calibrated on the shapes world).")
+    alpha: float = Field(1.0, description="Weight of R_user (ReaDe table 10: 1.0).")
+    rho: float = Field(1.0, description="Weight of R_detail (ReaDe: 1.0).")
+    gamma: float = Field(0.8, description="Weight of R_supp (ReaDe: 0.8).")
+    lambda_: float = Field(0.7, alias="lambda", description="Weight of R_contra, subtracted (ReaDe: 0.7). Written `lambda` in a recipe.")
+    references: Literal["elements", "column", "extract"] | None = Field(
+        None,
+        description="Where each image's reference elements ({user, detail, supplementary} lists, ReaDe's U, S, Z) come "
+        "from. `elements`: the dataset's own `elements` (the shapes world; a folder's metadata.jsonl or a dataset "
+        "column `elements`). `column`: the text column `column` holds them: a JSON object of the three lists, a JSON "
+        "list (all `detail`), or one element per line / `;`. `extract`: the text column `column` holds a reference "
+        "caption, and the judge extracts the elements from it (ReaDe's offline extraction, appendix D.2; "
+        "rewards/judge.py EXTRACTION_PROMPT; the offline backend takes the caption's sentences as `detail`), cached per "
+        "image under `cache_dir`. None: `elements` for the generated shapes world; with any other data source a judge "
+        "reward without references is refused at load (it would score nothing).",
+    )
+    column: str | None = Field(None, description="The text column (a metadata.jsonl field, or a `datasets` string column) that `references: column | extract` read.")
+    cache_dir: str | None = Field(None, description="Where extracted elements are cached: `<cache_dir>/judge-elements-<key>/`, one JSON per image, key = a hash of the judge (backend, model, prompt) and column. None: `<output.dir>/cache`.")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "JudgeConfig":
+        if self.backend == "http" and (not self.base_url or not self.model):
+            raise ValueError("backend http needs base_url (e.g. http://127.0.0.1:8000/v1) and model (the served name)")
+        if self.references in ("column", "extract") and not self.column:
+            raise ValueError(f"references: {self.references} reads a text column: set column (e.g. text)")
+        return self
+
+    def key(self) -> dict[str, Any]:
+        """What decides the extracted elements (hashed into the cache folder's name)."""
+        return {"backend": self.backend, "model": self.model if self.backend == "http" else "all-MiniLM-L6-v2",
+                "column": self.column}
+
+
 class RewardsConfig(_Section):
-    functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights.")
+    functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights. Built in: `clip` (UAE's reconstruction reward) and `judge` (the judged caption reward configured in `judge`).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The `judge` reward's judge and reference elements.")
     on_error: Literal["fail", "skip_sample"] = Field("fail", description="A reward function that raises, returns bad values, calls sys.exit or overruns `timeout_s`: `fail` stops the run naming it and the step (exit 1); `skip_sample` drops the bad scores (None: left out of the advantages in every `grpo.reward_combine` mode, never counted as 0) and logs a warning.")
     need_renders: bool | None = Field(None, description="Render every caption with the frozen decoder in the encoder stage (kwargs `renders`). None: only when `clip` is among the functions; plugins that read `renders` need true.")
     timeout_s: float = Field(
@@ -604,6 +673,24 @@ class RewardsConfig(_Section):
 
     def renders_needed(self) -> bool:
         return self.need_renders if self.need_renders is not None else any(f.name == "clip" for f in self.functions)
+
+    def uses_judge(self) -> bool:
+        return any(f.name in JUDGE_REWARDS for f in self.functions)
+
+    def reference_source(self, data_source: str | None) -> str | None:
+        """The effective `judge.references` (None: no judge reward)."""
+        if not self.uses_judge():
+            return None
+        return self.judge.references or ("elements" if data_source is None else None)
+
+    def check_references(self, data_source: str | None) -> None:
+        """A judge reward needs reference elements for every image: refused here when none are configured."""
+        if self.uses_judge() and self.reference_source(data_source) is None:
+            name = next(f.name for f in self.functions if f.name in JUDGE_REWARDS)
+            raise ValueError(f"rewards.judge.references: the `{name}` reward needs reference elements per image, and "
+                             f"data.source {data_source!r} has none by default: set rewards.judge.references to "
+                             "`column` (a text column of elements) or `extract` (the judge extracts them from a "
+                             "reference-caption column), with rewards.judge.column, or `elements` if the data carry them")
 
 
 class RayConfig(_Section):
@@ -737,6 +824,21 @@ class EvalConfig(_Section):
     grid_images: int = Field(4, ge=0, description="Held-out images in the run's source | caption | reconstruction grids (grid_start.png, grid_end.png). 0: no grids.")
 
 
+class WarmupConfig(_Section):
+    """The `warmup` stage (`schedule.warmup_steps`): UAE sec. 2.2's decoder warm-up on long captions
+    (rl/warmup.py). UAE trains the decoder on 700K images with captions of 250+ words written by
+    InternVL-78B; here the frozen encoder (adapter off) writes them, greedily under UAE's caption prompt
+    (rl/models/encoder.py UAE_CAPTION_PROMPT), so the connector learns to carry this encoder's own
+    descriptions into the decoder before RL (UAE starts RL from a warmed-up decoder; a randomly
+    initialised connector would condition SD3.5 on noise)."""
+
+    max_new_tokens: int | None = Field(None, gt=0, description="Length limit of a warm-up caption in tokens. None: rollout.caption.max_new_tokens. At most rollout.caption.max_new_tokens (the decoder's fixed conditioning length is that + 1; a longer caption would be cut).")
+    train_decoder_lora: bool = Field(False, description="Also train the decoder's LoRA (at `decoder_lr`) with the connector. False (default): the connector alone learns, the decoder stays as published (UAE warms the whole DiT; with a LoRA-only decoder in RL the connector is the part that must learn the encoder's language).")
+    connector_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the connector in the warm-up.")
+    decoder_lr: float = Field(1e-4, gt=0, description="Learning rate of the decoder LoRA in the warm-up (with train_decoder_lora).")
+    cache_dir: str | None = Field(None, description="Where the warm-up captions are cached: `<cache_dir>/warmup-captions-<key>/`, one JSON per image, key = a hash of the encoder's identity (name, path, random_init, widths, dtype, image size, seed), the prompt and max_new_tokens; a caption is written once and read by every later step, epoch and run. None: `<output.dir>/cache`.")
+
+
 class Recipe(_Section):
     """A whole Unified-GRPO run."""
 
@@ -755,6 +857,7 @@ class Recipe(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps in all (None: the whole schedule).")
 
@@ -766,12 +869,15 @@ class Recipe(_Section):
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
         c = self.rollout.caption
-        if c.backend == "vllm" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
+        if c.backend != "hf" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
             raise ValueError("rollout.caption.top_k / min_p / repetition_penalty are applied by the hf backend only: "
                              "unset them, or set rollout.caption.backend: hf")
-        if self.rollout.caption.backend == "vllm" and self.models.encoder.adapter.kind != "lora":
-            raise ValueError("rollout.caption.backend: vllm loads the encoder adapter as a LoRA request: "
-                             "models.encoder.adapter.kind must be lora")
+        if self.rollout.caption.backend != "hf" and self.models.encoder.adapter.kind != "lora":
+            raise ValueError(f"rollout.caption.backend: {c.backend} loads the encoder adapter as LoRA (a LoRA request, "
+                             "or merged LoRA modules pushed to the server): models.encoder.adapter.kind must be lora")
+        if c.backend == "vllm_server" and not self.resources.colocate and self.resources.rollout_workers > 1:
+            raise ValueError("rollout.caption.backend: vllm_server serves one rollout worker (one NCCL weight-update "
+                             f"group per server): set resources.rollout_workers to 1 (it is {self.resources.rollout_workers})")
         if self.rollout.batch_size % self.resources.learner_workers:
             raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must divide by resources.learner_workers "
                              f"({self.resources.learner_workers}): each learner rank trains whole groups")
@@ -789,11 +895,33 @@ class Recipe(_Section):
                              "pass one of --overwrite and --resume")
         if self.pretrain.enabled and self.data.source is not None:
             raise ValueError("pretrain.enabled builds models for the generated shapes world: set data.source: null, or pretrain.enabled: false")
+        if self.data.source is None and self.published_models():
+            raise ValueError(f"data.source: null generates the 32x32 shapes world, which is for tiny models only, but "
+                             f"{', '.join(self.published_models())} load published weights: set data.source to an image "
+                             "folder or a `datasets` name (or use tiny / random_init models)")
+        w = self.warmup.max_new_tokens
+        if w is not None and w > self.rollout.caption.max_new_tokens:
+            raise ValueError(f"warmup.max_new_tokens ({w}) exceeds rollout.caption.max_new_tokens "
+                             f"({self.rollout.caption.max_new_tokens}), the decoder's conditioning length - 1: "
+                             "lower it, or raise rollout.caption.max_new_tokens")
+        self.rewards.check_references(self.data.source)
         return self
+
+    def published_models(self) -> list[str]:
+        """The `models` fields that load published weights (not `tiny`, not `random_init`)."""
+        m = self.models
+        out = []
+        if m.encoder.name != "tiny" and m.encoder.random_init is None:
+            out.append(f"models.encoder.name ({m.encoder.name})")
+        if m.decoder.name != "tiny" and m.decoder.random_init is None:
+            out.append(f"models.decoder.name ({m.decoder.name})")
+        if m.clip.model != "tiny" and m.clip.random_init is None and any(f.name == "clip" for f in self.rewards.functions):
+            out.append(f"models.clip.model ({m.clip.model})")
+        return out
 
     def stages(self) -> list[Stage]:
         """The stage of every step in order (before max_steps)."""
-        out: list[Stage] = ["cold_start"] * self.schedule.cold_start_steps
+        out: list[Stage] = ["warmup"] * self.schedule.warmup_steps + ["cold_start"] * self.schedule.cold_start_steps
         for _ in range(self.schedule.cycles):
             for phase in self.schedule.phases:
                 out += [phase.stage] * phase.steps
@@ -857,6 +985,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].replace("Value error, ", "")
+        if path == "(top level)" and msg.split(":", 1)[0].replace(".", "").replace("_", "").isalnum():
+            path, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()  # a recipe-wide check naming its field
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see rl/config.py for the fields)"
         elif e["type"] == "finite_number":
@@ -927,8 +1057,9 @@ def _check_output_dir(out: str) -> None:
             return
 
 
-def _check_plugins(recipe: Recipe) -> None:
-    """Import every reward plugin once (`rewards.api.validate_specs`), each under
+def _check_plugins(recipe: Recipe, base_dir: Path | None) -> None:
+    """Import every reward plugin once (`rewards.api.validate_specs`; a relative plugin file against
+    `base_dir`, the recipe's folder, as the reward workers do), each under
     `rewards.import_timeout_s`. The import runs in a daemon thread: a plugin stuck at import is left
     there, and the process exits 2 naming it (Python cannot stop a thread; a daemon one does not hold
     the exit back)."""
@@ -938,14 +1069,14 @@ def _check_plugins(recipe: Recipe) -> None:
 
     timeout = recipe.rewards.import_timeout_s
     for index, spec in enumerate(recipe.rewards.functions):
-        if spec.name == "clip":
+        if spec.name in ("clip", "judge"):
             continue
         where = f"invalid recipe: rewards.functions.{index}.name"
         outcome: dict[str, BaseException] = {}
 
         def load(name=spec.name):
             try:
-                validate_specs([name])
+                validate_specs([name], base_dir=base_dir)
             except BaseException as e:  # noqa: BLE001 - reported below, SystemExit included
                 outcome["error"] = e
 
@@ -985,7 +1116,7 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
         except DataError as e:
             raise RecipeError(f"invalid recipe: data.source: {e}") from None
     _check_output_dir(recipe.output.dir)
-    _check_plugins(recipe)
+    _check_plugins(recipe, base_dir)
     if recipe.output.wandb_project is not None:
         import importlib.util
 
@@ -998,3 +1129,10 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
         if not vllm_available():
             raise RecipeError("invalid recipe: rollout.caption.backend: `vllm` needs the `vllm` extra "
                               "(pip install 'unified-grpo[vllm]') and a CUDA GPU; use `hf` on this machine")
+    if recipe.rollout.caption.backend == "vllm_server":
+        from rollouts.captions import vllm_available
+
+        if not vllm_available():  # TRL's VLLMClient refuses to build without vLLM; its NCCL group needs CUDA
+            raise RecipeError("invalid recipe: rollout.caption.backend: `vllm_server` talks to the server through "
+                              "TRL's VLLMClient, which needs the `vllm` extra (pip install 'unified-grpo[vllm]') "
+                              "and a CUDA GPU on the rollout worker; use `hf` on this machine")

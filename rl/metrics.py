@@ -170,7 +170,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"cold_start": "tab:gray", "encoder": "tab:blue", "decoder": "tab:orange"}
+    colours = {"warmup": "tab:green", "cold_start": "tab:gray", "encoder": "tab:blue", "decoder": "tab:orange"}
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for stage, colour in colours.items():
         pts = [r for r in rows if r.get("stage") == stage]

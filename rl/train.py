@@ -10,6 +10,7 @@
 The driver owns the schedule, the step counter, logging and checkpoints; Ray actors own the
 models (rollout workers, reward workers, the DeepSpeed learner). One step of each stage:
 
+    warmup      cached long captions of the frozen encoder -> learner: flow matching  UAE sec. 2.2
     cold_start  captions (no grad) -> learner: 1 - cos(f_I(x), f_I(D(E(x))))          UAE eq. 3
     encoder     G captions/image -> frozen-decoder renders -> CLIP reward -> GRPO     UAE eq. 2
     decoder     1 caption/image -> G SDE trajectories -> CLIP reward -> GRPO per step UAE eq. 4
@@ -35,10 +36,12 @@ from typing import Any
 
 import torch
 
-from rl import grpo
 from rewards.api import RewardPluginError
+from rewards.references import ReferencesError
+from rl import grpo
 from rl.checkpoint import CheckpointError
 from rl.config import Recipe, RecipeError, load_recipe
+from rl.data import DataError
 from rl.metrics import completions_table, reward_stats
 
 log = logging.getLogger("unified_grpo")
@@ -73,6 +76,7 @@ class Trainer:
         self._setup_pretrained()  # before anything reads models.*.path (checkpoints compare them too)
         self._resume_from = self._find_checkpoint()  # before Ray: a refused resume fails at once
         self._setup_data()
+        self._setup_references()  # judge reference elements: checked (and extracted) before Ray starts
         self._setup_ray()
         self._setup_actors()
         if self._resume_from is not None:
@@ -145,8 +149,19 @@ class Trainer:
         self.dataset = load_dataset_from_config(
             d.source, image_column=d.image_column, split=d.split, limit=d.limit,
             image_size=self.recipe.models.decoder.image_size, generate=d.generate.model_dump(),
+            reference_column=d.reference_column, on_bad_image=d.on_bad_image,
         )
         log.info("data: %d images from %s", len(self.dataset), d.source or "the generated shapes world")
+
+    def _setup_references(self) -> None:
+        """The judge reward's reference elements on every record (rewards/references.py): refused with
+        a message naming the field when a record has none; an unreachable judge endpoint ends the run
+        here, before any actor starts."""
+        from rewards.references import attach_references
+
+        info = attach_references(self.recipe, self.dataset.records)
+        if info:
+            log.info("judge references: %s", info)
 
     def _setup_ray(self) -> None:
         import ray
@@ -439,7 +454,8 @@ class Trainer:
             self.step += 1
             pending = following
             if bar is not None:
-                bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", s=f"{row['seconds']:.1f}")
+                bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.4f}", loss=f"{row['loss']:.4f}",
+                                s=f"{row['seconds']:.1f}")
                 bar.update(1)
             if self.recipe.output.save_every and self.step % self.recipe.output.save_every == 0:
                 self.save_checkpoint()
@@ -471,6 +487,19 @@ class Trainer:
             self._check_restarted(step, "rollout", p.rollout_actor)
         self._check_restarted(step, "reward", p.reward_actor)
         seed = self._seed(step)
+        if stage == "warmup":  # captions from the disk cache; missing ones written by the frozen encoder now
+            import ray
+
+            from rl.warmup import CaptionCache, cache_dir, cached_captions
+
+            def caption(missing_images):
+                return ray.get(self._rollout_remote(p.rollout_actor, "warmup_captions", 1, missing_images, seed))
+
+            captions, new = cached_captions(CaptionCache(cache_dir(self.recipe)), ids, images, caption)
+            p.warmup_new = new
+            p.rollout_ref = [ray.put(captions)]
+            p.driver_ref = p.rollout_ref[0]
+            return p
         # One ObjectRef per returned item, so that each consumer gets only what it reads: the
         # reward actor the captions and renders, the learners the trajectory or caption group,
         # the driver the captions (a trajectory never passes through the driver).
@@ -488,7 +517,7 @@ class Trainer:
             captions, renders = p.rollout_ref[1:]
             p.driver_ref = captions
         p.reward_ref = self.rewards[p.reward_actor].score_rollout.remote(
-            stage, captions, renders, ids, images, [r.elements for r in records], step)
+            stage, captions, renders, ids, images, [r.elements for r in records], step, _columns(records))
         return p
 
     def _rollout_remote(self, index: int | None, method: str, num_returns: int, *args: Any):
@@ -545,6 +574,11 @@ class Trainer:
         """Advantages (UAE eq. 1) and the learner call of this stage; returns (refs, row extras)."""
         from rollouts.actors import image_seed
 
+        if stage == "warmup":  # rollout: the captions; noise per image and step
+            ids = [r.image_id for r in p.records]
+            seeds = [self._seed(p.step) * 7919 + image_seed(i) for i in ids]
+            return (self._train_refs(stage, [r.image for r in p.records], rollout, seeds),
+                    {"captions": rollout, "captioned": p.warmup_new})
         if stage == "cold_start":
             ids = [r.image_id for r in p.records]
             args = ([r.image for r in p.records], ids, rollout.completion_ids, rollout.completion_mask,
@@ -579,6 +613,12 @@ class Trainer:
 
     def _row(self, stage: str, stats: list[dict[str, Any]], extras: dict[str, Any]) -> dict[str, Any]:
         """One metrics row; rank 0's statistics, rewards over every rank for the cold start."""
+        if stage == "warmup":  # no reward: the flow-matching loss (mean over every rank's images)
+            losses = [x for s in stats for x in s["losses"]]
+            s0 = stats[0]
+            return {"loss": sum(losses) / len(losses), **_caption_stats(extras["captions"]),
+                    "warmup/captioned": extras["captioned"], "grad_norm": s0["grad_norm"], "version": s0["version"],
+                    "layer_weights": s0["layer_weights"], "captions": extras["captions"][:2]}
         if stage == "cold_start":
             rewards = torch.tensor([x for s in stats for x in s["rewards"]])
             s0 = stats[0]
@@ -720,6 +760,7 @@ class _Pending:
     rollout_ref: Any = None  # one ObjectRef per item the rollout method returns
     driver_ref: Any = None  # the item the driver itself reads: the caption group, or the captions
     reward_ref: Any = None
+    warmup_new: int = 0  # warm-up captions written this step (the rest came from the cache)
 
 
 def _drain(refs: list[Any], wait_s: float = 5.0) -> None:
@@ -781,6 +822,13 @@ def _caption_stats(captions: list[str]) -> dict[str, float]:
             "caption_len_max": max(lengths)}
 
 
+def _columns(records) -> dict[str, list[Any]]:
+    """The dataset's per-image columns for reward functions (as TRL passes dataset columns):
+    `references` (reference caption texts or None) and every other column of the source."""
+    keys = sorted({k for r in records for k in r.columns})
+    return {"references": [r.references for r in records], **{k: [r.columns.get(k) for r in records] for k in keys}}
+
+
 def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str], group_size: int) -> dict[str, Any]:
     """One metrics row from a reward batch, its advantages and the learner's statistics."""
     weights = torch.tensor(batch.weights).unsqueeze(1)
@@ -830,7 +878,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted while checking the recipe", file=sys.stderr)
         return 130
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = Trainer(recipe, recipe_dir=str(Path(args.recipe).resolve().parent))
+    # Relative plugin files resolve against the recipe's folder, in the reward actors too. Passed
+    # relative to the working directory when it lies below it: under `ray job submit --working-dir .`
+    # every node unpacks the code into its own folder and runs the actors there.
+    recipe_dir, cwd = Path(args.recipe).resolve().parent, Path.cwd().resolve()
+    trainer = Trainer(recipe, recipe_dir=os.path.relpath(recipe_dir, cwd) if recipe_dir.is_relative_to(cwd) else str(recipe_dir))
     t0 = time.time()
     try:
         trainer.setup()
@@ -839,7 +891,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.eval_grid("end")
         path = trainer.save_checkpoint()
-    except (CheckpointError, BadInput, RecipeError) as e:
+    except (CheckpointError, BadInput, RecipeError, DataError, ReferencesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; checkpoints are written atomically

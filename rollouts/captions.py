@@ -4,7 +4,9 @@ Two functions carry stage 2 (UAE sec. 2.3): `generate_captions` samples a `Capti
 rollout), and `completion_logprobs` computes per-token log-probs of those captions under the
 current (or reference) policy. The rollout's log-probs ARE `completion_logprobs` of its captions
 (one extra forward after generation, as TRL's old_per_token_logps), so the ratio pi/pi_old compares
-like with like: same temperature, same suppressed tokens, same code.
+like with like: same temperature, same suppressed tokens, same code. That forward runs only when the
+rollout may be stale by the time the learner trains on it (async rollouts); on-policy the learner's
+own first pass is pi_old and the rollout skips it (`score=False`), as TRL does.
 
 Memory is bounded by a micro-batch (shared/DESIGN.md, "Scale"): generation runs `micro_batch_size`
 rows per call, and log-probs never form (rows x tokens x vocabulary) logits, only `chunk` positions'
@@ -15,8 +17,10 @@ image's embeddings (`image_features`, passed to Qwen2.5-VL as `mm_encoder_output
 in the rollout's log-probs and in the learner (`ImageFeatures` keeps a frozen tower's output for a
 whole update: reference pass, micro-batches and iterations).
 
-Backends: `hf` (transformers generate, here) and `vllm` (`VLLMCaptioner`, GPU only, used when the
-`vllm` extra is installed; LoRA weights reach it as LoRA requests).
+Backends: `hf` (transformers generate, here), `vllm` (`VLLMCaptioner`, GPU only, used when the
+`vllm` extra is installed; LoRA weights reach it as LoRA requests) and `vllm_server`
+(`rollouts.vllm_server`, a separate server as TRL's server mode, sharing this module's sampling
+parameters and `group_from_samples`).
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ class CaptionGroup(NamedTuple):
     image_grid_thw: torch.Tensor  # (B, 3)
     completion_ids: torch.Tensor  # (N, T) right-padded caption tokens, EOS included
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
-    logprobs: torch.Tensor  # (N, T) log-probs of the sampled tokens under the rollout policy
+    # (N, T) log-probs of the sampled tokens under the rollout policy; None when the rollout skipped
+    # scoring them (`generate_captions(score=False)`: on-policy, the learner's own first pass is pi_old)
+    logprobs: torch.Tensor | None
     captions: list[str]  # (N,) decoded text
     group_size: int
     version: int  # weight version of the policy that sampled them
@@ -77,7 +83,8 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                       seed: int = 0, version: int = 0, greedy: bool = False,
-                      micro_batch_size: int | None = None, logits_chunk: int = 1024) -> CaptionGroup:
+                      micro_batch_size: int | None = None, logits_chunk: int = 1024, score: bool = True
+                      ) -> CaptionGroup:
     """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate.
 
     B images -> N = B * G rows, image-major. `micro_batch_size` rows per model call: each generate
@@ -93,6 +100,12 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
     computation, so the first importance ratio is 1 up to float round-off. This costs one forward
     over prompt + caption (TRL's old_per_token_logps does the same) instead of keeping generate's
     (N, V) logits for each of the T steps. Greedy decoding scores at temperature 1.
+
+    `score=False` skips that forward and returns `logprobs=None`: for rollouts the learner trains on
+    with the weights that sampled them (same version), where its own first pass is pi_old, as TRL's
+    GRPOTrainer skips old_per_token_logps when training is on-policy (`RolloutWorker.score_captions`
+    decides; the learner refuses an unscored group that has gone stale). The captions are the same
+    either way (scoring draws nothing from the random stream).
 
     The sampled captions depend on `micro_batch_size` through the global random stream (seeded once
     from `seed`), not their distribution.
@@ -136,23 +149,24 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
         )
         ids = out[:, prompt_len:].cpu()  # (n_k, T_k), T_k: this call's longest caption
         mask = completion_mask(ids, encoder.eos_token_id)
-        # pi_old of these rows, scored like the learner, on the same image embeddings (no second
-        # vision pass); the RNG is untouched, so the next call samples as if this were not here.
-        part = CaptionGroup(
-            prompt_ids=inputs["input_ids"][lo:hi], prompt_mask=inputs["attention_mask"][lo:hi],
-            pixel_values=torch.cat(patches[lo:hi], dim=0), image_grid_thw=inputs["image_grid_thw"][lo:hi],
-            completion_ids=ids, completion_mask=mask, logprobs=torch.zeros(ids.shape), captions=[""] * ids.shape[0],
-            group_size=g, version=version,
-            mm_token_type_ids=None if "mm_token_type_ids" not in inputs else inputs["mm_token_type_ids"][lo:hi])
-        logp = completion_logprobs(model, part, score_temperature, encoder.suppressed_ids, chunk=logits_chunk,
-                                   features=ImageFeatures.of(list(feats)))[0].cpu()
+        logp = None
+        if score:  # pi_old of these rows, scored like the learner, on the same image embeddings (no second
+            # vision pass); the RNG is untouched, so the next call samples as if this were not here.
+            part = CaptionGroup(
+                prompt_ids=inputs["input_ids"][lo:hi], prompt_mask=inputs["attention_mask"][lo:hi],
+                pixel_values=torch.cat(patches[lo:hi], dim=0), image_grid_thw=inputs["image_grid_thw"][lo:hi],
+                completion_ids=ids, completion_mask=mask, logprobs=None, captions=[""] * ids.shape[0],
+                group_size=g, version=version,
+                mm_token_type_ids=None if "mm_token_type_ids" not in inputs else inputs["mm_token_type_ids"][lo:hi])
+            logp = completion_logprobs(model, part, score_temperature, encoder.suppressed_ids, chunk=logits_chunk,
+                                       features=ImageFeatures.of(list(feats)))[0].cpu()
         pieces.append((ids, mask, logp))
         del feats
     # A row without EOS ran to max_new_tokens, so only finished rows get the padding: mask 0, log-prob 0.
     t = max(p.shape[1] for p, _, _ in pieces)
     ids = torch.cat([F.pad(i, (0, t - i.shape[1]), value=encoder.pad_token_id) for i, _, _ in pieces])  # (N, T)
     mask = torch.cat([F.pad(m, (0, t - m.shape[1]), value=0) for _, m, _ in pieces])  # (N, T)
-    logprobs = torch.cat([F.pad(lp, (0, t - lp.shape[1]), value=0.0) for _, _, lp in pieces])  # (N, T)
+    logprobs = torch.cat([F.pad(lp, (0, t - lp.shape[1]), value=0.0) for _, _, lp in pieces]) if score else None  # (N, T)
     return CaptionGroup(
         prompt_ids=inputs["input_ids"],
         prompt_mask=inputs["attention_mask"],
@@ -497,6 +511,6 @@ def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup
         prompt_ids=group.prompt_ids[images], prompt_mask=group.prompt_mask[images],
         pixel_values=torch.cat([chunks[i] for i in images], dim=0), image_grid_thw=group.image_grid_thw[images],
         completion_ids=group.completion_ids[rows], completion_mask=group.completion_mask[rows],
-        logprobs=group.logprobs[rows], captions=[group.captions[r] for r in rows],
+        logprobs=None if group.logprobs is None else group.logprobs[rows], captions=[group.captions[r] for r in rows],
         mm_token_type_ids=None if group.mm_token_type_ids is None else group.mm_token_type_ids[images],
     )
