@@ -3,7 +3,7 @@
 `RewardWorker` holds the CLIP reconstruction reward (when the recipe names `clip`; on the GPU the
 actor was given, `reward_device`) and every plugin of the recipe, resolved once at start. `score`
 runs them all on one batch through `rewards.api.compute_rewards` and returns plain data (the
-(K, N) matrix, weights, means).
+(K, N) matrix, weights, means). Each function runs under `rewards.timeout_s` (`TimedReward`).
 
 Plugins get TRL's arguments (trl 1.16 `GRPOTrainer._calculate_rewards`, chat prompts): `prompts`
 the caption request as chat messages with the row's image in them (`trl.data_utils.
@@ -14,13 +14,66 @@ is resolved against the recipe's folder (`base_dir`), the same rule as recipe va
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import os
+import threading
 from typing import Any, Sequence
 
 import torch
 
-from rewards.api import RewardBatch, RewardFn, compute_rewards, load_reward, reward_name, unique_names
+from rewards.api import (OnError, RewardBatch, RewardFn, RewardPluginError, compute_rewards, load_reward, reward_name,
+                         unique_names)
 from rl.config import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+class TimedReward:
+    """A `RewardFn` called in a thread of its own and waited on for at most `timeout_s` per call.
+
+    A call that overruns, or that calls sys.exit (which would otherwise end the actor's process),
+    fails naming the function and the step; then `on_error` applies as for any plugin failure
+    (`fail`: RewardPluginError; `skip_sample`: None scores and a warning). Python cannot stop a
+    thread, so an overrunning call goes on in the background (a daemon thread: it does not hold the
+    process's exit back); while it does, the next calls fail at once rather than queue behind it (at
+    most one call per function is ever left running)."""
+
+    def __init__(self, fn: RewardFn, timeout_s: float):
+        self.fn, self.name, self.weight, self.timeout_s = fn, fn.name, fn.weight, timeout_s
+        self.spec = getattr(fn, "spec", fn.name)  # how the recipe named it: what errors say
+        self._overran: tuple[int, concurrent.futures.Future] | None = None  # (step, call) still running
+
+    def __repr__(self) -> str:
+        return f"TimedReward({self.fn!r}, timeout_s={self.timeout_s:g})"
+
+    def __call__(self, prompts, completions, *, step: int, on_error: OnError = "fail", **kwargs) -> list[float | None]:
+        n = len(completions)
+        if self._overran is not None and not self._overran[1].done():
+            return self._fail(step, f"its call of step {self._overran[0]} is still running (it took longer than "
+                              f"rewards.timeout_s = {self.timeout_s:g} s)", on_error, n)
+        call: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                call.set_result(self.fn(prompts, completions, step=step, on_error=on_error, **kwargs))
+            except BaseException as e:  # noqa: BLE001 - SystemExit too: handed to the caller below
+                call.set_exception(e)
+
+        threading.Thread(target=run, daemon=True, name=f"reward {self.name} step {step}").start()
+        try:
+            return call.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            self._overran = (step, call)
+            return self._fail(step, f"took longer than rewards.timeout_s = {self.timeout_s:g} s", on_error, n)
+        except SystemExit as e:  # RewardFn turns every Exception into its own failure; not this one
+            return self._fail(step, f"called sys.exit({e.code!r})", on_error, n)
+
+    def _fail(self, step: int, reason: str, on_error: OnError, n: int) -> list[None]:
+        if on_error == "fail":
+            raise RewardPluginError(self.spec, step, reason)
+        logger.warning("reward plugin %r failed at step %s: %s; %d score(s) set to None", self.spec, step, reason, n)
+        return [None] * n
 
 
 def trl_prompt(image: Any) -> list[dict]:
@@ -55,21 +108,23 @@ class RewardWorker:
     def __init__(self, recipe: Recipe, base_dir: str | None = None):
         self.recipe = recipe
         self.device = reward_device(recipe)
-        self.fns: list[RewardFn] = []
+        fns: list[RewardFn] = []
         specs = recipe.rewards.functions
         names = unique_names([reward_name(spec.name) for spec in specs])  # metric keys: reward_<name>_mean / _std
         for spec, name in zip(specs, names):
             if spec.name == "clip":
                 from rl.learner import make_clip_reward
 
-                self.fns.append(RewardFn(make_clip_reward(recipe, self.device), name=name, weight=spec.weight, spec="clip"))
+                fns.append(RewardFn(make_clip_reward(recipe, self.device), name=name, weight=spec.weight, spec="clip"))
             elif spec.name == "judge":  # ReaDe's judged caption reward, as `rewards.judge` configures it
                 from rewards.judge import judge_from_config
 
-                self.fns.append(RewardFn(judge_from_config(recipe.rewards.judge), name=name, weight=spec.weight,
-                                         spec="judge"))
+                fns.append(RewardFn(judge_from_config(recipe.rewards.judge), name=name, weight=spec.weight,
+                                    spec="judge"))
             else:
-                self.fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir, name=name))
+                fns.append(load_reward(spec.name, weight=spec.weight, base_dir=base_dir, name=name))
+        # each under rewards.timeout_s, sys.exit included (TimedReward)
+        self.fns = [TimedReward(fn, recipe.rewards.timeout_s) for fn in fns]
 
     def ready(self) -> bool:
         return True

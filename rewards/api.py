@@ -199,7 +199,7 @@ def _resolve(target: str, spec: str, base_dir: str | Path | None) -> Callable:
         try:
             module = _import_file(where, base_dir) if is_file else importlib.import_module(where)
             obj = _getattr_path(module, attr)
-        except Exception as e:  # noqa: BLE001 - any import failure becomes a spec error
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - any import failure (sys.exit too) is a spec error
             tried.append(f"{'file' if is_file else 'module'} {where!r} ({type(e).__name__}: {e})")
         else:
             return _check_callable(obj, spec)
@@ -219,7 +219,7 @@ def _resolve(target: str, spec: str, base_dir: str | Path | None) -> Callable:
         else:
             try:
                 obj = eps[0].load()
-            except Exception as e:  # noqa: BLE001
+            except (Exception, SystemExit) as e:  # noqa: BLE001
                 tried.append(f"entry point {target} = {eps[0].value!r} ({type(e).__name__}: {e})")
             else:
                 return _check_callable(obj, spec)

@@ -29,6 +29,11 @@ class RecipeError(ValueError):
     """A recipe that cannot run. The message names the field path and what to do."""
 
 
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and python take it too, and seed * 1_000_003 + step fits in 64 bits
+MAX_GENERATE = 1_000_000  # data.generate.n: generated images are held in memory
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this size is not one
+
+
 class _Section(BaseModel):
     # allow_inf_nan=False: every float field of the tree refuses nan and +-inf at load (an lr of
     # .inf or a reward weight of nan would otherwise validate and poison the weights or advantages).
@@ -257,10 +262,27 @@ class ModelsConfig(_Section):
 class GenerateConfig(_Section):
     """The synthetic shapes world used when no data source is given."""
 
-    n: int = Field(64, gt=0, description="Number of images to generate.")
-    seed: int = Field(0, description="Generator seed.")
-    size: int = Field(32, gt=0, description="Image side in pixels.")
+    n: int = Field(64, gt=0, le=MAX_GENERATE, description="Number of images to generate, at most 1,000,000 (they are "
+                   "held in memory, about size^2 x 3 bytes each; more than half this machine's memory is refused too).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Generator seed, 0 .. 2^32 - 1.")
+    size: int = Field(32, gt=0, le=4096, description="Image side in pixels (at most 4096).")
     max_objects: int = Field(3, gt=0, description="At most this many shapes per image.")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "GenerateConfig":
+        need = self.n * (self.size * self.size * 3 + 2048)  # pixels + a PIL image's own bookkeeping
+        total = _physical_memory()
+        if total and need > total // 2:
+            raise ValueError(f"{self.n} generated {self.size}x{self.size} images need about {need / 2**30:.1f} GiB, "
+                             f"more than half of this machine's {total / 2**30:.1f} GiB: lower n or size")
+        return self
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this platform
+        return None
 
 
 class DataConfig(_Section):
@@ -400,6 +422,15 @@ class RolloutConfig(_Section):
     micro_batch_size: int | None = Field(None, gt=0, description="Rows (captions or trajectories) per model call in rollouts: caption generation, SDE trajectories, caption renders and VAE decodes run this many rows at a time, so rollout memory is bounded by it and not by batch_size x group_size. Results do not depend on it (per-row noise). None: all rows at once (tiny models). Flow-GRPO samples SD3.5 at 1024 px 8-16 per GPU; TRL generates per_device_train_batch_size at a time.")
     caption: CaptionSampling = Field(default_factory=CaptionSampling)
     trajectory: TrajectorySampling = Field(default_factory=TrajectorySampling)
+    timeout_s: float = Field(
+        1800.0, gt=0,
+        description="Seconds the driver waits for one step's rollout (caption group, renders or trajectories). A "
+        "rollout actor slower than this is taken for hung: it is "
+        "killed, Ray restarts it and the step is retried with the last synced weights, as for an actor that died "
+        "(`resources.max_restarts` times), then the run stops naming the actor and the step (exit 1). Rollouts "
+        "inside the learner (`resources.colocate`) stop the run at once. Default 1800 s: a production step "
+        "(SD3.5-large at 1024 px, groups of 24) takes minutes; the tiny recipe, seconds.",
+    )
 
 
 class PolicyOptim(_Section):
@@ -543,7 +574,9 @@ class GRPOConfig(_Section):
     reward_combine: Literal["sum_then_normalize", "normalize_then_sum", "normalize_then_sum_raw"] = Field(
         "sum_then_normalize",
         description="How several weighted rewards form one advantage (TRL: multi_objective_aggregation, default "
-        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`. `normalize_then_sum` "
+        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`; a sample missing one "
+        "reward's score (None, skip_sample) gets that reward's group mean in its sum, neutral as in the normalize "
+        "modes (a deliberate difference from TRL, whose nansum counts it as 0, i.e. a low score). `normalize_then_sum` "
         "(TRL's, GDPO): each reward normalised in its group (unbiased group std + 1e-4, whatever `scale`), weighted "
         "sum, then standardised over the batch (mean, unbiased std + 1e-4). `normalize_then_sum_raw`: each reward "
         "normalised with `scale`, weighted sum, no batch standardisation (the behaviour before TRL parity). "
@@ -624,8 +657,23 @@ class JudgeConfig(_Section):
 class RewardsConfig(_Section):
     functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights. Built in: `clip` (UAE's reconstruction reward) and `judge` (the judged caption reward configured in `judge`).")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The `judge` reward's judge and reference elements.")
-    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A plugin that raises or returns bad values: `fail` stops the run naming it; `skip_sample` drops the bad scores.")
+    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A reward function that raises, returns bad values, calls sys.exit or overruns `timeout_s`: `fail` stops the run naming it and the step (exit 1); `skip_sample` drops the bad scores (None: left out of the advantages in every `grpo.reward_combine` mode, never counted as 0) and logs a warning.")
     need_renders: bool | None = Field(None, description="Render every caption with the frozen decoder in the encoder stage (kwargs `renders`). None: only when `clip` is among the functions; plugins that read `renders` need true.")
+    timeout_s: float = Field(
+        600.0, gt=0,
+        description="Seconds one reward function (clip or a plugin) may take on one step's batch, in the reward actor. "
+        "A slower call fails naming the function and the step, then `on_error` applies (`fail`: the run stops, exit 1; "
+        "`skip_sample`: its scores become None; a call still running from an earlier step fails at once, so at "
+        "most one is ever left behind). The driver itself waits at most (number of functions x timeout_s + 60 s) "
+        "for a reward actor's batch, then stops naming the actor and step. Default 600 s: minutes for a remote "
+        "judge (rewards.judge.HTTPJudge bounds each attempt to 60 s and retries); the CLIP reward takes seconds.",
+    )
+    import_timeout_s: float = Field(
+        120.0, gt=0,
+        description="Seconds the recipe check may spend importing one reward plugin (a `path.py:function`, a "
+        "`module:function` or an entry point) before anything starts: a plugin still importing after it is refused "
+        "with exit 2 naming it. A plugin that exits (sys.exit) at import is refused the same way.",
+    )
 
     def renders_needed(self) -> bool:
         return self.need_renders if self.need_renders is not None else any(f.name == "clip" for f in self.functions)
@@ -659,6 +707,12 @@ class RayConfig(_Section):
 
     address: str = Field("local", description="`local`: start a Ray on 127.0.0.1 in this process (under `ray job submit`, join that job's cluster instead). `auto`: join the running cluster. Or a `ray://` / `host:port` address.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray (None: all).")
+    connect_timeout_s: float = Field(
+        25.0, gt=0, le=600,
+        description="Seconds to reach the cluster at a `host:port` or `ray://` address: first a TCP connection to "
+        "it, then ray.init, each bounded by this; an address that does not answer ends the run with exit 2 naming "
+        "`ray.address` (Ray itself would keep retrying). Default 25 s: both steps within a minute.",
+    )
 
 
 class ResourcesConfig(_Section):
@@ -672,6 +726,12 @@ class ResourcesConfig(_Section):
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per rollout and learner actor (0 on CPU); reward actors take half.")
     placement: Literal["PACK", "SPREAD", "none"] = Field("PACK", description="Ray placement group strategy for all actors: `PACK` on as few nodes as possible, `SPREAD` across nodes, `none` (no placement group).")
     max_restarts: int = Field(3, ge=0, description="Rollout and reward actors that die are restarted this many times; the step that lost one is retried with the last synced weights. A dead learner ends the run with the last checkpoint intact.")
+    start_timeout_s: float = Field(
+        1800.0, gt=0,
+        description="Seconds every actor (learner ranks, rollout and reward actors) has to start, i.e. to be placed "
+        "and build its models; one still starting after it ends the run naming it (exit 1). Default 1800 s: loading "
+        "SD3.5-large and Qwen2.5-VL from a network disk takes minutes.",
+    )
     async_rollouts: Literal[0, 1] = Field(0, description="1: rollouts (and rewards) of step t+1 are generated with the weights of step t while the learner trains step t (staleness at most one version, corrected by the importance ratio). 0: strictly on-policy.")
 
 
@@ -684,7 +744,7 @@ class LearnerConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field("runs/unified-grpo", description="Output directory (metrics.jsonl, tensorboard/, checkpoints/, plots).")
+    dir: str = Field("runs/unified-grpo", min_length=1, description="Output directory (metrics.jsonl, tensorboard/, checkpoints/, plots).")
     tensorboard: bool = Field(True, description="Write a TensorBoard log under `tensorboard/`.")
     progress: bool = Field(True, description="Show a progress bar on the console.")
     plot: bool = Field(True, description="Write `reward.png` (reward and caption length against step).")
@@ -768,7 +828,7 @@ class EvalConfig(_Section):
     """Unified-Bench (UAE sec. 3): caption, regenerate, compare (`python -m rl.eval unified-bench`)."""
 
     n: int = Field(64, gt=0, description="Held-out images scored by rl.eval.")
-    seed: int = Field(0, description="Seed of the generated held-out images.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the generated held-out images, 0 .. 2^32 - 1.")
     backbones: dict[str, str] = Field(default_factory=dict, description="Extra similarity backbones, name -> open_clip model name, `timm:<name>`, or a .safetensors of a tiny CLIP. The reward's CLIP is always scored (`clip`), and with pretraining the second shapes CLIP (`clip_b`). The unified score is their mean.")
     grid_images: int = Field(4, ge=0, description="Held-out images in the run's source | caption | reconstruction grids (grid_start.png, grid_end.png). 0: no grids.")
 
@@ -791,7 +851,8 @@ class WarmupConfig(_Section):
 class Recipe(_Section):
     """A whole Unified-GRPO run."""
 
-    seed: int = Field(0, description="Global seed (data order, rollouts, init).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Global seed (data order, rollouts, init), 0 .. 2^32 - 1 "
+                      "(numpy's range).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available.")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -880,13 +941,41 @@ class Recipe(_Section):
 # loading
 # ----------------------------------------------------------------------------------------------
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b][c] = value for "a.b.c"; a number indexes a list (rewards.functions.0.weight)."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        if not isinstance(node.get(k, {}), dict):
-            raise RecipeError(f"--set {dotted}: `{k}` is not a section")
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
+    if not all(k.strip() for k in keys):
+        raise RecipeError(f"--set {dotted!r}: empty field name; expected key.path=value, e.g. rollout.group_size=4")
+    node: Any = tree
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"--set {dotted}: `{'.'.join(keys[:i])}` is a list of {len(node)}; "
+                                  f"`{k}` is not an index into it (0 .. {len(node) - 1})")
+            k = int(k)
+            if last:
+                node[k] = value
+            else:
+                node = node[k]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: `{'.'.join(keys[:i])}` is not a section")
+        if last:
+            node[k] = value
+        else:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+
+
+def _safe_load(text: str, what: str) -> Any:
+    """yaml.safe_load with every way it can fail as a RecipeError naming `what`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{what} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{what} is nested too deeply to be a recipe") from None
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -896,7 +985,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        out.append((key.strip(), _safe_load(raw, f"--set {item!r}: the value")))
     return out
 
 
@@ -919,12 +1008,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: 
                 max_steps: int | None = None, check_files: bool = True) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError naming the field at fault."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    tree = _safe_load(_read_recipe_text(path), f"recipe {path}")
+    if tree is None:
+        raise RecipeError(f"recipe {path}: the recipe is empty (only comments or whitespace); start from "
+                          "recipes/tiny.yaml")
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
     for key, value in parse_overrides(list(overrides)):
@@ -940,6 +1027,83 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: 
     if check_files:
         check_recipe_files(recipe, base_dir=path.parent)
     return recipe
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file as text: a readable file of UTF-8 YAML (a BOM is fine), below 1 MiB."""
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is {path.stat().st_size} bytes: a recipe is a short YAML file "
+                              f"(at most {MAX_RECIPE_BYTES} bytes)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"recipe {path} cannot be read: {e.strerror or e}") from None
+    bad = data.find(b"\x00")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = e.start if bad < 0 else min(bad, e.start)
+    if bad >= 0:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {bad} is {data[bad:bad + 1]!r}: a binary file, "
+                          "or UTF-16?); save it as UTF-8 YAML")
+    return text
+
+
+def _check_output_dir(out: str) -> None:
+    """output.dir is, or can become, a folder: not a file, nor under one. (Whether it is writable
+    is tried by the driver, which creates it, before Ray starts.)"""
+    path = Path(out)
+    if not out.strip():
+        raise RecipeError("invalid recipe: output.dir is empty: name a folder, e.g. --output-dir runs/try1")
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is under {p}, which is a file"
+                raise RecipeError(f"invalid recipe: output.dir: {out} {what}, not a folder: pass --output-dir with "
+                                  "a folder")
+            return
+
+
+def _check_plugins(recipe: Recipe, base_dir: Path | None) -> None:
+    """Import every reward plugin once (`rewards.api.validate_specs`; a relative plugin file against
+    `base_dir`, the recipe's folder, as the reward workers do), each under
+    `rewards.import_timeout_s`. The import runs in a daemon thread: a plugin stuck at import is left
+    there, and the process exits 2 naming it (Python cannot stop a thread; a daemon one does not hold
+    the exit back)."""
+    import threading
+
+    from rewards.api import RewardSpecError, validate_specs
+
+    timeout = recipe.rewards.import_timeout_s
+    for index, spec in enumerate(recipe.rewards.functions):
+        if spec.name in ("clip", "judge"):
+            continue
+        where = f"invalid recipe: rewards.functions.{index}.name"
+        outcome: dict[str, BaseException] = {}
+
+        def load(name=spec.name):
+            try:
+                validate_specs([name], base_dir=base_dir)
+            except BaseException as e:  # noqa: BLE001 - reported below, SystemExit included
+                outcome["error"] = e
+
+        thread = threading.Thread(target=load, daemon=True, name=f"import {spec.name}")
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RecipeError(f"{where}: reward plugin {spec.name!r} was still importing after "
+                              f"rewards.import_timeout_s = {timeout:g} s (does it sleep, wait on the network or "
+                              "load a model at import?): make its import fast, or raise the limit")
+        error = outcome.get("error")
+        if isinstance(error, RewardSpecError):
+            raise RecipeError(f"{where}: {error}") from None
+        if isinstance(error, SystemExit):
+            raise RecipeError(f"{where}: reward plugin {spec.name!r} called sys.exit({error.code!r}) at import") from None
+        if error is not None:
+            raise RecipeError(f"{where}: reward plugin {spec.name!r} failed to load: "
+                              f"{type(error).__name__}: {error}") from None
 
 
 def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
@@ -960,15 +1124,8 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
             check_source(recipe.data.source, recipe.data.image_column)
         except DataError as e:
             raise RecipeError(f"invalid recipe: data.source: {e}") from None
-    from rewards.api import RewardSpecError, validate_specs
-
-    specs = [r.name for r in recipe.rewards.functions if r.name not in ("clip", "judge")]
-    try:
-        validate_specs(specs, base_dir=base_dir)  # relative plugin files: against the recipe's folder, as the workers
-    except RewardSpecError as e:
-        index = next((i for i, r in enumerate(recipe.rewards.functions) if r.name in str(e)), None)
-        where = f"rewards.functions.{index}.name" if index is not None else "rewards.functions"
-        raise RecipeError(f"invalid recipe: {where}: {e}") from None
+    _check_output_dir(recipe.output.dir)
+    _check_plugins(recipe, base_dir)
     if recipe.output.wandb_project is not None:
         import importlib.util
 

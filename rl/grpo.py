@@ -134,6 +134,29 @@ def group_advantages(
     return Advantages(adv.reshape(-1), valid.reshape(-1), frac)
 
 
+def fill_missing(rewards: Tensor, group_size: int) -> Tensor:
+    """(K, N) rewards, NaN = missing -> the same, each missing R_ki of a sample that has some other
+    score replaced by the mean of reward k over its group's present scores (over the batch's when
+    the group has none; 0 when the batch has none: a constant, so no group-relative signal). A
+    sample with no score at all stays NaN in every row.
+
+    Filling with the group mean makes a dropped score neutral: the sample's centred reward k is 0,
+    as `normalize_then_sum` gives it, neither a reward nor a penalty (issue 19)."""
+    r = to_reward_tensor(rewards)
+    k, n = r.shape
+    present = torch.isfinite(r)
+    g = r.view(k, -1, group_size)  # (K, groups, G)
+    p = present.view(k, -1, group_size)
+    count = p.sum(dim=2, keepdim=True)  # (K, groups, 1)
+    group_mean = torch.where(p, g, torch.zeros_like(g)).sum(dim=2, keepdim=True) / count.clamp(min=1)
+    batch_count = present.sum(dim=1)  # (K,)
+    batch_mean = torch.where(present, r, torch.zeros_like(r)).sum(dim=1) / batch_count.clamp(min=1)  # (K,)
+    fill = torch.where(count > 0, group_mean, batch_mean.view(k, 1, 1))  # (K, groups, 1); 0 if none at all
+    filled = torch.where(p, g, fill.expand_as(g)).reshape(k, n)
+    scored = present.any(dim=0, keepdim=True)  # (1, N)
+    return torch.where(scored, filled, torch.full_like(filled, float("nan")))
+
+
 def combine_rewards(
     rewards: Tensor,
     weights: Sequence[float],
@@ -145,8 +168,12 @@ def combine_rewards(
 ) -> Advantages:
     """Advantages from K weighted reward functions. rewards: (K, N), NaN = missing.
 
-    "sum_then_normalize": R_i = sum_k w_k R_ki over the rewards present for sample i (a missing
-        term is skipped, i.e. counts 0; NaN if all K are missing), then `group_advantages`.
+    "sum_then_normalize": R_i = sum_k w_k R_ki, then `group_advantages`. A missing R_ki of a
+        sample with other scores is replaced by reward k's mean over the present scores of its group
+        (`fill_missing`): neutral on that reward's axis, as in the modes below, never 0 or a low score.
+        A sample with no score at all is NaN (advantage 0, valid False). TRL's nansum counts a
+        missing term as 0 instead (a sample whose plugin score was dropped would look worse than its
+        group mates); this is the one deliberate difference from TRL here.
     "normalize_then_sum" (TRL 1.16 `multi_objective_aggregation="normalize_then_sum"`, GDPO):
         S_i = sum_k w_k (R_ki - mean_g(R_k)) / (std_g(R_k) + eps), each reward normalised in its
         group with the unbiased group std whatever `scale` says (TRL ignores scale_rewards here),
@@ -167,8 +194,7 @@ def combine_rewards(
     present = torch.isfinite(r)
 
     if mode == "sum_then_normalize":
-        total = torch.where(present, w * r, torch.zeros_like(r)).sum(dim=0)  # (N,)
-        total = torch.where(present.any(dim=0), total, torch.full_like(total, float("nan")))
+        total = (w * fill_missing(r, group_size)).sum(dim=0)  # (N,), NaN where no score at all
         return group_advantages(total, group_size, scale=scale, eps=eps, clip=clip)
     if mode not in ("normalize_then_sum", "normalize_then_sum_raw"):
         raise ValueError(f"mode={mode!r}: use 'sum_then_normalize', 'normalize_then_sum' or "

@@ -209,8 +209,15 @@ def test_advantages_match_trl(mode):
     r = torch.tensor([[0.2, 1.0, 0.5, 0.3, 0.3, 0.3, 0.9, nan, 0.1],
                       [2.0, 0.0, 1.0, 1.0, 3.0, 2.0, 0.5, nan, nan]])
     weights = [1.0, 0.5]
+    if mode == "sum_then_normalize":
+        # the one deliberate difference: TRL's nansum counts row 8's missing reward 1 as 0, ours
+        # fills in reward 1's group mean (issue 19, item 5); TRL's code sees the filled-in matrix
+        r_trl = grpo.fill_missing(r, 3)
+        assert r_trl[1, 8] == pytest.approx(0.5) and torch.isnan(r_trl[:, 7]).all()
+    else:
+        r_trl = r  # a missing normalised term is 0, the group mean, in both
     ours = grpo.combine_rewards(r, weights, 3, mode=mode, scale="group", clip=None).advantages
-    ref = trl_advantages(r.T, weights, 3, mode)
+    ref = trl_advantages(r_trl.T, weights, 3, mode)
     torch.testing.assert_close(ours.to(D), ref, atol=1e-5, rtol=0)
     assert ours[7] == 0  # unscorable: advantage 0, as TRL's nan_to_num
 
