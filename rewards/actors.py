@@ -76,6 +76,31 @@ class TimedReward:
         return [None] * n
 
 
+def judge_details(fns: Sequence[Any]) -> dict[str, float]:
+    """What the judged caption rewards among `fns` saw in their latest call (ReaDe eq. 3-4 terms),
+    as flat metrics: judge_<name>_contra_frac (captions with a contradicted element, R_contra) and
+    judge_<name>_<group>_coverage (mean R_g of the user / detail / supplementary elements), over the
+    captions the judge scored. Read from `JudgedCaptionReward.last_components`: no second judging."""
+    from rewards.judge import GROUPS, JudgedCaptionReward
+
+    out: dict[str, float] = {}
+    for f in fns:
+        inner = f
+        while not isinstance(inner, JudgedCaptionReward) and hasattr(inner, "fn"):
+            inner = inner.fn  # TimedReward -> RewardFn -> the function
+        if not isinstance(inner, JudgedCaptionReward):
+            continue
+        scored = [c for c in inner.last_components if c is not None]
+        if not scored:
+            continue
+        out[f"judge_{f.name}_contra_frac"] = sum(c["contra"] for c in scored) / len(scored)
+        for g in GROUPS:
+            present = [c[g] for c in scored if c.get(g) is not None]
+            if present:
+                out[f"judge_{f.name}_{g}_coverage"] = sum(present) / len(present)
+    return out
+
+
 def trl_prompt(image: Any) -> list[dict]:
     """The caption request of one image as TRL passes a conversational multimodal prompt: the
     encoder's chat messages (`caption_messages`) with `image` filled in, through TRL's own
@@ -136,7 +161,8 @@ class RewardWorker:
         return [f.name for f in self.fns]
 
     def score(self, prompts: Sequence[Any], completions: Sequence[str], *, step: int, **kwargs: Any) -> RewardBatch:
-        return compute_rewards(self.fns, prompts, completions, step=step, on_error=self.recipe.rewards.on_error, **kwargs)
+        batch = compute_rewards(self.fns, prompts, completions, step=step, on_error=self.recipe.rewards.on_error, **kwargs)
+        return batch._replace(details=judge_details(self.fns))
 
     def score_rollout(self, stage: str, captions: Sequence[Any], renders: Sequence[Any] | None,
                       image_ids: Sequence[str], images: Sequence[Any], elements: Sequence[Any], step: int,

@@ -420,6 +420,9 @@ class RewardBatch(NamedTuple):
     matrix: torch.Tensor  # (K, N) float32; NaN marks a missing score and nothing else
     weights: list[float]  # (K,) one per reward, in the order of `matrix` rows
     means: dict[str, float | None]  # name -> mean over present scores; None if none present
+    # flat metrics some rewards explain themselves with (a judged reward: judge_<name>_contra_frac,
+    # judge_<name>_<group>_coverage; `RewardWorker.score`), {} for the others
+    details: dict[str, float] = {}
 
 
 def compute_rewards(

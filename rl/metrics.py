@@ -27,6 +27,8 @@ TAGS = {
 
 # reward_<name>_mean / reward_<name>_std (reward_stats) -> rewards/<name>/mean|std
 _PER_REWARD = re.compile(r"reward_(.+)_(mean|std)")
+# judge_<name>_contra_frac / judge_<name>_<group>_coverage (rewards.actors.judge_details) -> judge/<name>/...
+_JUDGE = re.compile(r"judge_(.+)_(contra_frac|user_coverage|detail_coverage|supplementary_coverage)")
 
 
 def tag(key: str) -> str | None:
@@ -35,6 +37,8 @@ def tag(key: str) -> str | None:
         return TAGS[key]
     if (m := _PER_REWARD.fullmatch(key)) is not None:
         return f"rewards/{m.group(1)}/{m.group(2)}"
+    if (m := _JUDGE.fullmatch(key)) is not None:
+        return f"judge/{m.group(1)}/{m.group(2)}"
     return None
 
 

@@ -849,6 +849,7 @@ def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]
         "captions": captions[:2],
     }
     row.update(reward_stats(batch.per_reward))  # reward_<name>_mean / _std (TRL: rewards/<name>/mean, /std)
+    row.update(batch.details)  # judged rewards: judge_<name>_contra_frac, judge_<name>_<group>_coverage
     return row
 
 

@@ -162,6 +162,24 @@ def test_captions_in_the_tiny_encoders_style():
     assert verdicts(soup)["the circle is green"] == "contradicted"
 
 
+def test_reward_worker_logs_the_judges_terms():
+    """The judge's eq. 3-4 terms reach the metrics (rewards.actors.judge_details) from the latest call,
+    through the wrappers the reward worker puts around every function (TimedReward -> RewardFn)."""
+    from rewards.actors import TimedReward, judge_details
+    from rewards.api import RewardFn, compute_rewards
+
+    fn = TimedReward(RewardFn(build_judge_reward("verifiable"), name="judge"), timeout_s=60)
+    captions = [[{"role": "assistant", "content": c}] for c in
+                ("a red circle and a blue square", "a green circle and a blue square")]
+    compute_rewards([fn], [None, None], captions, step=0, elements=[SCENE_A.elements] * 2)
+    d = judge_details([fn])
+    # contradicted: the first caption only (1 of 2); user coverage 1 and 1; detail 1/4 and 2/4
+    assert d["judge_judge_contra_frac"] == pytest.approx(0.5)
+    assert d["judge_judge_user_coverage"] == pytest.approx(1.0)
+    assert d["judge_judge_detail_coverage"] == pytest.approx(0.375)
+    assert judge_details([RewardFn(lambda prompts, completions, **kw: [0.0] * len(completions), name="x")]) == {}
+
+
 def test_parser_reads_every_cell_and_keeps_the_background_colour_off_the_shapes():
     for cell in CELLS:
         assert parse_statements(f"a circle at the {cell}").shapes["circle"].cells == {cell}
@@ -233,3 +251,4 @@ def test_train_with_the_verifiable_judge(tmp_path):
         # eq. 4's range with ReaDe's weights: [-lambda, alpha + rho + gamma]
         assert math.isfinite(r["reward_judge_mean"]) and -0.7 <= r["reward_judge_mean"] <= 2.8, r
         assert r["reward_mean"] == pytest.approx(r["reward_judge_mean"])
+        assert 0.0 <= r["judge_judge_contra_frac"] <= 1.0, r  # the contradiction term is logged
