@@ -7,8 +7,8 @@
 Builds Qwen2.5-VL-3B-Instruct, SD3.5-large (transformer + VAE) and CLIP ViT-L/14 with random weights
 from their configs in code (`models.*.random_init`, no Hub download), at full depth or `--depth N`,
 then runs the learner and a rollout worker over the same modules in this process (no Ray: a GPU
-machine may lack it), exactly as `resources.colocate: true` does: a cold-start step, an encoder
-GRPO step (caption groups, renders, CLIP reward, update) and a decoder GRPO step (SDE trajectories,
+machine may lack it), exactly as `resources.colocate: true` does: a decoder warm-up step, a
+cold-start step, an encoder GRPO step (caption groups, renders, CLIP reward, update) and a decoder GRPO step (SDE trajectories,
 CLIP reward, update), with the recipe's micro-batches, ZeRO stage (one rank), activation
 checkpointing and bf16. Prints per stage the seconds of the rollout and of the update and the peak
 of `torch.cuda.max_memory_allocated` (on CPU: the process's peak RSS, which only grows).
@@ -49,7 +49,9 @@ def recipe_for(args):
         f"models.decoder.image_size={args.image_size}",
         f"models.encoder.image_size={args.encoder_image_size or 'null'}",
         f"rollout.batch_size={args.batch_size}", f"rollout.group_size={args.group_size}",
-        f"rollout.caption.max_new_tokens={args.max_new_tokens}",
+        f"rollout.caption.max_new_tokens={args.max_new_tokens}", f"warmup.max_new_tokens={args.max_new_tokens}",
+        "data.source=null",  # the generated shapes world, upscaled (random_init models only; no download)
+        "schedule.warmup_steps=1",
         f"learner.bf16={str(cuda).lower()}", f"learner.zero_stage={args.zero_stage}",
         "resources.learner_workers=1", "resources.colocate=true", "ray.address=local",
         "schedule.cold_start_steps=1", "schedule.phases=[{stage: encoder, steps: 1}, {stage: decoder, steps: 1}]",
@@ -106,6 +108,13 @@ def run(args) -> list[dict]:
         scores = clip.similarity(sources, renders, [i for i in ids for _ in range(g)])
         return grpo.group_advantages(scores, g)
 
+    # stage 0: decoder warm-up (UAE sec. 2.2): the frozen encoder's long captions, then the flow-matching loss
+    with Meter(device) as ro:
+        long_captions = worker.warmup_captions(images, seed=0)
+    with Meter(device) as up:
+        stats = learner.train_warmup(images, long_captions, [image_seed(i) for i in ids])
+    rows.append({"stage": "warmup", "rollout_s": ro.seconds, "update_s": up.seconds,
+                 "peak_gib": max(ro.peak_gib, up.peak_gib), "loss": stats["loss"]})
     # stage 1: cold start
     with Meter(device) as ro:
         group = worker.cold_start_rollout(images, seed=0)

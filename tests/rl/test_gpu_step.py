@@ -16,7 +16,7 @@ def test_gpu_step_script_runs_each_stage_on_cpu_at_depth_one(tmp_path, capsys):
     rows = gpu_step.main(["--device", "cpu", "--depth", "1", "--image-size", "64", "--encoder-image-size", "56",
                           "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "8",
                           "--zero-stage", "2", "--json", str(tmp_path / "out.json")])
-    assert [r["stage"] for r in rows] == ["build", "cold_start", "encoder", "decoder"]
+    assert [r["stage"] for r in rows] == ["build", "warmup", "cold_start", "encoder", "decoder"]
     for r in rows[1:]:
         assert math.isfinite(r["loss"]) and r["update_s"] > 0 and r["peak_gib"] > 0, r
     out = capsys.readouterr().out
