@@ -6,7 +6,8 @@ and their gradients are never formed):
 - `train_cold_start` (stage 1, UAE eq. 3): 1 - cos(f_I(x), f_I(x_rec)) through encoder LoRA,
   connector and decoder LoRA, with gradient through the last K denoising steps only.
 - `train_encoder` (stage 2, UAE eq. 2): clipped GRPO on caption tokens, KL by estimator k1/k2/k3.
-- `train_decoder` (stage 3, UAE eq. 4): clipped GRPO on SDE steps, closed-form Gaussian KL.
+- `train_decoder` (stage 3, UAE eq. 4): the recipe's decoder objective (rl/objectives/: Flow-GRPO's
+  clipped GRPO on SDE steps with a closed-form Gaussian KL, or DiffusionNFT).
 
 The math is in `rl.grpo` and `rollouts.sde`; this file moves tensors and calls it. The reference
 policy is the adapter disabled. On CPU DeepSpeed runs over gloo; the same code runs on CUDA/NCCL.
