@@ -1,6 +1,6 @@
 """DiffusionNFT vs Flow-GRPO as the decoder objective, on recipes/decoder_only.yaml's shapes world.
 
-    python bench/nft_vs_flow_grpo.py --steps 40 --seeds 0 1 2 [--pretrained --cache DIR] [--out DIR]
+    python bench/nft_vs_flow_grpo.py --steps 40 --seeds 0 1 2 [--pretrained --cache DIR] [--eval] [--out DIR]
 
 Each (algorithm, seed) is one `python -m rl.train recipes/decoder_only.yaml` run in a subprocess,
 one after the other, with the same rollout budget (steps x batch_size x group_size samples) and
@@ -39,7 +39,7 @@ ALGOS = {
 }
 
 
-def run_one(algo: str, seed: int, steps: int, out: Path, extra: list[str], do_eval: bool) -> dict:
+def run_one(algo: str, seed: int, steps: int, out: Path, extra: list[str], do_eval: bool, eval_n: int | None) -> dict:
     run_dir = out / f"{algo}-seed{seed}"
     sets = [f"seed={seed}", "eval.grid_images=0", *ALGOS[algo], *extra]
     cmd = [sys.executable, "-m", "rl.train", str(RECIPE), "--output-dir", str(run_dir), "--max-steps", str(steps),
@@ -58,7 +58,7 @@ def run_one(algo: str, seed: int, steps: int, out: Path, extra: list[str], do_ev
         ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
         bench_json = run_dir / "unified_bench.json"
         cmd = [sys.executable, "-m", "rl.eval", "unified-bench", "--checkpoint", str(ckpt), "--split", "heldout",
-               "--out", str(bench_json)]
+               "--out", str(bench_json)] + (["--n", str(eval_n)] if eval_n else [])
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"eval of {algo} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -132,21 +132,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     p.add_argument("--out", default="runs/bench_nft")
-    p.add_argument("--pretrained", action="store_true", help="pretrained shapes-world models (pretrain.enabled)")
-    p.add_argument("--cache", help="pretrain.cache_dir (with --pretrained)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the pretrained shapes-world models of the recipe's seed (rl.pretrain; built if missing)")
+    p.add_argument("--cache", help="pretraining cache root (with --pretrained; default: rl.pretrain's)")
     p.add_argument("--eval", action="store_true", help="score each final decoder with rl.eval unified-bench")
+    p.add_argument("--eval-n", type=int, help="held-out images scored by --eval (default: the recipe's eval.n)")
     p.add_argument("--final-window", type=int, default=5, help="steps averaged into the final reward")
     p.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
     p.add_argument("--plot", default=str(ROOT / "bench" / "nft_vs_flow_grpo.png"))
     args = p.parse_args(argv)
     extra = list(args.set)
     if args.pretrained:
-        extra.append("pretrain.enabled=true")
-        if args.cache:
-            extra.append(f"pretrain.cache_dir={args.cache}")
+        # The pretrained parts of the recipe's own seed (their cache key holds the seed), built once
+        # if missing, then given as explicit paths: the bench's seeds vary the RL run only.
+        from rl.config import load_recipe
+        from rl.pretrain import pretrain
+
+        paths, _ = pretrain(load_recipe(RECIPE), args.cache)
+        extra += [f"models.encoder.path={paths.encoder}", f"models.decoder.path={paths.decoder}",
+                  f"models.connector.path={paths.connector}", f"models.clip.checkpoint={paths.clip}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [run_one(algo, seed, args.steps, out, extra, args.eval) for seed in args.seeds for algo in args.algos]
+    results = []
+    for seed in args.seeds:
+        for algo in args.algos:
+            results.append(run_one(algo, seed, args.steps, out, extra, args.eval, args.eval_n))
+            with open(out / "runs.jsonl", "a") as f:  # as they finish, so a cut-short bench keeps them
+                f.write(json.dumps(results[-1]) + "\n")
     summary = summarize(results, args.final_window)
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary}, indent=1))
     for algo in args.algos:

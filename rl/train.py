@@ -128,7 +128,10 @@ class Trainer:
         env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
         if address == "local":
-            ray.init(num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+            # address="local": always a new cluster of our own. Without it ray.init() joins any cluster
+            # another process on the machine started (/tmp/ray/ray_current_cluster), and then refuses
+            # num_cpus ("When connecting to an existing cluster, num_cpus ... must not be provided").
+            ray.init(address="local", num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
         else:
             # Under `ray job submit` the job's runtime_env (working_dir, env_vars) already applies;
