@@ -93,6 +93,16 @@ def summarize(results: list[dict], final_window: int) -> dict:
         if all("eval_sim_clip" in r for r in runs):
             out[algo]["eval_sim_clip"] = mean_std([r["eval_sim_clip"] for r in runs])
     if "flow_grpo" in out and "nft" in out:
+        # paired by seed: a seed fixes the data order, so both algorithms see the same images per step
+        # and the per-step reward's image-to-image spread cancels in the difference
+        by_seed = {(r["algo"], r["seed"]): r for r in results}
+        seeds = sorted({r["seed"] for r in results if ("nft", r["seed"]) in by_seed and ("flow_grpo", r["seed"]) in by_seed})
+        final = lambda r: statistics.fmean(r["reward"][-final_window:])  # noqa: E731
+        out["paired_final_diff_nft_minus_flow_grpo"] = mean_std(
+            [final(by_seed[("nft", s)]) - final(by_seed[("flow_grpo", s)]) for s in seeds])
+        if all("eval_sim_clip" in by_seed[(a, s)] for a in ALGOS for s in seeds):
+            out["paired_eval_diff_nft_minus_flow_grpo"] = mean_std(
+                [by_seed[("nft", s)]["eval_sim_clip"] - by_seed[("flow_grpo", s)]["eval_sim_clip"] for s in seeds])
         target = out["flow_grpo"]["final_reward"][0]
         # smoothed over the same window as the final reward, so one lucky step does not count
         nft = out["nft"]
@@ -139,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-n", type=int, help="held-out images scored by --eval (default: the recipe's eval.n)")
     p.add_argument("--final-window", type=int, default=5, help="steps averaged into the final reward")
     p.add_argument("--set", action="append", default=[], help="extra recipe overrides for every run")
+    p.add_argument("--from-runs", help="a runs.jsonl written by an earlier bench: summarise it, run nothing")
     p.add_argument("--plot", default=str(ROOT / "bench" / "nft_vs_flow_grpo.png"))
     args = p.parse_args(argv)
     extra = list(args.set)
@@ -154,14 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for seed in args.seeds:
+    if args.from_runs:  # summarise runs written earlier, run nothing
+        results = [json.loads(line) for line in Path(args.from_runs).read_text().splitlines()]
+    for seed in [] if args.from_runs else args.seeds:
         for algo in args.algos:
             results.append(run_one(algo, seed, args.steps, out, extra, args.eval, args.eval_n))
             with open(out / "runs.jsonl", "a") as f:  # as they finish, so a cut-short bench keeps them
                 f.write(json.dumps(results[-1]) + "\n")
     summary = summarize(results, args.final_window)
     (out / "summary.json").write_text(json.dumps({"args": vars(args), "runs": results, "summary": summary}, indent=1))
-    for algo in args.algos:
+    for algo in [a for a in ALGOS if a in summary]:
         s = summary[algo]
         line = (f"{algo:9s} first {s['first_reward'][0]:.4f}  final {s['final_reward'][0]:.4f} +- "
                 f"{s['final_reward'][1]:.4f}  s/step {s['s_per_step'][0]:.2f} +- {s['s_per_step'][1]:.2f}  "
@@ -169,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         if "eval_sim_clip" in s:
             line += f"  eval sim/clip {s['eval_sim_clip'][0]:.4f} +- {s['eval_sim_clip'][1]:.4f}"
         print(line)
+    for key in ("paired_final_diff_nft_minus_flow_grpo", "paired_eval_diff_nft_minus_flow_grpo"):
+        if key in summary:
+            print(f"{key}: {summary[key][0]:+.4f} +- {summary[key][1]:.4f}")
     print("nft reaches flow_grpo's final reward:", json.dumps(summary.get("nft_reaches_flow_grpo_final")))
     plot(summary, Path(args.plot))
     return 0
