@@ -240,8 +240,7 @@ def test_unknown_algorithm_is_refused_naming_the_field():
 # ----------------------------------------------------------------------------------------------
 # the real path
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.slow  # ~40 s on 2 idle cores (Ray start-up; a step is < 1 s), 3 min on a loaded machine
-def test_decoder_only_recipe_trains_with_nft(tmp_path):
+def test_decoder_only_recipe_trains_with_nft(tmp_path):  # ~40 s (Ray start-up; a step is < 1 s)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "rl.train", str(ROOT / "recipes" / "decoder_only.yaml"), "--output-dir", str(out),
            "--max-steps", "2", "--set", "grpo.decoder.algorithm=nft",
@@ -255,3 +254,21 @@ def test_decoder_only_recipe_trains_with_nft(tmp_path):
     assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert rows[-1]["version"] == 2
     assert "done:" in proc.stdout
+
+
+@pytest.mark.slow  # ~50 s: Ray start-up, then cold start, encoder and two NFT decoder steps
+def test_unified_tiny_recipe_trains_with_nft(tmp_path):
+    """All three stages with the NFT decoder objective: the old policy starts from the decoder LoRA
+    that the cold start moved."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rl.train", str(ROOT / "recipes" / "tiny.yaml"), "--output-dir", str(out),
+           "--set", "pretrain.enabled=false", "--set", "schedule.cold_start_steps=1", "--set", "schedule.cycles=1",
+           "--set", "schedule.phases=[{stage: encoder, steps: 1}, {stage: decoder, steps: 2}]",
+           "--set", "rollout.batch_size=2", "--set", "rollout.group_size=2", "--set", "eval.grid_images=0",
+           "--set", "grpo.decoder.algorithm=nft", "--set", "rollout.trajectory.sde_window=null"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["cold_start", "encoder", "decoder", "decoder"]
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in rows[2:])
