@@ -534,8 +534,64 @@ class EncoderOptim(PolicyOptim):
         return self.beta > 0 and self.use_bias_correction_kl is not False
 
 
+class NFTConfig(_Section):
+    """DiffusionNFT's objective (Zheng et al. 2025, arXiv 2509.16117; rl/objectives/nft.py), used with
+    `grpo.decoder.algorithm: nft`. Defaults are NVlabs/DiffusionNFT's SD3 settings; each field cites
+    the line (config/base.py, config/nft.py, scripts/train_nft_sd3.py at commit 24af555)."""
+
+    beta: float = Field(
+        1.0, gt=0,
+        description="The implicit policies' step beta: v+ = (1 - beta) v_old + beta v_theta, v- = (1 + beta) v_old - "
+        "beta v_theta, and the policy loss is divided by beta (train_nft_sd3.py L934-L959). Default 1.0: config/nft.py "
+        "L61 `config.beta = 1.0` (their OCR and multi-reward configs: 0.1, L77 / L137).")
+    kl_beta: float = Field(
+        1e-4, ge=0,
+        description="Weight of the penalty mean((v_theta - v_ref)^2) to the adapter-disabled decoder "
+        "(train_nft_sd3.py L966-L970). Default 1e-4: config/nft.py L24 `config.train.beta = 0.0001`. 0: no "
+        "reference pass.")
+    adv_clip_max: float = Field(
+        5.0, gt=0,
+        description="Advantages are clipped to +-this, mapped to r = clamp(A / adv_clip_max / 2 + 0.5, 0, 1), and the "
+        "policy loss is multiplied by it (train_nft_sd3.py L910-L960). Default 5: config/base.py L84 "
+        "`train.adv_clip_max = 5`. It applies after `grpo.adv_clip`.")
+    timestep_fraction: float = Field(
+        0.99, gt=0, le=1,
+        description="Each sample is trained at K = max(1, int(timestep_fraction x num_steps)) distinct levels drawn "
+        "without replacement from the rollout schedule's num_steps sigmas (a random permutation per sample, its first "
+        "K; train_nft_sd3.py L569 and L810-L816). Default 0.99 (9 of 10): config/base.py L87.")
+    old_decay_flat: int = Field(
+        0, ge=0,
+        description="Old-policy EMA: old <- d old + (1 - d) theta after every decoder update, d = 0 for the first "
+        "`old_decay_flat` updates, then min((t - flat) x old_decay_rate, old_decay_max) at update t "
+        "(train_nft_sd3.py `return_decay`, L169-L189, applied at L1034-L1039). Default: their decay_type 1 "
+        "(config/nft.py L60): flat 0, rate 0.001, max 0.5 (decay_type 2, their OCR config: 75, 0.0075, 0.999).")
+    old_decay_rate: float = Field(0.001, ge=0, description="See `old_decay_flat` (decay_type 1: 0.001, train_nft_sd3.py L176).")
+    old_decay_max: float = Field(0.5, ge=0, lt=1, description="See `old_decay_flat` (decay_type 1: 0.5, train_nft_sd3.py L177).")
+    rollout: Literal["ode", "sde"] = Field(
+        "ode",
+        description="How the decoder stage samples for NFT. `ode` (default): deterministic Euler ODE samples, each row "
+        "from its own initial noise, no log-probs kept (DiffusionNFT config/nft.py L65 `sample.deterministic = True`; "
+        "they integrate with a 2nd-order DPM solver, L66, we with Euler). `sde`: the recipe's Flow-GRPO rollouts "
+        "(`rollout.trajectory`: shared noise per group, SDE steps); NFT reads their clean final latents only. With "
+        "`ode` the trajectory-only options (sde_window, window_range, timestep_fraction, step_selection, "
+        "cps_logprob flow_grpo) are refused; cfg_detach_uncond is refused with nft either way.")
+
+
 class DecoderOptim(PolicyOptim):
     """The decoder policy's optimisation, plus the EMA that only the decoder side has."""
+
+    algorithm: Literal["flow_grpo", "nft"] = Field(
+        "flow_grpo",
+        description="The decoder objective (rl/objectives/). `flow_grpo` (default): clipped GRPO on the log-probs of "
+        "SDE trajectories, KL in closed form (Flow-GRPO; UAE eq. 4); uses beta, epsilon, epsilon_high, kl_scale, "
+        "drop_zero_advantage. `nft`: DiffusionNFT (Zheng et al. 2025): a flow-matching loss on forward-noised clean "
+        "rollout samples, contrasting the implicit positive and negative policies around an EMA old policy "
+        "(`grpo.decoder.nft`); no log-probs, any sampler; those five fields are then unused. Deliberate "
+        "differences from NVlabs/DiffusionNFT: the rollouts sample with the current weights (they sample with the "
+        "old policy, train_nft_sd3.py L640; with their decay_type 1, d = 0.001 t, the old policy is within a "
+        "fraction d of the last update of the current one, so the two differ little early on), and the conditional velocity is trained without "
+        "guidance (they sample and train CFG-free too, config/nft.py L64).")
+    nft: NFTConfig = Field(default_factory=NFTConfig, description="DiffusionNFT's settings (algorithm `nft` only).")
 
     kl_scale: Literal["transition", "flow_grpo"] = Field(
         "transition",
@@ -549,7 +605,8 @@ class DecoderOptim(PolicyOptim):
     advantage_scale: Literal["group", "batch", "batch_population", "none"] | None = Field(
         None,
         description="Advantage scaling of the decoder stage (rl/grpo.py), overriding `grpo.scale` there; None: "
-        "`grpo.scale`. `batch_population`: group mean, population std (divide by n) of every reward in the batch "
+        "`grpo.scale` with algorithm flow_grpo, `batch_population` with nft (DiffusionNFT config/base.py L57 "
+        "`sample.global_std = True`). `batch_population`: group mean, population std (divide by n) of every reward in the batch "
         "+ 1e-4, Flow-GRPO's SD3 configs (sample.global_std: np.std of the gathered batch). `batch`: unbiased "
         "batch std. unified_grpo.yaml: batch_population.",
     )
@@ -560,6 +617,14 @@ class DecoderOptim(PolicyOptim):
         "batch; it pads back random ones to keep batches divisible, we do not). False (default): rows of zero-"
         "variance groups (valid False) weigh 0 but still count in the row mean. unified_grpo.yaml: true.",
     )
+    @model_validator(mode="after")
+    def _nft_advantage_scale(self) -> "DecoderOptim":
+        # DiffusionNFT normalises by the batch's population std (config/base.py L57 global_std); set
+        # here rather than at read time so that the saved recipe says what ran.
+        if self.algorithm == "nft" and self.advantage_scale is None:
+            object.__setattr__(self, "advantage_scale", "batch_population")
+        return self
+
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an exponential moving average of the decoder LoRA weights for evaluation and export (`Learner.ema_state()`), updated after every decoder optimiser step with decay min(ema_decay, (1 + t) / (10 + t)) at update t (Flow-GRPO: 0.9). None: off (default). Training and rollouts always use the raw weights.")
 
 
@@ -877,6 +942,27 @@ class Recipe(_Section):
             raise ValueError(f"rollout.trajectory.sde_window ({t.sde_window}) is larger than num_steps ({t.num_steps})")
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
+        d = self.grpo.decoder
+        if d.algorithm == "nft":
+            if self.learner.zero_stage == 3:
+                raise ValueError("grpo.decoder.algorithm nft swaps the old-policy LoRA into the decoder in place, which "
+                                 "ZeRO-3's partitioned parameters do not allow: set learner.zero_stage to 0, 1 or 2")
+            if t.cfg_detach_uncond:
+                raise ValueError("rollout.trajectory.cfg_detach_uncond true detaches the unconditional half of guided "
+                                 "training, but grpo.decoder.algorithm nft trains the conditional velocity alone: set "
+                                 "cfg_detach_uncond to false")
+            if d.nft.rollout == "ode":
+                trajectory_only = {"sde_window": t.sde_window, "window_range": t.window_range,
+                                   "timestep_fraction": t.timestep_fraction, "step_selection": t.step_selection}
+                trajectory_only = {k: v for k, v in trajectory_only.items() if v is not None}
+                if t.cps_logprob != "gaussian":
+                    trajectory_only["cps_logprob"] = t.cps_logprob
+                if trajectory_only:
+                    given = ", ".join(f"rollout.trajectory.{k}={v!r}" for k, v in trajectory_only.items())
+                    raise ValueError(
+                        f"grpo.decoder.nft.rollout ode samples plain ODE trajectories, but {given} configure SDE "
+                        "trajectory training: set them to null (cps_logprob: gaussian), or grpo.decoder.nft.rollout: "
+                        "sde to train NFT on the recipe's SDE rollouts")
         c = self.rollout.caption
         if c.backend != "hf" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
             raise ValueError("rollout.caption.top_k / min_p / repetition_penalty are applied by the hf backend only: "

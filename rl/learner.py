@@ -6,7 +6,8 @@ and their gradients are never formed):
 - `train_cold_start` (stage 1, UAE eq. 3): 1 - cos(f_I(x), f_I(x_rec)) through encoder LoRA,
   connector and decoder LoRA, with gradient through the last K denoising steps only.
 - `train_encoder` (stage 2, UAE eq. 2): clipped GRPO on caption tokens, KL by estimator k1/k2/k3.
-- `train_decoder` (stage 3, UAE eq. 4): clipped GRPO on SDE steps, closed-form Gaussian KL.
+- `train_decoder` (stage 3, UAE eq. 4): the recipe's decoder objective (rl/objectives/: Flow-GRPO's
+  clipped GRPO on SDE steps with a closed-form Gaussian KL, or DiffusionNFT).
 
 The math is in `rl.grpo` and `rollouts.sde`; this file moves tensors and calls it. The reference
 policy is the adapter disabled. On CPU DeepSpeed runs over gloo; the same code runs on CUDA/NCCL.
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from rl import grpo
 from rl.config import Recipe
 from rl.ema import EMA
+from rl.objectives import make_decoder_objective
 from rl.models.unified import Models, build_models, resolve_device
 from rollouts.captions import CaptionGroup, ImageFeatures, completion_logprobs, shard_group, vision_trainable
-from rollouts.sde import gaussian_kl_same_std, kl_std
-from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory, step_logprobs
+from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory
 
 GROUPS = ("encoder", "decoder", "connector")
 
@@ -202,6 +203,8 @@ class Learner:
         # EMA of the decoder LoRA for evaluation and export only (rl/ema.py); training never reads it.
         decay_ema = g.decoder.ema_decay
         self._ema = EMA(self._gathered(self._decoder_lora()), decay_ema) if decay_ema is not None else None
+        # The decoder stage's algorithm (grpo.decoder.algorithm): rl/objectives/.
+        self.decoder_objective = make_decoder_objective(recipe)
 
     # ------------------------------------------------------------------------------------------
     # plumbing
@@ -420,6 +423,7 @@ class Learner:
             "optimizer": optimizer,
             "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
             "ema": ema.state_dict() if ema is not None else None,
+            "decoder_objective": self.decoder_objective.state_dict(),
             "version": self.version,
             "stage": self._stage,
             "engine": {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples,
@@ -456,6 +460,7 @@ class Learner:
         ema = self._ema
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        self.decoder_objective.load_state_dict(state.get("decoder_objective"))
         self.version = int(state["version"])
         for key, value in state["engine"].items():
             setattr(self.engine, key, value)
@@ -578,64 +583,18 @@ class Learner:
     # stage 3: decoder GRPO (UAE eq. 4 over SDE steps)
     # ------------------------------------------------------------------------------------------
     def train_decoder(self, traj: Trajectory, advantages: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
-        """Flow-GRPO's loop: for every trained timestep, for every micro-batch of rows, forward that
-        step and backward its share of the loss; one optimizer step per batch. Memory holds one
-        step's graph for one micro-batch, whatever the number of steps and rows."""
+        """One decoder update with the recipe's objective (`grpo.decoder.algorithm`, rl/objectives/):
+        this rank's whole groups, then the objective's micro-batched forward/backward and optimizer
+        step(s). Memory is bounded by `learner.micro_batch_size` rows, whatever the objective."""
         if self.world_size > 1:
-            rows = grpo.shard_rows(traj.log_probs.shape[0], traj.group_size, self.rank, self.world_size)
+            rows = grpo.shard_rows(traj.cond.shape[0], traj.group_size, self.rank, self.world_size)
             traj, advantages, valid = shard_trajectory(traj, self.rank, self.world_size), advantages[rows], valid[rows]
         self._set_stage("decoder")
-        cfg, g = self.recipe.grpo.decoder, self.recipe.grpo
-        t = self.recipe.rollout.trajectory
-        a = t.noise_level
-        # Guided velocity in training only when asked: otherwise the conditional policy is trained
-        # (the rollout stored its log-probs under that policy too).
-        cfg_scale = t.cfg_scale if t.cfg_in_training else 1.0
-        decoder = self.models.decoder
-        n, s_count = traj.log_probs.shape
-        # mean over steps, then rows; Flow-GRPO drops zero-advantage rows from that mean (recipe option)
-        w, w_tok = (x.to(self.device) for x in grpo.trajectory_weights(advantages, valid, s_count,
-                                                                      cfg.drop_zero_advantage))
-        adv = advantages.to(self.device)
-        batches = self.micro_batches(n)
         stale = traj.version != self.version
-        old_logp = traj.log_probs.to(self.device) if stale else torch.zeros_like(w)
-        stats: dict[str, Any] = {}
-        with self._training():
-            for it in range(g.num_iterations):
-                acc = grpo.LossStats()
-                for s in range(s_count):
-                    for rows in batches:
-                        def loss_fn(rows=rows, s=s, it=it):
-                            kl = None
-                            if cfg.beta > 0:
-                                with torch.no_grad(), self.models.reference("decoder"):
-                                    _, mean_ref, _ = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale,
-                                                                   steps=[s], cps_logprob=t.cps_logprob)
-                            # Flow-GRPO lets the gradient through v_u as well; cfg_detach_uncond stops it.
-                            logp, mean, std = step_logprobs(decoder, traj, a, rows=rows, cfg_scale=cfg_scale, steps=[s],
-                                                            cfg_detach_uncond=t.cfg_detach_uncond,
-                                                            cps_logprob=t.cps_logprob)
-                            if it == 0 and not stale:
-                                old_logp[rows, s] = logp[:, 0].detach()
-                            if cfg.beta > 0:
-                                # ||mu_theta - mu_ref||^2 / (2 s^2), per step: equal-variance Gaussians, with s
-                                # the transition std or Flow-GRPO's (no sqrt(-dt)), recipe `kl_scale`.
-                                s_kl = kl_std("sde", std[:, 0], traj.sigmas[s].item(), traj.sigmas_next[s].item(),
-                                              cfg.kl_scale)
-                                kl = gaussian_kl_same_std(mean[:, 0], mean_ref[:, 0], s_kl).unsqueeze(1)
-                            return grpo.micro_batch_loss(logp, old_logp[rows, s:s + 1], adv[rows], w[rows, s:s + 1],
-                                                         w_tok[rows, s:s + 1], kl=kl, beta=cfg.beta,
-                                                         epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high), None
-
-                        out, _ = self._forward_backward(loss_fn)
-                        acc.add(out)
-                grad_norm = self._optimizer_step()
-                if it == 0:
-                    stats = dict(acc.summary(), grad_norm=grad_norm)
+        stats = self.decoder_objective.train(self, traj, advantages, valid)
         stats["version"] = self.version
         stats["stale_rollout"] = float(stale)
-        stats["rows"] = int(adv.shape[0])  # rollouts this rank trained on
+        stats["rows"] = int(advantages.shape[0])  # rollouts this rank trained on
         return stats
 
     # ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from PIL import Image
 
 from rl.config import Recipe
 from rl.models.unified import Models, build_models, resolve_device
+from rl.objectives import make_decoder_objective
 from rollouts.captions import CaptionGroup, generate_captions
 from rollouts.trajectories import Trajectory, Uncond, micro_batches, render, sample_trajectories
 
@@ -214,7 +215,8 @@ class RolloutWorker:
     @torch.no_grad()
     def decoder_rollout(self, images: Sequence[Image.Image], seed: int
                         ) -> tuple[Trajectory, list[str], list[Image.Image]]:
-        """Stage 3: one greedy caption per image from the frozen encoder, G SDE trajectories each."""
+        """Stage 3: one greedy caption per image from the frozen encoder, G SDE trajectories each (G
+        ODE samples from independent noise for DiffusionNFT, `grpo.decoder.nft.rollout: ode`)."""
         t = self.recipe.rollout.trajectory
         group = self.captions(images, 1, seed, greedy=True, score=False)
         cond, mask, pooled = self._condition(group.completion_ids, group.completion_mask)  # B rows
@@ -224,6 +226,7 @@ class RolloutWorker:
             timestep_fraction=t.timestep_fraction, step_selection=t.step_selection, version=self.version, uncond=self.uncond(),
             cfg_scale=t.cfg_scale, cfg_in_training=t.cfg_in_training,
             micro_batch_size=self.recipe.rollout.micro_batch_size,
+            **make_decoder_objective(self.recipe).rollout_options(),  # e.g. DiffusionNFT's ODE samples
         )
         # The renders go out as PIL images; the tensor copy would only travel along unread.
         return traj._replace(images=None), group.captions, to_pil(traj.images)

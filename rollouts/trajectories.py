@@ -65,6 +65,7 @@ class Trajectory(NamedTuple):
     group_size: int
     version: int
     uncond: Uncond | None = None  # the CFG unconditional condition the rollout used (None: no CFG)
+    clean_latents: torch.Tensor | None = None  # (N, C, h, w) final latents x_0 (DiffusionNFT's training data)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +308,8 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
                         timestep_fraction: float | None = None, sampler: str = "sde", version: int = 0,
                         uncond: Uncond | None = None, cfg_scale: float = 1.0,
                         cfg_in_training: bool = True, micro_batch_size: int | None = None,
-                        step_selection: str | None = None, cps_logprob: str = "gaussian") -> Trajectory:
+                        step_selection: str | None = None, cps_logprob: str = "gaussian",
+                        ode: bool = False) -> Trajectory:
     """G SDE trajectories per condition from one shared initial noise per group (Flow-GRPO).
 
     cond (B, L, D), cond_mask (B, L), pooled (B, P): one condition per source image; N = B * G
@@ -321,26 +323,41 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
     `micro_batch_size` rows at a time through the transformer and the VAE decode (None: all N);
     each micro-batch's results go to the CPU before the next one starts. Per-row noise makes the
     trajectory the same for every micro_batch_size, up to float round-off in batched matmuls.
+    `ode` (DiffusionNFT's rollouts, `grpo.decoder.nft.rollout: ode`): every step is a deterministic
+    ODE step and every row starts from its own noise (`ode_noise_seed(seed, r)`; a shared one would
+    give G equal samples); no step is recorded (S = 0), only the clean latents and images.
+    The final latents x_0 are kept in `clean_latents` either way.
     """
     b, g = cond.shape[0], group_size
     device = cond.device
-    steps = choose_steps(num_steps, random.Random(seed), window=sde_window, window_range=window_range,
-                         timestep_fraction=timestep_fraction, selection=step_selection)
-    sde = stochastic_steps(num_steps, steps, step_selection)
-    parts: list[tuple[torch.Tensor, ...]] = []  # (latents, next_latents, log_probs, images) per micro-batch, CPU
+    if ode:
+        steps, sde = [], []
+    else:
+        steps = choose_steps(num_steps, random.Random(seed), window=sde_window, window_range=window_range,
+                             timestep_fraction=timestep_fraction, selection=step_selection)
+        sde = stochastic_steps(num_steps, steps, step_selection)
+    parts: list[tuple[torch.Tensor, ...]] = []  # (latents, next_latents, log_probs, images, x_0) per micro-batch, CPU
     for rows in micro_batches(b * g, micro_batch_size):
         source = torch.arange(rows.start, rows.stop) // g  # (n,) condition of each row
-        # Same initial noise inside a group: the group's spread comes from the SDE steps alone.
-        noise = initial_noise(decoder, [seed * 1000 + int(i) for i in source], device)
+        if ode:
+            noise = initial_noise(decoder, [ode_noise_seed(seed, r) for r in range(rows.start, rows.stop)], device)
+        else:
+            # Same initial noise inside a group: the group's spread comes from the SDE steps alone.
+            noise = initial_noise(decoder, [seed * 1000 + int(i) for i in source], device)
         gens = [row_generator(seed, r, device) for r in range(rows.start, rows.stop)]
         src = source.to(device)
         x0, rec = denoise(decoder, noise, cond[src], cond_mask[src], pooled[src], num_steps,
                           noise_level=noise_level, sde_steps=sde, sampler=sampler, row_generators=gens,
                           uncond=uncond, cfg_scale=cfg_scale, cfg_in_training=cfg_in_training, record_steps=steps,
                           cps_logprob=cps_logprob)
-        parts.append((*(torch.stack([rec[j][k] for j in steps], dim=1).cpu() for k in range(3)),
-                      decoder.decode(x0).cpu()))
-    latents, next_latents, log_probs, images = (torch.cat(p) for p in zip(*parts))
+        n = rows.stop - rows.start
+        if steps:
+            recorded = tuple(torch.stack([rec[j][k] for j in steps], dim=1).cpu() for k in range(3))
+        else:  # nothing recorded: (n, 0, ...) placeholders
+            recorded = (x0.new_zeros(n, 0, *x0.shape[1:]).cpu(), x0.new_zeros(n, 0, *x0.shape[1:]).cpu(),
+                        torch.zeros(n, 0))
+        parts.append((*recorded, decoder.decode(x0).cpu(), x0.detach().cpu()))
+    latents, next_latents, log_probs, images, clean = (torch.cat(p) for p in zip(*parts))
     sigmas = shifted_sigmas(num_steps, decoder.shift)
     cond_n, mask_n, pooled_n = (t.cpu().repeat_interleave(g, 0) for t in (cond, cond_mask, pooled))
     return Trajectory(
@@ -351,7 +368,16 @@ def sample_trajectories(decoder: Decoder, cond: torch.Tensor, cond_mask: torch.T
         sigmas=sigmas[steps].clone(), sigmas_next=sigmas[[j + 1 for j in steps]].clone(),
         steps=torch.tensor(steps), images=images, group_size=g, version=version,
         uncond=None if uncond is None or cfg_scale == 1.0 else Uncond(*(t.cpu() for t in uncond)),
+        clean_latents=clean,  # (N, C, h, w)
     )
+
+
+def ode_noise_seed(seed: int, row: int) -> int:
+    """The initial-noise seed of row `row` of an ODE rollout seeded `seed` (`sample_trajectories(ode=
+    True)`): hashed from (seed, row, 1) by numpy's SeedSequence, so unrelated to the shared-noise seeds
+    `seed * 1000 + b` and to the SDE streams of `row_generator`."""
+    words = [seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF, row, 1]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint32)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -396,5 +422,5 @@ def shard_trajectory(traj: Trajectory, rank: int, world_size: int) -> Trajectory
     if world_size == 1:
         return traj
     rows = shard_rows(traj.log_probs.shape[0], traj.group_size, rank, world_size)
-    per_row = ("cond", "cond_mask", "pooled", "latents", "next_latents", "log_probs", "images")
+    per_row = ("cond", "cond_mask", "pooled", "latents", "next_latents", "log_probs", "images", "clean_latents")
     return traj._replace(**{name: getattr(traj, name)[rows] for name in per_row if getattr(traj, name) is not None})

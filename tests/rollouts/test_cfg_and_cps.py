@@ -178,7 +178,7 @@ def test_detached_guided_log_prob_gradient_on_the_tiny_decoder_lora(models):
 
 def test_learner_passes_cfg_detach_uncond(monkeypatch):
     """train_decoder scores the guided velocity with the recipe's cfg_detach_uncond (not the reference pass)."""
-    import rl.learner as learner_mod
+    import rl.objectives.flow_grpo as learner_mod  # the decoder loss lives in the flow_grpo objective
 
     calls = []
     real = learner_mod.step_logprobs
