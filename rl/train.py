@@ -149,26 +149,32 @@ class Trainer:
         kinds = ["learner"] * r.learner_workers + ["rollout"] * n_rollout + ["reward"] * r.reward_workers
         res = {"learner": _bundle(r.cpus_per_actor, r.gpus_per_actor), "rollout": _bundle(r.cpus_per_actor, r.gpus_per_actor),
                "reward": _bundle(r.cpus_per_actor, r.gpus_per_actor / 2)}
+        # before any placement group or actor: a cluster that cannot hold the run is an error now, not a hang
+        check_cluster(r, kinds, res, [n for n in ray.nodes() if n.get("Alive")])
         self.placement_group = None
+        slots: list[tuple[Any, int]] = [(None, 0)] * len(kinds)  # (placement group, bundle index) per actor
         if r.placement != "none":
-            from ray.util.placement_group import placement_group
-
-            self.placement_group = placement_group([res[k] for k in kinds], strategy=r.placement)
-            try:
-                ray.get(self.placement_group.ready(), timeout=300)
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"resources: a {r.placement} placement group of {len(kinds)} bundles "
-                                   f"({', '.join(kinds)}; {res}) could not be placed in 300 s on a cluster "
-                                   f"with {ray.cluster_resources()}") from None
+            # SPREAD: the DeepSpeed ranks on distinct nodes (STRICT_SPREAD, one rank per machine as with
+            # GPU boxes), the rollout and reward actors spread over the nodes as best Ray can (SPREAD).
+            n_learn = r.learner_workers
+            groups = ([(list(range(n_learn)), "STRICT_SPREAD" if n_learn > 1 else "SPREAD"),
+                       (list(range(n_learn, len(kinds))), "SPREAD")]
+                      if r.placement == "SPREAD" else [(list(range(len(kinds))), r.placement)])
+            self.placement_groups = [_place([res[kinds[i]] for i in idx], strategy, kinds, res, r.placement)
+                                     for idx, strategy in groups]
+            self.placement_group = self.placement_groups[0]
+            slots = [(pg, j) for (idx, _), pg in zip(groups, self.placement_groups) for j, _ in enumerate(idx)]
 
         def opts(i: int, kind: str, **extra: Any) -> dict[str, Any]:
             o = {"num_cpus": res[kind].get("CPU", 0), "num_gpus": res[kind].get("GPU", 0), **extra}
-            if self.placement_group is not None:
-                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+            pg, index = slots[i]
+            if pg is not None:
+                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
             return o
 
-        # step 1. the learner group: DeepSpeed ranks meet at rank 0's node on a port it picks
-        addr, port = ray.get(ray.remote(_rendezvous_fn).options(
+        # step 1. the learner group: DeepSpeed ranks meet at rank 0's node (its address as Ray knows it,
+        # never a localhost assumption) on a port free there
+        self.rendezvous = addr, port = ray.get(ray.remote(_rendezvous_fn).options(
             **{k: v for k, v in opts(0, "learner").items() if k == "scheduling_strategy"}, num_cpus=0).remote())
         self.learners = [
             ray.remote(LearnerWorker).options(**opts(i, "learner")).remote(
@@ -190,17 +196,23 @@ class Trainer:
         self._sync_weights(ray.get(self.learner.version.remote()))  # identical adapters before the first rollout
 
     def _write_actors(self) -> None:
-        """`actors.json` in the output directory: each actor's role, index and process id."""
+        """`actors.json` in the output directory: each actor's role, index, learner rank, process id,
+        Ray node id and node IP (and the learners' DeepSpeed rendezvous), rewritten when one restarts."""
         import json
 
         import ray
 
-        table = [{"role": role, "index": i, "pid": ray.get(a.pid.remote())}
-                 for role, actors in (("learner", self.learners), ("rollout", self.rollouts), ("reward", self.rewards))
-                 for i, a in enumerate(actors)]
+        rows = [(role, i, a) for role, actors in (("learner", self.learners), ("rollout", self.rollouts),
+                                                   ("reward", self.rewards)) for i, a in enumerate(actors)]
+        where = ray.get([a.__ray_call__.remote(_whereabouts) for _, _, a in rows])
+        table = [{"role": role, "index": i, "rank": i if role == "learner" else None, "pid": pid, "node_id": node,
+                  "ip": ip, **({"rendezvous": "%s:%d" % self.rendezvous} if role == "learner" else {})}
+                 for (role, i, _), (pid, node, ip) in zip(rows, where)]
         self._pids = {(t["role"], t["index"]): t["pid"] for t in table}
-        with open(os.path.join(self.out_dir, "actors.json"), "w") as f:
+        self._nodes = {(t["role"], t["index"]): t["node_id"] for t in table}
+        with open(os.path.join(self.out_dir, "actors.json.tmp"), "w") as f:
             json.dump(table, f, indent=1)
+        os.replace(os.path.join(self.out_dir, "actors.json.tmp"), os.path.join(self.out_dir, "actors.json"))
 
     def _log_failure(self, step: int, role: str, index: int, error: str, attempt: int = 1) -> None:
         event = {"step": step, "actor": f"{role}-{index}", "error": error, "attempt": attempt}
@@ -586,6 +598,81 @@ def _rendezvous_fn() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), _free_port("")
 
 
+def _whereabouts(_actor: Any) -> tuple[int, str, str]:
+    """(process id, Ray node id, node IP) of the actor it runs in (through `__ray_call__`)."""
+    import ray
+
+    return os.getpid(), ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster cannot hold the run's actors as `resources` asks (bad input: exit code 2)."""
+
+
+def _describe_nodes(nodes: list[dict[str, Any]]) -> str:
+    def one(n: dict[str, Any]) -> str:
+        have = {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU") and v}
+        return f"{n['NodeManagerAddress']} {n['NodeID'][:8]} {have or 'no CPU/GPU'}"
+
+    total = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    return f"{len(nodes)} alive node(s), {total['CPU']:g} CPU and {total['GPU']:g} GPU in all: " + "; ".join(map(one, nodes))
+
+
+def check_cluster(r, kinds: list[str], bundles: dict[str, dict[str, float]], nodes: list[dict[str, Any]]) -> None:
+    """Refuse, before any placement group or actor exists, a `resources` section the cluster
+    cannot hold: more CPUs/GPUs than it has, an actor larger than any node, or `placement: SPREAD`
+    with fewer nodes able to hold a learner rank than `learner_workers` (`nodes`: `ray.nodes()`'s
+    alive entries). Ray itself would wait for such resources forever."""
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+    need = {res: sum(bundles[k].get(res, 0) for k in kinds) for res in ("CPU", "GPU")}
+    have = {res: sum(n["Resources"].get(res, 0) for n in nodes) for res in ("CPU", "GPU")}
+    cluster = _describe_nodes(nodes)
+    actors = ", ".join(f"{n} {k}" for k, n in counts.items())
+    for res in ("CPU", "GPU"):
+        if need[res] > have[res] + 1e-9:
+            field = "cpus_per_actor" if res == "CPU" else "gpus_per_actor"
+            raise ClusterTooSmall(
+                f"resources: {len(kinds)} actors ({actors}; resources.learner_workers={r.learner_workers}, "
+                f"rollout_workers={r.rollout_workers}{' (colocated: none)' if r.colocate else ''}, "
+                f"reward_workers={r.reward_workers}) at resources.{field}={getattr(r, field):g} need {need[res]:g} "
+                f"{res}, but the Ray cluster has {have[res]:g}: {cluster}. Lower resources.learner_workers (or the "
+                f"other counts, or resources.{field}), or add nodes")
+
+    def fits(n: dict[str, Any], b: dict[str, float]) -> bool:
+        return all(n["Resources"].get(k, 0) + 1e-9 >= v for k, v in b.items())
+
+    for kind in counts:
+        if not any(fits(n, bundles[kind]) for n in nodes):
+            raise ClusterTooSmall(f"resources: one {kind} actor needs {bundles[kind]} on a single node, but no node "
+                                  f"has that much: {cluster}")
+    if r.placement == "SPREAD" and r.learner_workers > 1:
+        able = [n for n in nodes if fits(n, bundles["learner"])]
+        if len(able) < r.learner_workers:
+            raise ClusterTooSmall(
+                f"resources.placement: SPREAD puts each of the resources.learner_workers={r.learner_workers} learner "
+                f"ranks on its own node, but only {len(able)} node(s) can hold one ({bundles['learner']}): {cluster}. "
+                f"Add nodes, lower resources.learner_workers, or use placement PACK")
+
+
+def _place(bundles: list[dict[str, float]], strategy: str, kinds: list[str], res: dict[str, Any], field: str,
+           timeout: float = 300.0):
+    """A ready placement group, or a ClusterTooSmall naming `resources.placement` after `timeout`
+    seconds (the group is removed: nothing stays reserved)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy=strategy)
+    try:
+        ray.get(pg.ready(), timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise ClusterTooSmall(
+            f"resources.placement: {field}: a {strategy} placement group of {len(bundles)} bundles ({bundles}) for "
+            f"the actors ({', '.join(kinds)}; {res}) could not be placed in {timeout:.0f} s: "
+            f"{_describe_nodes([n for n in ray.nodes() if n.get('Alive')])}") from None
+    return pg
+
+
 def _truncate_metrics(path: str, step: int) -> int:
     """Drop rows of steps >= `step` (a killed run's steps after its checkpoint, about to be run
     again) and a line cut short by the kill, so that every step appears once; returns how many
@@ -673,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.eval_grid("end")
         path = trainer.save_checkpoint()
-    except (CheckpointError, OutputDirInUse) as e:
+    except (CheckpointError, OutputDirInUse, ClusterTooSmall) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # the learner refused a non-finite step (through Ray: e.cause)
