@@ -149,6 +149,8 @@ class Trainer:
         kinds = ["learner"] * r.learner_workers + ["rollout"] * n_rollout + ["reward"] * r.reward_workers
         res = {"learner": _bundle(r.cpus_per_actor, r.gpus_per_actor), "rollout": _bundle(r.cpus_per_actor, r.gpus_per_actor),
                "reward": _bundle(r.cpus_per_actor, r.gpus_per_actor / 2)}
+        for kind, extra in r.custom_resources.items():  # pins a role to nodes started with these resources
+            res[kind] = {**res[kind], **extra}
         # before any placement group or actor: a cluster that cannot hold the run is an error now, not a hang
         check_cluster(r, kinds, res, [n for n in ray.nodes() if n.get("Alive")])
         self.placement_group = None
@@ -170,6 +172,8 @@ class Trainer:
             pg, index = slots[i]
             if pg is not None:
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+            elif r.custom_resources.get(kind):
+                o["resources"] = r.custom_resources[kind]
             return o
 
         # step 1. the learner group: DeepSpeed ranks meet at rank 0's node (its address as Ray knows it,
@@ -208,22 +212,26 @@ class Trainer:
         table = [{"role": role, "index": i, "rank": i if role == "learner" else None, "pid": pid, "node_id": node,
                   "ip": ip, **({"rendezvous": "%s:%d" % self.rendezvous} if role == "learner" else {})}
                  for (role, i, _), (pid, node, ip) in zip(rows, where)]
-        self._pids = {(t["role"], t["index"]): t["pid"] for t in table}
-        self._nodes = {(t["role"], t["index"]): t["node_id"] for t in table}
+        if not getattr(self, "_pids", None):  # later only _check_restarted moves an actor's pid and node on:
+            # another actor restarted meanwhile must still be noticed (and re-synced) when next used
+            self._pids = {(t["role"], t["index"]): t["pid"] for t in table}
+            self._nodes = {(t["role"], t["index"]): t["node_id"] for t in table}
         with open(os.path.join(self.out_dir, "actors.json.tmp"), "w") as f:
             json.dump(table, f, indent=1)
         os.replace(os.path.join(self.out_dir, "actors.json.tmp"), os.path.join(self.out_dir, "actors.json"))
 
     def _log_failure(self, step: int, role: str, index: int, error: str, attempt: int = 1) -> None:
-        event = {"step": step, "actor": f"{role}-{index}", "error": error, "attempt": attempt}
+        event = {"step": step, "actor": f"{role}-{index}", "node": getattr(self, "_nodes", {}).get((role, index)),
+                 "error": error, "attempt": attempt}
         self.failures.append(event)
         with open(os.path.join(self.out_dir, "failures.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
-        log.warning("step %d: %s actor %d: %s", step, role, index, error)
+        log.warning("step %d: %s actor %d (node %s): %s", step, role, index, event["node"], error)
 
-    def _check_restarted(self, step: int, role: str, index: int) -> None:
+    def _check_restarted(self, step: int, role: str, index: int) -> bool:
         """An actor that died between calls comes back from Ray with fresh (base) weights: notice
-        it by its process id, log it, and give a rollout actor the last synced weights."""
+        it by its process id, log it (with the node it was on), and give a rollout actor the last
+        synced weights. True when it restarted (the caller rewrites actors.json once all are checked)."""
         import ray
 
         actor = self.rollouts[index] if role == "rollout" else self.rewards[index]
@@ -240,7 +248,10 @@ class Trainer:
             self._log_failure(step, role, index, f"restarted (pid {self._pids.get((role, index))} -> {pid})")
             if role == "rollout":
                 ray.get(actor.set_weights.remote(self._state_ref, self.version))
-            self._write_actors()
+            self._pids[(role, index)] = pid
+            self._nodes[(role, index)] = ray.get(actor.__ray_call__.remote(_whereabouts))[1]
+            return True
+        return False
 
     def _setup_logging(self) -> None:
         from rl.metrics import MetricsLogger
@@ -362,7 +373,7 @@ class Trainer:
             if overlap and self.step + 1 < total:
                 # rollouts of step t+1 with the weights of step t, while the learner trains step t
                 following = self._launch(self.step + 1, next(batches), batches.position)
-            stats = self._wait_learners(train_refs)
+            stats, extras = self._wait_update(stage, pending, train_refs, extras)
             # step 5. LoRA weights to the rollout workers (queued after any rollout in flight)
             self._sync_weights(stats[0]["version"])
             if not overlap and self.step + 1 < total:
@@ -406,9 +417,9 @@ class Trainer:
         p = _Pending(step=step, records=records, position=position,
                      rollout_actor=None if not self.rollouts else step % len(self.rollouts),
                      reward_actor=step % len(self.rewards))
-        if p.rollout_actor is not None:
-            self._check_restarted(step, "rollout", p.rollout_actor)
-        self._check_restarted(step, "reward", p.reward_actor)
+        restarted = p.rollout_actor is not None and self._check_restarted(step, "rollout", p.rollout_actor)
+        if self._check_restarted(step, "reward", p.reward_actor) or restarted:
+            self._write_actors()  # after both checks: it records every actor's new process id
         seed = self._seed(step)
         # One ObjectRef per returned item, so that each consumer gets only what it reads: the
         # reward actor the captions and renders, the learners the trajectory or caption group,
@@ -449,7 +460,8 @@ class Trainer:
                 role, index = "reward", p.reward_actor
                 batch = ray.get(p.reward_ref) if p.reward_ref is not None else None
                 return rollout, batch
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.ObjectLostError) as e:  # lost: its node died after the rollout returned
                 if role == "rollout" and index is None:  # colocated: the rollout ran in the learner
                     raise LearnerDied(f"the learner (hosting rollouts) died at step {p.step}; last complete "
                                       f"checkpoint: {self.checkpoint_path or 'none'}") from None
@@ -477,6 +489,26 @@ class Trainer:
         captions = rollout.captions if stage == "encoder" else rollout
         ref = p.rollout_ref[0]  # the group or trajectory, already in the object store: one copy for every rank
         return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions}
+
+    def _wait_update(self, stage: str, p: "_Pending", refs: list[Any], extras: dict[str, Any]):
+        """(learner statistics, row extras) of step `p`. The rollout the learners read lives in the
+        object store of the rollout actor's node: when that node died before every rank fetched it
+        (ObjectLostError), no rank trained, and the step is launched again (a restarted rollout actor
+        takes the last synced weights) instead of ending the run."""
+        import ray
+
+        for attempt in range(self.recipe.resources.max_restarts + 1):
+            try:
+                return self._wait_learners(refs), extras
+            except ray.exceptions.ObjectLostError as e:
+                ray.wait(refs, num_returns=len(refs), timeout=60)  # let every rank's call end first
+                self._log_failure(p.step, "rollout", p.rollout_actor, f"{type(e).__name__}: the step's rollout was "
+                                  f"lost with its node before the learners read it; launching the step again",
+                                  attempt + 1)
+                retry = self._launch(p.step, p.records, p.position)
+                p.rollout_ref, p.driver_ref, p.reward_ref = retry.rollout_ref, retry.driver_ref, retry.reward_ref
+                refs, extras = self._update(stage, p, *self._collect(p))
+        raise RuntimeError(f"step {p.step}: the rollout was lost {self.recipe.resources.max_restarts + 1} times")
 
     def _train_refs(self, stage: str, *args: Any) -> list[Any]:
         return [w.train.remote(stage, *args) for w in self.learners]
@@ -645,6 +677,11 @@ def check_cluster(r, kinds: list[str], bundles: dict[str, dict[str, float]], nod
         if not any(fits(n, bundles[kind]) for n in nodes):
             raise ClusterTooSmall(f"resources: one {kind} actor needs {bundles[kind]} on a single node, but no node "
                                   f"has that much: {cluster}")
+    if r.placement == "none" and r.learner_workers > 1 and len(nodes) > 1:
+        raise ClusterTooSmall(
+            f"resources.placement: none with resources.learner_workers={r.learner_workers} on a cluster of "
+            f"{len(nodes)} nodes: the DeepSpeed rendezvous must know rank 0's node before the ranks start, which "
+            f"only a placement group fixes; use PACK or SPREAD ({cluster})")
     if r.placement == "SPREAD" and r.learner_workers > 1:
         able = [n for n in nodes if fits(n, bundles["learner"])]
         if len(able) < r.learner_workers:

@@ -161,3 +161,58 @@ def test_check_cluster_names_the_field_and_the_cluster():
         check_cluster(r, kinds, res, [_node("10.0.0.1", 8, 2)])
     with pytest.raises(ClusterTooSmall, match=r"one learner actor needs .* on a single node"):
         check_cluster(r, kinds, res, [_node("10.0.0.1", 8, 0.5)] * 8)
+
+
+def _wait(cond, timeout: float, what: str, proc) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early (exit {proc.returncode}) waiting for {what}:\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_losing_the_node_of_the_rollout_and_reward_actors_does_not_stop_the_run(tmp_path):
+    """The learner pinned to the head, the rollout and reward actors to node_b (resources.custom_resources);
+    node_b is removed mid-run (its raylet and every process on it killed, its object store gone) and
+    a replacement joins, as an autoscaler would bring one. Every task return lives in the object
+    store of the node that made it (max_direct_call_object_size 8 KB: the ~5 KB recipe stays inline in
+    the actors' creation tasks), as a large trajectory does."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 100 * MB, "resources": {"head": 1}, "include_dashboard": False,
+        "_system_config": {"max_direct_call_object_size": 8192}})
+    proc = None
+    try:
+        node_b = c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_b": 1})
+        c.wait_for_nodes()
+        out, steps = tmp_path / "run", 12
+        cmd = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(out), "--set", f"ray.address={c.address}",
+               *SMALL, "--set", f"schedule.phases=[{{stage: encoder, steps: {steps // 2}}}, {{stage: decoder, steps: {steps // 2}}}]",
+               "--set", "resources.custom_resources={learner: {head: 0.5}, rollout: {node_b: 0.5}, reward: {node_b: 0.5}}",
+               "--set", "resources.max_restarts=3", "--set", "output.save_every=4"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        metrics = out / "metrics.jsonl"
+        _wait(lambda: len(read_metrics(metrics)) >= 2, 400, "the first steps", proc)
+        actors = {(a["role"], a["index"]): a for a in json.loads((out / "actors.json").read_text())}
+        b = node_b.node_id
+        assert actors[("rollout", 0)]["node_id"] == actors[("reward", 0)]["node_id"] == b
+        assert actors[("learner", 0)]["node_id"] != b
+        c.remove_node(node_b, allow_graceful=False)
+        c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_b": 1})  # the replacement
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        c.shutdown()
+    assert proc.returncode == 0, output[-4000:]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(steps))  # every step once
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert {f["actor"] for f in failures} == {"rollout-0", "reward-0"}, failures  # both noticed, with node and step
+    assert all(f["node"] == b and 0 <= f["step"] < steps for f in failures), failures
+    moved = {(a["role"], a["index"]): a["node_id"] for a in json.loads((out / "actors.json").read_text())}
+    assert moved[("rollout", 0)] not in (b, None) and moved[("reward", 0)] not in (b, None)  # on the replacement
