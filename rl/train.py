@@ -521,6 +521,15 @@ class Trainer:
         except ray.exceptions.RayActorError as e:
             raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
                               f"checkpoint: {self.checkpoint_path or 'none'}") from None
+        except ray.exceptions.RayTaskError as e:
+            # A rank that died (with its node) first fails the others' collectives (gloo/NCCL "connection
+            # reset"): report the dead rank, not the survivors' error.
+            dead = _dead_ranks(refs)
+            if not dead:
+                raise
+            cause = str(getattr(e, "cause", e)).splitlines()[0][:200]
+            raise LearnerDied(f"the learner died at step {self.step}: rank(s) {dead} gone (the others: {cause}); "
+                              f"last complete checkpoint: {self.checkpoint_path or 'none'}") from None
 
     def _row(self, stage: str, stats: list[dict[str, Any]], extras: dict[str, Any]) -> dict[str, Any]:
         """One metrics row; rank 0's statistics, rewards over every rank for the cold start."""
@@ -630,6 +639,23 @@ def _rendezvous_fn() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), _free_port("")
 
 
+def _dead_ranks(refs: list[Any], timeout: float = 60.0) -> list[int]:
+    """Learner ranks whose call in `refs` ended because the actor died (Ray may take some seconds
+    to declare a lost node's actors dead)."""
+    import ray
+
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    dead = []
+    for rank, ref in enumerate(refs):
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            dead.append(rank)
+        except Exception:  # noqa: BLE001  (its own error, or still running: not dead)
+            pass
+    return dead
+
+
 def _whereabouts(_actor: Any) -> tuple[int, str, str]:
     """(process id, Ray node id, node IP) of the actor it runs in (through `__ray_call__`)."""
     import ray
@@ -699,8 +725,17 @@ def _place(bundles: list[dict[str, float]], strategy: str, kinds: list[str], res
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pg = placement_group(bundles, strategy=strategy)
+    t0 = time.time()
     try:
-        ray.get(pg.ready(), timeout=timeout)
+        while True:  # not silent: say every 30 s what it waits for
+            try:
+                ray.get(pg.ready(), timeout=min(30.0, max(timeout - (time.time() - t0), 0.1)))
+                break
+            except ray.exceptions.GetTimeoutError:
+                if time.time() - t0 >= timeout:
+                    raise
+                log.warning("resources.placement: waiting %.0f s so far (up to %.0f s) for a %s placement group of %s",
+                            time.time() - t0, timeout, strategy, bundles)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(pg)
         raise ClusterTooSmall(

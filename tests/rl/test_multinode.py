@@ -216,3 +216,46 @@ def test_losing_the_node_of_the_rollout_and_reward_actors_does_not_stop_the_run(
     assert all(f["node"] == b and 0 <= f["step"] < steps for f in failures), failures
     moved = {(a["role"], a["index"]): a["node_id"] for a in json.loads((out / "actors.json").read_text())}
     assert moved[("rollout", 0)] not in (b, None) and moved[("reward", 0)] not in (b, None)  # on the replacement
+
+
+@pytest.mark.slow
+def test_losing_a_learner_node_ends_the_run_and_resume_continues_with_one_rank_fewer(tmp_path):
+    """Two ZeRO-2 ranks on two nodes, checkpoints every step; the node of the rank that is not on
+    the head is removed: the run ends (exit 1) naming its last complete checkpoint, which is intact,
+    and `--resume` on the head alone continues with one rank, which takes the full optimizer state."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 100 * MB, "resources": {"head": 1}, "include_dashboard": False})
+    proc = None
+    out, steps = tmp_path / "run", 6
+    base = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(out), "--set", f"ray.address={c.address}",
+            *SMALL, "--set", f"schedule.phases=[{{stage: encoder, steps: {steps - 2}}}, {{stage: decoder, steps: 2}}]",
+            "--set", "resources.custom_resources={rollout: {head: 0.25}, reward: {head: 0.25}}",
+            "--set", "resources.placement=SPREAD", "--set", "learner.zero_stage=2", "--set", "output.save_every=1",
+            "--set", "resources.cpus_per_actor=0.25"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    try:
+        node_a = c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_a": 1})
+        c.wait_for_nodes()
+        proc = subprocess.Popen([*base, "--set", "resources.learner_workers=2"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        metrics = out / "metrics.jsonl"
+        _wait(lambda: len(read_metrics(metrics)) >= 2, 400, "the first steps", proc)
+        learners = [a for a in json.loads((out / "actors.json").read_text()) if a["role"] == "learner"]
+        assert {a["node_id"] for a in learners} == {c.head_node.node_id, node_a.node_id}
+        c.remove_node(node_a, allow_graceful=False)
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 1, output[-4000:]
+        assert "learner died" in output and "last complete checkpoint: " in output, output[-4000:]
+        last = output.rsplit("last complete checkpoint: ", 1)[1].split()[0].rstrip(")")
+        saved = load_checkpoint(last)  # verifies every tensor: complete, not half-written
+        resumed = subprocess.run([*base, "--set", "resources.learner_workers=1", "--resume"], cwd=ROOT, env=env,
+                                 capture_output=True, text=True, timeout=600)
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        c.shutdown()
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"resumed from {last} at step {saved.step}" in resumed.stderr
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(steps))  # every step once
