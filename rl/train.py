@@ -419,7 +419,7 @@ class Trainer:
                      reward_actor=step % len(self.rewards))
         restarted = p.rollout_actor is not None and self._check_restarted(step, "rollout", p.rollout_actor)
         if self._check_restarted(step, "reward", p.reward_actor) or restarted:
-            self._write_actors()  # after both checks: it records every actor's new process id
+            self._write_actors()  # after both checks: actors.json shows where every actor runs now
         seed = self._seed(step)
         # One ObjectRef per returned item, so that each consumer gets only what it reads: the
         # reward actor the captions and renders, the learners the trajectory or caption group,

@@ -37,7 +37,13 @@ SMALL = ["--set", "schedule.cold_start_steps=0", "--set", "schedule.cycles=1",
          "--set", "resources.cpus_per_actor=0.5"]
 
 
-@pytest.fixture(scope="module")
+def _env() -> dict[str, str]:
+    """The test process's environment without RAY_ADDRESS (a `Cluster` sets it): every run here
+    names its cluster with `--set ray.address=...`, or starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
 def cluster():
     """Head + two worker nodes, one CPU and a 100 MB object store each; always shut down."""
     from ray.cluster_utils import Cluster
@@ -56,7 +62,7 @@ def cluster():
 def _train(cluster, out: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(out),
            "--set", f"ray.address={cluster.address}", *SMALL, *extra]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -132,7 +138,7 @@ def test_more_learner_ranks_than_the_cluster_holds_is_refused_at_once(tmp_path):
     t0 = time.time()
     cmd = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(tmp_path / "run"), *SMALL,
            "--set", "resources.learner_workers=8", "--set", "rollout.batch_size=8"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     # no placement-group wait: the error comes as soon as Ray is up (~10 s idle; Ray's own start
@@ -194,7 +200,7 @@ def test_losing_the_node_of_the_rollout_and_reward_actors_does_not_stop_the_run(
                *SMALL, "--set", f"schedule.phases=[{{stage: encoder, steps: {steps // 2}}}, {{stage: decoder, steps: {steps // 2}}}]",
                "--set", "resources.custom_resources={learner: {head: 0.5}, rollout: {node_b: 0.5}, reward: {node_b: 0.5}}",
                "--set", "resources.max_restarts=3", "--set", "output.save_every=4"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         metrics = out / "metrics.jsonl"
         _wait(lambda: len(read_metrics(metrics)) >= 2, 400, "the first steps", proc)
@@ -234,7 +240,7 @@ def test_losing_a_learner_node_ends_the_run_and_resume_continues_with_one_rank_f
             "--set", "resources.custom_resources={rollout: {head: 0.25}, reward: {head: 0.25}}",
             "--set", "resources.placement=SPREAD", "--set", "learner.zero_stage=2", "--set", "output.save_every=1",
             "--set", "resources.cpus_per_actor=0.25"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = _env()
     try:
         node_a = c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_a": 1})
         c.wait_for_nodes()
