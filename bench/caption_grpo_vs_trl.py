@@ -3,6 +3,13 @@
     cd /work/main && . .venv/bin/activate && export HF_HUB_OFFLINE=1
     python bench/caption_grpo_vs_trl.py                 # 1 warm-up + 10 timed steps of each
     python bench/caption_grpo_vs_trl.py --only ours     # one side only (profiling)
+    python bench/caption_grpo_vs_trl.py --impl trl --threads 1 --steps 10   # one configuration
+
+Each run ends with one JSON line per side (impl, threads, steps, wall/cpu s/step mean and median,
+reward per step). For a fair ratio run ONE configuration per fresh process (`--impl ours|trl`),
+alternating the sides (ours, trl, ours, trl ...) and taking medians: in one process the second side
+inherits the first's allocator, thread pools and torch.distributed state, and a loaded machine
+swings single runs by 10x.
 
 Both sides get the same tiny Qwen2.5-VL (same seed, same base weights), the same LoRA (rank,
 alpha, targets), the same images in the same order, the same group size G, caption length,
@@ -18,6 +25,7 @@ update. The warm-up step is excluded from the timing of both; setup is never tim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -96,8 +104,8 @@ def run_ours(args, records) -> tuple[list[float], list[float]]:
         batch = step_images(records, step, args.images)
         t0, c0 = time.perf_counter(), time.process_time()
         worker.version = learner.version  # colocated: a weight sync is a version bump
-        # step 1. rollout: G captions per image
-        group = worker.captions([r.image for r in batch], g, seed=args.seed + step)
+        # step 1. rollout: G captions per image (on-policy: not scored, as encoder_rollout and TRL)
+        group = worker.captions([r.image for r in batch], g, seed=args.seed + step, score=worker.score_captions)
         # step 2. reward and group-relative advantages
         r = colour_reward(completions=group.captions)
         adv = grpo.group_advantages(r, g, scale=recipe.grpo.scale, clip=recipe.grpo.adv_clip)
@@ -185,7 +193,8 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", choices=["ours", "trl", "both"], default="both")
+    p.add_argument("--only", "--impl", dest="only", choices=["ours", "trl", "both"], default="both",
+                   help="which side(s) to run in this process (--impl: one configuration per process)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     records = generate_shapes(args.images * (args.steps + 1), seed=args.seed + 100)
@@ -208,6 +217,12 @@ def main() -> None:
         print(f"{name:>4}: wall {statistics.fmean(times):.3f} s/step (median {statistics.median(times):.3f}), "
               f"cpu {statistics.fmean(cpu):.3f} s/step; reward/step (warm-up first): "
               f"{' '.join(f'{r:.3f}' for r in rewards)}")
+    for name, (times, cpu, rewards) in results.items():
+        print(json.dumps({"impl": name, "threads": args.threads, "steps": args.steps, "images": args.images,
+                          "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+                          "wall_s_per_step": statistics.fmean(times), "wall_median": statistics.median(times),
+                          "cpu_s_per_step": statistics.fmean(cpu), "cpu_median": statistics.median(cpu),
+                          "rewards": [round(r, 4) for r in rewards]}))
     if len(results) == 2:
         wall = statistics.fmean(results["ours"][0]) / statistics.fmean(results["trl"][0])
         cpu = statistics.fmean(results["ours"][1]) / statistics.fmean(results["trl"][1])

@@ -4,22 +4,35 @@ A reward function has TRL's signature and is called with keywords, as TRL's GRPO
 
     fn(prompts=..., completions=..., **kwargs) -> list[float | None]     # one score per completion
 
-Every list in kwargs is aligned with `completions` (one entry per completion). The stack passes
-what it knows: `images` (source PIL images), `renders` (reconstructed PIL images, when any),
-`image_ids`, `elements` (reference elements dicts), `group_ids`, `step` (int), and may add keys
-later, so a function must accept **kwargs. `None` means "no score": it is excluded from means and
-advantages, never silently turned into 0. `async def` functions are allowed.
+Arguments are in TRL's format (trl 1.16 `GRPOTrainer._calculate_rewards`): the caption prompt is a
+chat, so each prompt is the chat messages with the image in them (TRL's `prepare_multimodal_messages`
+form: `[{"role": "system", "content": [{"type": "text", ...}]}, {"role": "user", "content":
+[{"type": "image", "image": <PIL>}, {"type": "text", ...}]}]`) and each completion is one assistant
+message, `[{"role": "assistant", "content": caption}]` (`completion_text` reads either form). Every
+list in kwargs is aligned with `completions` (one entry per completion), as TRL repeats dataset
+columns: the stack passes `images` (source PIL images), `renders` (reconstructed PIL images, when
+any), `image_ids`, `elements` (reference elements dicts), `references` (reference caption texts of
+the dataset, or None), every other dataset column by its name, `group_ids` and `step` (int), and
+may add keys later, so a function must accept **kwargs. `None` means "no score": it is excluded
+from means and advantages, never silently turned into 0. `async def` functions are allowed.
 
 A recipe names a reward by a spec string, resolved by `load_reward` in this order:
 
     "format"                          a name registered with @register("format")
     "package.module:function"         importable module (attribute path after the colon)
-    "path/to/file.py:function"        a file, relative to `base_dir` or the current directory
+    "path/to/file.py:function"        a file; a relative path is relative to `base_dir`: the recipe
+                                      file's folder for a recipe (validation and reward workers alike),
+                                      the current directory when None
     "my_reward"                       an entry point in group "unified_grpo.rewards" of an
                                       installed package:  [project.entry-points."unified_grpo.rewards"]
                                                           my_reward = "my_pkg.rewards:my_reward"
     "verl:<any spec above>"           a verl `compute_score(data_source, solution_str,
                                       ground_truth, extra_info=None)`, adapted by `from_verl`
+
+A reward's `name` (its metrics keys, `reward_<name>_mean` / `_std`) is the function's name (`reward_name`: the
+registered or entry-point name, or the attribute after the colon), with `_2`, `_3`, ... when two of a
+recipe's rewards share it (`unique_names`). `load_reward` returns a `RewardFn`, itself callable with
+TRL's signature (`step` optional), so it can be handed to TRL's GRPOTrainer as is.
 
 `RewardFn` wraps the function and checks every output (length, numbers, finite); a bad output or
 an exception raises `RewardPluginError` naming the plugin and the step, or, with
@@ -68,7 +81,8 @@ class RewardPluginError(RuntimeError):
         self.plugin, self.step, self.reason = plugin, step, reason
 
     def __str__(self) -> str:
-        return f"reward plugin {self.plugin!r} failed at step {self.step}: {self.reason}"
+        at = "" if self.step is None else f" at step {self.step}"
+        return f"reward plugin {self.plugin!r} failed{at}: {self.reason}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,14 +137,42 @@ def _import_builtins() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_reward(spec: str, *, weight: float = 1.0, base_dir: str | Path | None = None) -> "RewardFn":
-    """Resolve a spec string (see the module docstring) to a checked `RewardFn` named `spec`."""
+def load_reward(spec: str, *, weight: float = 1.0, base_dir: str | Path | None = None,
+                name: str | None = None) -> "RewardFn":
+    """Resolve a spec string (see the module docstring) to a checked `RewardFn`, named `name` or
+    `reward_name(spec)`. A relative file path is resolved against `base_dir` (the recipe's folder)."""
     if spec.startswith("verl:"):
         fn = from_verl(_resolve(spec[len("verl:"):], spec, base_dir))
     else:
         fn = _resolve(spec, spec, base_dir)
     _check_accepts_kwargs(fn, spec)
-    return RewardFn(fn, name=spec, weight=weight)
+    return RewardFn(fn, name=name or reward_name(spec), weight=weight, spec=spec)
+
+
+def reward_name(spec: str) -> str:
+    """The short name of a spec, its metric key: a registered or entry-point name as is, else the
+    last attribute after the colon ("recipes/plugins/my_reward.py:shape_words" -> "shape_words",
+    "verl:pkg.mod:compute_score" -> "compute_score"); never a path."""
+    target = spec[len("verl:"):] if spec.startswith("verl:") else spec
+    return target.rsplit(":", 1)[-1].rsplit(".", 1)[-1] if ":" in target else target
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """`names` with `_2`, `_3`, ... appended to the second, third, ... use of a name (recipe order),
+    skipping suffixed names already taken: ["a", "a", "a_2"] -> ["a", "a_3", "a_2"]."""
+    taken, out = set(names), []
+    seen: set[str] = set()
+    for name in names:
+        if name not in seen:
+            seen.add(name)
+            out.append(name)
+            continue
+        k = 2
+        while f"{name}_{k}" in taken or f"{name}_{k}" in seen:
+            k += 1
+        seen.add(f"{name}_{k}")
+        out.append(f"{name}_{k}")
+    return out
 
 
 def validate_specs(specs: Sequence[str], base_dir: str | Path | None = None) -> list["RewardFn"]:
@@ -157,7 +199,7 @@ def _resolve(target: str, spec: str, base_dir: str | Path | None) -> Callable:
         try:
             module = _import_file(where, base_dir) if is_file else importlib.import_module(where)
             obj = _getattr_path(module, attr)
-        except Exception as e:  # noqa: BLE001 - any import failure becomes a spec error
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - any import failure (sys.exit too) is a spec error
             tried.append(f"{'file' if is_file else 'module'} {where!r} ({type(e).__name__}: {e})")
         else:
             return _check_callable(obj, spec)
@@ -177,7 +219,7 @@ def _resolve(target: str, spec: str, base_dir: str | Path | None) -> Callable:
         else:
             try:
                 obj = eps[0].load()
-            except Exception as e:  # noqa: BLE001
+            except (Exception, SystemExit) as e:  # noqa: BLE001
                 tried.append(f"entry point {target} = {eps[0].value!r} ({type(e).__name__}: {e})")
             else:
                 return _check_callable(obj, spec)
@@ -191,11 +233,14 @@ def _resolve(target: str, spec: str, base_dir: str | Path | None) -> Callable:
 
 def _import_file(path: str, base_dir: str | Path | None):
     file = Path(path).expanduser()
-    if not file.is_absolute():
+    relative = not file.is_absolute()
+    if relative:
         file = Path(base_dir or Path.cwd()) / file
     file = file.resolve()
     if not file.is_file():
-        raise FileNotFoundError(f"no such file: {file}")
+        where = (f" (a relative path is resolved against {'the recipe file' if base_dir else 'the current'}"
+                 f" folder {Path(base_dir or Path.cwd()).resolve()})") if relative else ""
+        raise FileNotFoundError(f"no such file: {file}{where}")
     # One module per file, so loading a plugin twice reuses it (and its @register calls).
     name = f"_unified_grpo_plugin_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:10]}"
     if name in sys.modules:
@@ -314,23 +359,32 @@ def _bad_score(x: Any) -> str | None:
 
 
 class RewardFn:
-    """A reward function plus its `name` (the spec) and `weight`, with checked outputs."""
+    """A reward function plus its `name` (metrics key), `weight` and `spec` (how the recipe named it,
+    used in error messages), with checked outputs. Callable with TRL's reward signature."""
 
-    def __init__(self, fn: Callable, name: str | None = None, weight: float = 1.0):
+    def __init__(self, fn: Callable, name: str | None = None, weight: float = 1.0, spec: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
         self.weight = float(weight)
+        self.spec = spec or self.name
+
+    @property
+    def __name__(self) -> str:  # TRL's GRPOTrainer names a reward function by its __name__
+        return self.name
 
     def __repr__(self) -> str:
-        return f"RewardFn({self.name!r}, weight={self.weight})"
+        return f"RewardFn({self.name!r}, weight={self.weight}, spec={self.spec!r})"
 
     def __call__(
-        self, prompts, completions, *, step: int, on_error: OnError = "fail", **kwargs
+        self, prompts, completions, *, step: int | None = None, on_error: OnError = "fail", **kwargs
     ) -> list[float | None]:
-        """Scores for the N completions: floats, or None where absent (or skipped)."""
+        """Scores for the N completions: floats, or None where absent (or skipped). `step` is passed
+        on to the function when given (TRL passes `trainer_state` instead)."""
         n = len(completions)
+        if step is not None:
+            kwargs["step"] = step
         try:
-            out = run_awaitable(self.fn(prompts=prompts, completions=completions, step=step, **kwargs))
+            out = run_awaitable(self.fn(prompts=prompts, completions=completions, **kwargs))
         except Exception as e:  # noqa: BLE001 - a plugin may raise anything
             return self._fail(step, f"raised {type(e).__name__}: {e}", on_error, cause=e, n=n)
         if hasattr(out, "tolist"):  # a tensor or an array is fine too
@@ -352,11 +406,11 @@ class RewardFn:
 
     def _fail(self, step, reason, on_error, *, n, cause=None) -> list[None]:
         if on_error == "fail":
-            raise RewardPluginError(self.name, step, reason) from cause
+            raise RewardPluginError(self.spec, step, reason) from cause
         if on_error != "skip_sample":
             raise ValueError(f"on_error must be 'fail' or 'skip_sample', got {on_error!r}")
         logger.warning(
-            "reward plugin %r failed at step %s: %s; %d score(s) set to None", self.name, step, reason, n
+            "reward plugin %r failed at step %s: %s; %d score(s) set to None", self.spec, step, reason, n
         )
         return [None] * n
 
@@ -366,6 +420,9 @@ class RewardBatch(NamedTuple):
     matrix: torch.Tensor  # (K, N) float32; NaN marks a missing score and nothing else
     weights: list[float]  # (K,) one per reward, in the order of `matrix` rows
     means: dict[str, float | None]  # name -> mean over present scores; None if none present
+    # flat metrics some rewards explain themselves with (a judged reward: judge_<name>_contra_frac,
+    # judge_<name>_<group>_coverage; `RewardWorker.score`), {} for the others
+    details: dict[str, float] = {}
 
 
 def compute_rewards(

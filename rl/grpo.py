@@ -35,6 +35,8 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
   epsilon_high = 0.28 is DAPO's "clip-higher" (Yu et al. 2025).
 - `agg` in `aggregate` / `grpo_loss`: "token_mean" (default, DAPO), "sequence_mean" (original
   GRPO, the 1/|o_i| of UAE eq. 2), "constant" (Dr. GRPO: divide by B * max completion length).
+- `quantile` in `high_entropy_mask` (grpo.encoder.top_entropy_quantile, default 1.0 = off): only the
+  top-rho entropy tokens keep their policy term (Wang et al. 2025; TRL's get_high_entropy_mask).
 - `mode` in `rollout_is_weights`: "sequence_mask" (default, TRL 1.16), "sequence_truncate",
   "token_mask", "token_truncate": the correction between a rollout engine's log-probs (vLLM) and
   the learner's, multiplied into the policy term (`micro_batch_loss(is_weights=...)`).
@@ -43,7 +45,7 @@ Options (defaults first; the recipe schema `rl/config.py` exposes each one):
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -132,6 +134,29 @@ def group_advantages(
     return Advantages(adv.reshape(-1), valid.reshape(-1), frac)
 
 
+def fill_missing(rewards: Tensor, group_size: int) -> Tensor:
+    """(K, N) rewards, NaN = missing -> the same, each missing R_ki of a sample that has some other
+    score replaced by the mean of reward k over its group's present scores (over the batch's when
+    the group has none; 0 when the batch has none: a constant, so no group-relative signal). A
+    sample with no score at all stays NaN in every row.
+
+    Filling with the group mean makes a dropped score neutral: the sample's centred reward k is 0,
+    as `normalize_then_sum` gives it, neither a reward nor a penalty (issue 19)."""
+    r = to_reward_tensor(rewards)
+    k, n = r.shape
+    present = torch.isfinite(r)
+    g = r.view(k, -1, group_size)  # (K, groups, G)
+    p = present.view(k, -1, group_size)
+    count = p.sum(dim=2, keepdim=True)  # (K, groups, 1)
+    group_mean = torch.where(p, g, torch.zeros_like(g)).sum(dim=2, keepdim=True) / count.clamp(min=1)
+    batch_count = present.sum(dim=1)  # (K,)
+    batch_mean = torch.where(present, r, torch.zeros_like(r)).sum(dim=1) / batch_count.clamp(min=1)  # (K,)
+    fill = torch.where(count > 0, group_mean, batch_mean.view(k, 1, 1))  # (K, groups, 1); 0 if none at all
+    filled = torch.where(p, g, fill.expand_as(g)).reshape(k, n)
+    scored = present.any(dim=0, keepdim=True)  # (1, N)
+    return torch.where(scored, filled, torch.full_like(filled, float("nan")))
+
+
 def combine_rewards(
     rewards: Tensor,
     weights: Sequence[float],
@@ -143,8 +168,12 @@ def combine_rewards(
 ) -> Advantages:
     """Advantages from K weighted reward functions. rewards: (K, N), NaN = missing.
 
-    "sum_then_normalize": R_i = sum_k w_k R_ki over the rewards present for sample i (a missing
-        term is skipped, i.e. counts 0; NaN if all K are missing), then `group_advantages`.
+    "sum_then_normalize": R_i = sum_k w_k R_ki, then `group_advantages`. A missing R_ki of a
+        sample with other scores is replaced by reward k's mean over the present scores of its group
+        (`fill_missing`): neutral on that reward's axis, as in the modes below, never 0 or a low score.
+        A sample with no score at all is NaN (advantage 0, valid False). TRL's nansum counts a
+        missing term as 0 instead (a sample whose plugin score was dropped would look worse than its
+        group mates); this is the one deliberate difference from TRL here.
     "normalize_then_sum" (TRL 1.16 `multi_objective_aggregation="normalize_then_sum"`, GDPO):
         S_i = sum_k w_k (R_ki - mean_g(R_k)) / (std_g(R_k) + eps), each reward normalised in its
         group with the unbiased group std whatever `scale` says (TRL ignores scale_rewards here),
@@ -165,8 +194,7 @@ def combine_rewards(
     present = torch.isfinite(r)
 
     if mode == "sum_then_normalize":
-        total = torch.where(present, w * r, torch.zeros_like(r)).sum(dim=0)  # (N,)
-        total = torch.where(present.any(dim=0), total, torch.full_like(total, float("nan")))
+        total = (w * fill_missing(r, group_size)).sum(dim=0)  # (N,), NaN where no score at all
         return group_advantages(total, group_size, scale=scale, eps=eps, clip=clip)
     if mode not in ("normalize_then_sum", "normalize_then_sum_raw"):
         raise ValueError(f"mode={mode!r}: use 'sum_then_normalize', 'normalize_then_sum' or "
@@ -396,6 +424,7 @@ def micro_batch_loss(
     level: Literal["token", "sequence"] = "token",
     bias_correction_kl: bool = False,
     is_weights: Tensor | None = None,
+    entropy_mask: Tensor | None = None,
 ) -> LossOutput:
     """`grpo_loss` on one micro-batch (b rows, t elements) of a larger batch:
 
@@ -414,6 +443,8 @@ def micro_batch_loss(
     is_weights: (b, t) or (b, 1), constant, the rollout engine's correction (`rollout_is_weights`):
     it multiplies the clipped policy term only, not the KL (TRL's per_token_loss *
     importance_sampling_ratio before + beta KL). None: weight 1, the loss unchanged.
+    entropy_mask: (b, t) bool, `high_entropy_mask`: tokens outside it lose their policy term, not their
+    KL term nor their weight in the denominators (TRL's per_token_loss * entropy_mask before + beta KL).
     """
     if beta != 0.0 and kl is None:
         raise ValueError(f"beta={beta} needs kl=(B, T) per-element KL; pass it or set beta=0")
@@ -421,6 +452,8 @@ def micro_batch_loss(
                                                  level=level, mask=token_weights > 0)
     if is_weights is not None:
         per_el = per_el * is_weights.detach()
+    if entropy_mask is not None:
+        per_el = per_el * entropy_mask.to(per_el.dtype)
     if kl is not None and bias_correction_kl:
         kl = kl * ratio
     total = per_el + beta * kl if (kl is not None and beta != 0.0) else per_el
@@ -436,6 +469,41 @@ def micro_batch_loss(
             "ratio_max": float(r.max()) if r.numel() else None, "ratio_min": float(r.min()) if r.numel() else None,
         }
     return LossOutput(loss, stats)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float,
+                      gather: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """(b, t) bool: the tokens whose entropy is in the top `quantile` of the masked tokens (Wang et al.
+    2025, "Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RL for LLM Reasoning";
+    TRL 1.16 GRPOTrainer.get_high_entropy_mask with threshold 1 - top_entropy_quantile):
+
+        tau = torch.quantile({H_it : m_it = 1, over all ranks}, 1 - quantile)   (linear interpolation)
+        keep_it = m_it and H_it m_it >= tau
+
+    entropies: (b, t) per-token entropies; mask: (b, t) the loss mask; gather: the masked entropies of
+    every learner rank from this rank's (1-D, lengths may differ; None: one rank). No masked token
+    anywhere: nothing kept (TRL's)."""
+    local = entropies[mask.bool()].detach().float()
+    values = gather(local) if gather is not None else local
+    if values.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return ((entropies.detach() * mask.to(entropies.dtype)) >= threshold) & mask.bool()
+
+
+def gather_ragged(x: Tensor) -> Tensor:
+    """The 1-D tensors `x` of every rank of the default torch.distributed group, concatenated in rank
+    order (lengths may differ): padded to the longest, all-gathered, cut back to each rank's length
+    (TRL: accelerator.pad_across_processes + gather). A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    n = torch.tensor([x.numel()], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    padded = torch.cat([x, x.new_zeros(max(int(s) for s in sizes) - x.numel())])
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
 
 
 # ALGO LOGIC: the rollout engine's correction (vLLM samples, the learner trains)

@@ -25,7 +25,7 @@ from rl import grpo
 from rl.config import Recipe
 from rl.ema import EMA
 from rl.models.unified import Models, build_models, resolve_device
-from rollouts.captions import CaptionGroup, completion_logprobs, shard_group
+from rollouts.captions import CaptionGroup, ImageFeatures, completion_logprobs, shard_group, vision_trainable
 from rollouts.sde import gaussian_kl_same_std, kl_std
 from rollouts.trajectories import Trajectory, denoise, initial_noise, shard_trajectory, step_logprobs
 
@@ -85,7 +85,14 @@ def stage_groups(stage: str, models: Models) -> tuple[str, ...]:
     """The parameter groups a stage trains (every other group takes no optimizer step):
     cold start: encoder adapter (only when the decoder reads captions through it, reader `policy`),
     connector, decoder adapter, and the connector's learned layer weights until they freeze
-    (GRAN-TED sec. 3.5); encoder GRPO: the encoder adapter; decoder GRPO: the decoder adapter."""
+    (GRAN-TED sec. 3.5); encoder GRPO: the encoder adapter; decoder GRPO: the decoder adapter; warm-up
+    (UAE sec. 2.2, rl/warmup.py): the connector (and its learned layer weights until they freeze), plus
+    the decoder adapter with `warmup.train_decoder_lora`."""
+    if stage == "warmup":
+        groups = ["connector"] + (["decoder"] if models_train_decoder(models) else [])
+        if models.connector.layers == "learned" and not models.connector.frozen():
+            groups.append("layer_weights")
+        return tuple(groups)
     if stage == "encoder":
         return ("encoder",)
     if stage == "decoder":
@@ -96,6 +103,10 @@ def stage_groups(stage: str, models: Models) -> tuple[str, ...]:
     if models.connector.layers == "learned" and not models.connector.frozen():
         groups.append("layer_weights")
     return tuple(groups)
+
+
+def models_train_decoder(models: Models) -> bool:
+    return bool(getattr(models, "warmup_decoder_lora", False))
 
 
 class Learner:
@@ -120,6 +131,7 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         init_distributed(rank, world_size, port, master_addr)
         self.models = models or build_models(recipe, self.device)
+        self.models.warmup_decoder_lora = recipe.warmup.train_decoder_lora  # read by stage_groups("warmup")
         self.version = 0  # bumped by every optimiser step; rollouts carry the version they used
         g = recipe.grpo
         # Every trainable tensor by its key in `trainable_state()`, with its group.
@@ -205,6 +217,9 @@ class Learner:
             group["active"] = on
             group["lr"] = self.recipe.cold_start.lr if stage == "cold_start" and name in ("encoder", "decoder") \
                 else self.base_lr[name]
+            if stage == "warmup":
+                w = self.recipe.warmup
+                group["lr"] = w.decoder_lr if name == "decoder" else w.connector_lr
         for grp, p in self.named_params.values():
             p.requires_grad_(grp in active)  # the model's parameters, not DeepSpeed's flat copies
         on = self.recipe.learner.activation_checkpointing or (
@@ -278,10 +293,12 @@ class Learner:
             if ds is not None:
                 self._refuse_nonfinite("global gradient norm", [("all groups", torch.tensor(norm))],
                                        "known only after DeepSpeed's step (which skips such a step at ZeRO 1-3 in fp32)")
-        if self._stage == "cold_start":
+        if self._stage in ("cold_start", "warmup"):
             self.models.connector.after_optimizer_step()
         self.version += 1
-        if self._ema is not None and self._stage in ("decoder", "cold_start"):  # stages that move the decoder LoRA
+        moves_decoder = self._stage in ("decoder", "cold_start") or (
+            self._stage == "warmup" and models_train_decoder(self.models))
+        if self._ema is not None and moves_decoder:  # stages that move the decoder LoRA
             self._ema.update(self._gathered(self._decoder_lora()))
         return norm
 
@@ -291,7 +308,8 @@ class Learner:
         finite = torch.isfinite(torch.stack([v.to(values[0][1].device) for _, v in values])).tolist()
         for (group, value), ok in zip(values, finite):
             if not ok:
-                lr = "cold_start.lr" if self._stage == "cold_start" else f"grpo.{self._stage}.lr"
+                lr = {"cold_start": "cold_start.lr", "warmup": "warmup.connector_lr / warmup.decoder_lr"}.get(
+                    self._stage, f"grpo.{self._stage}.lr")
                 raise FloatingPointError(
                     f"non-finite {what} ({float(value)}) in parameter group {group!r} at the {self._stage} stage, "
                     f"weight version {self.version} -> {self.version + 1}, {when}. The loss or the weights "
@@ -487,13 +505,25 @@ class Learner:
         # vllm_importance_sampling_correction; decoupled PPO when stale). hf rollouts: no weights.
         correct = group.sampler != "hf" and cfg.vllm_importance_sampling_correction
         from_first_pass = correct or not stale
+        if not from_first_pass and group.logprobs is None:
+            raise RuntimeError(
+                f"encoder rollout of weight version {group.version} reached the learner at version {self.version} "
+                "without its log-probs: it skipped scoring its captions as on-policy (rollouts.actors."
+                "rollouts_may_be_stale, resources.async_rollouts 0), so pi_old is lost; a stale rollout must be "
+                "scored (RolloutWorker.score_captions)")
         # pi_old: the rollout's log-probs when the policy has moved since; otherwise the policy's own
-        # log-probs of the first pass (ratio exactly 1 there, no extra forward).
+        # log-probs of the first pass (ratio exactly 1 there, no extra forward; TRL's
+        # per_token_logps.detach() when old_per_token_logps is None, so the rollout need not score).
         old_logp = torch.zeros_like(w) if from_first_pass else group.logprobs.to(self.device)
         rollout_logp = group.logprobs.to(self.device) if correct else None
         cmask = group.completion_mask.to(self.device)
         is_w: list[torch.Tensor | None] = [None] * len(batches)  # per micro-batch, (b, T) or (b, 1)
         ref_logp = torch.zeros_like(w) if cfg.beta > 0 else None
+        # A frozen vision tower runs once per image for the whole update (reference pass, micro-batches,
+        # iterations); a trainable one once per image per forward, with gradient (completion_logprobs).
+        feats = None if vision_trainable(model) else ImageFeatures(model, group)
+        top_q = cfg.top_entropy_quantile
+        gather = grpo.gather_ragged if self.world_size > 1 else None  # the k-th micro-batch of every rank
         stats: dict[str, Any] = {}
         entropy_sum = 0.0
         with self._training():
@@ -503,10 +533,14 @@ class Learner:
                     if ref_logp is not None and it == 0:
                         with torch.no_grad(), self.models.reference("encoder"):
                             ref_logp[rows] = completion_logprobs(model, group, temperature, suppressed, rows=rows,
-                                                                 chunk=chunk)[0]
+                                                                 chunk=chunk, features=feats)[0]
                     def loss_fn(rows=rows, it=it, k=k):
                         logp, entropy = completion_logprobs(model, group, temperature, suppressed,
-                                                            with_entropy=(it == 0), rows=rows, chunk=chunk)
+                                                            with_entropy=(it == 0 or top_q < 1.0), rows=rows,
+                                                            chunk=chunk, features=feats)
+                        # TRL: the quantile of this pass's entropies over the micro-batch's mask, every iteration
+                        keep = grpo.high_entropy_mask(entropy, mask[rows].to(self.device), top_q, gather) \
+                            if top_q < 1.0 else None
                         if it == 0 and from_first_pass:
                             old_logp[rows] = logp.detach()
                         if it == 0 and correct:  # fixed for the batch's iterations, as TRL's (once per rollout)
@@ -517,8 +551,9 @@ class Learner:
                         out = grpo.micro_batch_loss(logp, old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl,
                                                     beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                                                     level=cfg.importance_sampling_level,
-                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k])
-                        return out, entropy
+                                                    bias_correction_kl=cfg.bias_correction_kl(), is_weights=is_w[k],
+                                                    entropy_mask=keep)
+                        return out, entropy if it == 0 else None
 
                     out, entropy = self._forward_backward(loss_fn)
                     acc.add(out)
@@ -648,6 +683,46 @@ class Learner:
                 "version": self.version, "layer_weights": self.models.connector.layer_weights().tolist()}
 
 
+    # ------------------------------------------------------------------------------------------
+    # warm-up: the connector (and decoder LoRA) learn long captions (UAE sec. 2.2, rl/warmup.py)
+    # ------------------------------------------------------------------------------------------
+    def train_warmup(self, images: list, captions: list[str], seeds: list[int]) -> dict[str, Any]:
+        """One step of the flow-matching loss (rl.warmup.flow_matching_loss) on B images with their
+        cached long captions, in micro-batches of images (each backward carries sum_i loss_i / B).
+        The encoder reads the captions frozen; the VAE encodes the images without gradient."""
+        from rl.pretrain import to_tensor
+        from rl.warmup import caption_batch, flow_matching_loss, warmup_noise
+
+        if self.world_size > 1:  # images rank, rank + world_size, ...
+            idx = grpo.shard_rows(len(images), 1, self.rank, self.world_size).tolist()
+            images, captions, seeds = [images[i] for i in idx], [captions[i] for i in idx], [seeds[i] for i in idx]
+        self._set_stage("warmup")
+        decoder, b = self.models.decoder, len(images)
+        shift = self.recipe.models.decoder.shift
+        caption_ids, caption_mask = caption_batch(self.models.encoder, captions, eos=False)  # (B, T)
+        losses: list[float] = []
+        total = 0.0
+        with self._training():
+            for rows in self.micro_batches(b):
+                def loss_fn(rows=rows):
+                    with torch.no_grad():
+                        x = to_tensor(images[rows]).to(self.device, decoder.vae.dtype)
+                        z0 = decoder.encode(x)  # (b, C, h, w)
+                    u, eps = warmup_noise(seeds[rows], tuple(z0.shape[1:]))
+                    ids, m = caption_ids[rows].to(self.device), caption_mask[rows].to(self.device)
+                    cond, cmask, pooled = self.models.condition(ids, m)
+                    per_row = flow_matching_loss(decoder, z0, cond, pooled, cmask, u.to(self.device),
+                                                 eps.to(self.device, z0.dtype), shift)  # (b,)
+                    return grpo.LossOutput(per_row.sum() / b, {}), per_row.detach()
+
+                out, per_row = self._forward_backward(loss_fn)
+                total += float(out.loss.detach())
+                losses += per_row.float().cpu().tolist()
+        grad_norm = self._optimizer_step()
+        return {"loss": total, "grad_norm": grad_norm, "losses": losses, "version": self.version,
+                "layer_weights": self.models.connector.layer_weights().tolist()}
+
+
 def clip_pixels(images: torch.Tensor, preprocess) -> torch.Tensor:
     """Differentiable version of the CLIP reward's fixed preprocessing for square (B, 3, H, W)
     images in [0, 1]: bicubic resize to the model's size, then the model's mean/std."""
@@ -733,7 +808,8 @@ class LearnerWorker:
         return self.learner.version
 
     def train(self, stage: str, *args: Any) -> dict[str, Any]:
-        fn = {"cold_start": self.learner.train_cold_start, "encoder": self.learner.train_encoder,
+        fn = {"warmup": self.learner.train_warmup, "cold_start": self.learner.train_cold_start,
+              "encoder": self.learner.train_encoder,
               "decoder": self.learner.train_decoder}[stage]
         try:
             stats = fn(*args)

@@ -1,7 +1,10 @@
-"""Run outputs: `metrics.jsonl` (one flat JSON object per step), TensorBoard, and the reward plot.
+"""Run outputs: `metrics.jsonl` (one flat JSON object per step), TensorBoard, the reward plot, and
+the completions table (`completions.jsonl` and a TensorBoard text table).
 
-TensorBoard tags are grouped by prefix (CleanRL's manner): `reward/`, `loss/`, `policy/`,
-`caption/`, `time/`; metrics.jsonl keeps the flat keys (`reward_mean`, `loss`, ...).
+TensorBoard tags are grouped by prefix (CleanRL's manner): `reward/`, `rewards/`, `loss/`, `policy/`,
+`caption/`, `time/`; metrics.jsonl keeps the flat keys (`reward_mean`, `loss`, ...). Each reward
+function's mean and std are `reward_<name>_mean` / `reward_<name>_std` there and
+`rewards/<name>/mean` / `rewards/<name>/std` in TensorBoard (TRL 1.16 GRPOTrainer's tags).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any
+import re
+from typing import Any, Mapping, Sequence
 
 TAGS = {
     "reward_mean": "reward/mean", "reward_std": "reward/std", "loss": "loss/total", "kl": "policy/kl",
@@ -21,6 +25,65 @@ TAGS = {
     "ratio_mean": "policy/ratio_mean",
 }
 
+# reward_<name>_mean / reward_<name>_std (reward_stats) -> rewards/<name>/mean|std
+_PER_REWARD = re.compile(r"reward_(.+)_(mean|std)")
+# judge_<name>_contra_frac / judge_<name>_<group>_coverage (rewards.actors.judge_details) -> judge/<name>/...
+_JUDGE = re.compile(r"judge_(.+)_(contra_frac|user_coverage|detail_coverage|supplementary_coverage)")
+
+
+def tag(key: str) -> str | None:
+    """The TensorBoard tag of a metrics.jsonl key (None: not a scalar curve)."""
+    if key in TAGS:
+        return TAGS[key]
+    if (m := _PER_REWARD.fullmatch(key)) is not None:
+        return f"rewards/{m.group(1)}/{m.group(2)}"
+    if (m := _JUDGE.fullmatch(key)) is not None:
+        return f"judge/{m.group(1)}/{m.group(2)}"
+    return None
+
+
+def reward_stats(per_reward: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
+    """Each reward function's mean and std over the step's present scores (None: no score):
+    {reward_<name>_mean, reward_<name>_std}, as TRL 1.16 logs rewards/<name>/mean (nanmean) and
+    rewards/<name>/std (nanstd: Bessel-corrected). Raw scores, before the weights. Differences from
+    TRL: std is 0.0 with fewer than two scores (TRL: NaN), and mean is NaN with none (as TRL)."""
+    out = {}
+    for name, scores in per_reward.items():
+        present = [float(s) for s in scores if s is not None]
+        mean = sum(present) / len(present) if present else float("nan")
+        var = sum((x - mean) ** 2 for x in present) / (len(present) - 1) if len(present) > 1 else 0.0
+        out[f"reward_{name}_mean"], out[f"reward_{name}_std"] = mean, math.sqrt(var)
+    return out
+
+
+def completions_table(step: int, image_ids: Sequence[str], captions: Sequence[str], group_size: int,
+                      per_reward: Mapping[str, Sequence[float | None]], advantages: Sequence[float],
+                      limit: int | None = None) -> list[dict[str, Any]]:
+    """The rows of the completions table of one encoder step (TRL's log_completions table: prompt,
+    completion, one column per reward, advantage): one per caption, image-major (caption r is of
+    image r // group_size), the first `limit` (None: all)."""
+    n = len(captions)
+    if len(image_ids) * group_size != n or len(advantages) != n:
+        raise ValueError(f"{len(image_ids)} images x G={group_size} != {n} captions / {len(advantages)} advantages")
+    rows = []
+    for r in range(n if limit is None else min(limit, n)):
+        rewards = {name: (None if scores[r] is None else float(scores[r])) for name, scores in per_reward.items()}
+        rows.append({"step": step, "image_id": image_ids[r // group_size], "caption": captions[r],
+                     "rewards": rewards, "advantage": float(advantages[r])})
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of `completions_table` rows (TensorBoard renders text summaries as Markdown)."""
+    names = list(rows[0]["rewards"]) if rows else []
+    cell = lambda x: str(x).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    num = lambda x: "" if x is None else f"{x:.4f}"  # noqa: E731
+    lines = ["| image | caption | " + " | ".join(names + ["advantage"]) + " |",
+             "|" + "---|" * (len(names) + 3)]
+    lines += [f"| {cell(r['image_id'])} | {cell(r['caption'])} | "
+              + " | ".join([num(r["rewards"][k]) for k in names] + [num(r["advantage"])]) + " |" for r in rows]
+    return "\n".join(lines)
+
 
 class MetricsLogger:
     def __init__(self, out_dir: str, tensorboard: bool = True, wandb_project: str | None = None,
@@ -29,6 +92,7 @@ class MetricsLogger:
         the curves match metrics.jsonl."""
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.completions_path = os.path.join(out_dir, "completions.jsonl")
         self.out_dir = out_dir
         self.writer = None
         if tensorboard:
@@ -47,17 +111,37 @@ class MetricsLogger:
             f.flush()
             os.fsync(f.fileno())
         if self.wandb is not None:
-            self.wandb.log({TAGS.get(k, k): v for k, v in row.items()
+            self.wandb.log({tag(k) or k: v for k, v in row.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=row["step"])
         if self.writer is not None:
             step = row["step"]
             for key, value in row.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    if key in TAGS:
-                        self.writer.add_scalar(TAGS[key], value, step)
-                    elif key.startswith("reward/"):
-                        self.writer.add_scalar(key, value, step)
+                    if (name := tag(key)) is not None:
+                        self.writer.add_scalar(name, value, step)
             self.writer.flush()
+
+    def log_completions(self, rows: list[dict[str, Any]]) -> None:
+        """Append `completions_table` rows to completions.jsonl (one JSON object per caption), and
+        write them as a TensorBoard text table (tag `completions`) and a wandb table."""
+        if not rows:
+            return
+        with open(self.completions_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.flush()
+            os.fsync(f.fileno())
+        step = rows[0]["step"]
+        if self.writer is not None:
+            self.writer.add_text("completions", _markdown(rows), step)
+            self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            names = list(rows[0]["rewards"])
+            table = wandb.Table(columns=["step", "image_id", "caption", *names, "advantage"],
+                                data=[[r["step"], r["image_id"], r["caption"], *(r["rewards"][k] for k in names),
+                                       r["advantage"]] for r in rows])
+            self.wandb.log({"completions": table}, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -90,7 +174,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"cold_start": "tab:gray", "encoder": "tab:blue", "decoder": "tab:orange"}
+    colours = {"warmup": "tab:green", "cold_start": "tab:gray", "encoder": "tab:blue", "decoder": "tab:orange"}
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for stage, colour in colours.items():
         pts = [r for r in rows if r.get("stage") == stage]

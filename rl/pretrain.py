@@ -381,15 +381,11 @@ def caption_level(rng: np.random.Generator, detail_share: float) -> str:
 
 
 def _completion_batch(encoder, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions -> right-padded completion ids (B, T) ending in EOS, and their mask (B, T)."""
-    rows = [encoder.tokenizer(c, add_special_tokens=False)["input_ids"] + [encoder.eos_token_id] for c in captions]
-    t = max(len(r) for r in rows)
-    ids = torch.full((len(rows), t), encoder.pad_token_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), t, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    """Captions -> right-padded completion ids (B, T) ending in EOS, and their mask (B, T)
+    (rl.warmup.caption_batch, shared with the warm-up stage)."""
+    from rl.warmup import caption_batch
+
+    return caption_batch(encoder, captions)
 
 
 def token_labels(example, grid: int) -> torch.Tensor:
@@ -550,9 +546,12 @@ def transformer_config(world: World, cfg) -> dict[str, Any]:
 
 def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Path, vae_dir: Path,
                   seed: int, clip_path: str | None = None) -> dict[str, Any]:
-    """Rectified flow (SD3's convention, rollouts/sde.py): x_s = (1 - s) z0 + s eps, target
-    v = eps - z0, s drawn as SD3's shifted schedule spends steps (shift(u), u ~ U(0, 1)); loss
-    ||v_theta(x_s, s, c) - v||^2 with c = connector(encoder LM hidden states of the FULL caption).
+    """The warm-up stage's objective (rl/warmup.py `flow_matching_loss`: rectified flow in SD3's
+    convention, x_s = (1 - s) z0 + s eps, target v = eps - z0, s = shift(u), u ~ U(0, 1)) with
+    c = connector(encoder LM hidden states of the FULL caption), on the tiny DiT's base weights:
+    UAE sec. 2.2's long-caption warm-up, where the shapes world's FULL caption is the long caption
+    (ground truth rather than the encoder's, and the DiT trained from scratch in this process with
+    plain AdamW, not through the learner: a `warmup` stage trains LoRA and connector only).
     Trains the transformer's base weights and the connector; the encoder and VAE are frozen.
     `clip_path` (when it exists) serves the quality probe in done.json only."""
     if clip_path and not os.path.exists(clip_path):
@@ -562,8 +561,8 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
     from rl.models.decoder import Decoder, pad_condition
     from rl.models.encoder import build_encoder
     from rl.models.unified import Models, build_connector
-    from rollouts.sde import shift_sigma
     from rl.shapes import VOCABULARY
+    from rl.warmup import flow_matching_loss
 
     m = recipe.models
     encoder = build_encoder("tiny", vocabulary=VOCABULARY, path=str(encoder_dir), **encoder_kwargs(recipe))
@@ -598,11 +597,8 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         cond, pooled = connector(list(hidden[:, idx]), cmask)  # = Models.condition with a frozen encoder
         cond, cmask = pad_condition(cond * cmask.unsqueeze(-1).to(cond.dtype), cmask, length)  # its fixed length
         u = torch.rand(len(idx), generator=gen)
-        sigma = shift_sigma(u, shift)  # (B,)
         eps = torch.randn(z0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1)
-        v = decoder.velocity((1 - s) * z0 + s * eps, sigma, cond, pooled, cmask)
-        loss = F.mse_loss(v.float(), eps - z0)
+        loss = flow_matching_loss(decoder, z0, cond, pooled, cmask, u, eps, shift).mean()
         losses.append(optimizer_step(opt, loss, params))
         connector.after_optimizer_step()
         if step % 50 == 0 or step == cfg.steps - 1:

@@ -10,6 +10,7 @@
 The driver owns the schedule, the step counter, logging and checkpoints; Ray actors own the
 models (rollout workers, reward workers, the DeepSpeed learner). One step of each stage:
 
+    warmup      cached long captions of the frozen encoder -> learner: flow matching  UAE sec. 2.2
     cold_start  captions (no grad) -> learner: 1 - cos(f_I(x), f_I(D(E(x))))          UAE eq. 3
     encoder     G captions/image -> frozen-decoder renders -> CLIP reward -> GRPO     UAE eq. 2
     decoder     1 caption/image -> G SDE trajectories -> CLIP reward -> GRPO per step UAE eq. 4
@@ -23,7 +24,11 @@ import argparse
 import json
 import logging
 import os
+import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +36,13 @@ from typing import Any
 
 import torch
 
+from rewards.api import RewardPluginError
+from rewards.references import ReferencesError
 from rl import grpo
 from rl.checkpoint import CheckpointError
 from rl.config import Recipe, RecipeError, load_recipe
+from rl.data import DataError
+from rl.metrics import completions_table, reward_stats
 
 log = logging.getLogger("unified_grpo")
 
@@ -63,9 +72,11 @@ class Trainer:
 
         seed_rng(self.recipe.seed)  # a resume restores the driver's RNG over this
         self._setup_output_dir()  # first: a refused directory fails before anything is built or written
+        self._check_ray_address()  # a cluster that does not answer fails before models or data are built
         self._setup_pretrained()  # before anything reads models.*.path (checkpoints compare them too)
         self._resume_from = self._find_checkpoint()  # before Ray: a refused resume fails at once
         self._setup_data()
+        self._setup_references()  # judge reference elements: checked (and extracted) before Ray starts
         self._setup_ray()
         self._setup_actors()
         if self._resume_from is not None:
@@ -88,9 +99,34 @@ class Trainer:
             aside, n = base, 1
             while os.path.exists(aside):  # two overwrites within a second
                 aside, n = f"{base}-{n}", n + 1
-            os.rename(out, aside)
+            try:
+                os.rename(out, aside)
+            except OSError as e:
+                raise OutputDirError(f"output.dir: --overwrite could not move {out} aside to {aside}: "
+                                     f"{e.strerror or e}") from None
             log.warning("--overwrite: moved the earlier run in %s aside to %s", out, aside)
-        os.makedirs(out, exist_ok=True)
+        try:  # create it and write a file there now, rather than fail after Ray and the models are up
+            os.makedirs(out, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as e:
+            raise OutputDirError(f"output.dir: cannot write in {out!r}: {e.strerror or e}; pass --output-dir with "
+                                 "a folder you can write to") from None
+
+    def _check_ray_address(self) -> None:
+        """A `host:port` or `ray://host:port` cluster address must take a TCP connection within
+        `ray.connect_timeout_s` (ray.init would retry for minutes, silently)."""
+        r = self.recipe.ray
+        if r.address in ("local", "auto"):
+            return
+        host, port = _host_port(r.address)
+        try:
+            socket.create_connection((host, port), timeout=r.connect_timeout_s).close()
+        except OSError as e:
+            why = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+            raise ClusterUnreachable(f"ray.address: no Ray cluster at {r.address!r} ({host} port {port}: {why}, "
+                                     f"ray.connect_timeout_s = {r.connect_timeout_s:g} s); start one there "
+                                     "(`ray start --head`), fix the address, or use ray.address: local") from None
 
     def _setup_pretrained(self) -> None:
         """`pretrain.enabled`: build the missing shapes-world models (rl/pretrain.py; cached, so a
@@ -113,8 +149,19 @@ class Trainer:
         self.dataset = load_dataset_from_config(
             d.source, image_column=d.image_column, split=d.split, limit=d.limit,
             image_size=self.recipe.models.decoder.image_size, generate=d.generate.model_dump(),
+            reference_column=d.reference_column, on_bad_image=d.on_bad_image,
         )
         log.info("data: %d images from %s", len(self.dataset), d.source or "the generated shapes world")
+
+    def _setup_references(self) -> None:
+        """The judge reward's reference elements on every record (rewards/references.py): refused with
+        a message naming the field when a record has none; an unreachable judge endpoint ends the run
+        here, before any actor starts."""
+        from rewards.references import attach_references
+
+        info = attach_references(self.recipe, self.dataset.records)
+        if info:
+            log.info("judge references: %s", info)
 
     def _setup_ray(self) -> None:
         import ray
@@ -128,12 +175,32 @@ class Trainer:
         env = {"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
                             "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
         if address == "local":
-            ray.init(num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
-        else:
-            # Under `ray job submit` the job's runtime_env (working_dir, env_vars) already applies;
-            # passing another one here would conflict with it.
+            from rl import reaper
+
+            # every process of this Ray inherits a marker; a watcher stops them when this process
+            # ends, even by SIGKILL (rl/reaper.py)
+            with reaper.watched() as self._reaper:
+                # address "local": a new Ray of our own even when `ray start` left one on this machine
+                ray.init(address="local", num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+            return
+        # Under `ray job submit` the job's runtime_env (working_dir, env_vars) already applies;
+        # passing another one here would conflict with it.
+        done = threading.Event()
+
+        def watchdog() -> None:  # ray.init retries an address that takes TCP but is no Ray cluster for minutes
+            if not done.wait(r.connect_timeout_s):
+                print(f"error: ray.address: {address!r} took a connection but did not answer as a Ray cluster within "
+                      f"ray.connect_timeout_s = {r.connect_timeout_s:g} s (a wrong port?)", file=sys.stderr, flush=True)
+                os._exit(2)  # nothing is written yet; Ray's own threads would not let the process exit otherwise
+
+        threading.Thread(target=watchdog, daemon=True, name="ray.init watchdog").start()
+        try:
             ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:  # address auto and no cluster running
+            raise ClusterUnreachable(f"ray.address: {address!r}: {e}") from None
+        finally:
+            done.set()
 
     def _setup_actors(self) -> None:
         """Learner ranks, rollout and reward actors, in one placement group (`resources`)."""
@@ -194,10 +261,23 @@ class Trainer:
         base += n_rollout
         self.rewards = [ray.remote(RewardWorker).options(**opts(base + k, "reward", **restart)).remote(self.recipe, self.recipe_dir)
                         for k in range(r.reward_workers)]
-        ray.get([a.ready.remote() for a in [*self.learners, *self.rollouts, *self.rewards]])
+        self._wait_ready([("learner", self.learners), ("rollout", self.rollouts), ("reward", self.rewards)])
         self.failures: list[dict[str, Any]] = []
         self._write_actors()
         self._sync_weights(ray.get(self.learner.version.remote()))  # identical adapters before the first rollout
+
+    def _wait_ready(self, groups: list[tuple[str, list[Any]]]) -> None:
+        """Every actor built its models, within `resources.start_timeout_s` (an actor that cannot be
+        placed or hangs in its constructor would otherwise block here forever)."""
+        import ray
+
+        refs = {a.ready.remote(): f"{role} actor {i}" for role, actors in groups for i, a in enumerate(actors)}
+        timeout = self.recipe.resources.start_timeout_s
+        ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        ray.get(ready)  # an actor whose constructor raised raises here
+        if waiting:
+            raise StepTimeout(f"{', '.join(refs[w] for w in waiting)} not started within resources.start_timeout_s = "
+                              f"{timeout:g} s (resources this cluster lacks, or a model that takes longer to load?)")
 
     def _write_actors(self) -> None:
         """`actors.json` in the output directory: each actor's role, index, learner rank, process id,
@@ -272,6 +352,7 @@ class Trainer:
             log.warning("resume: ignoring incomplete checkpoint %s: %s", bad, reason)
         if path is None:
             dropped = _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), 0)
+            _truncate_metrics(os.path.join(self.out_dir, "completions.jsonl"), 0)
             log.info("resume: no complete checkpoint in %s; starting at step 0 (dropped %d metrics rows of the "
                      "earlier attempt)", self.checkpoint_root, dropped)
             return None
@@ -312,6 +393,7 @@ class Trainer:
         self.last_metrics = c.trainer.get("metrics", {})
         self.checkpoint_path, self._saved_step = c.path, c.step
         dropped = _truncate_metrics(os.path.join(self.out_dir, "metrics.jsonl"), c.step)
+        _truncate_metrics(os.path.join(self.out_dir, "completions.jsonl"), c.step)
         restore_rng(c.state["driver"]["rng"])
         log.info("resumed from %s at step %d (%s); dropped %d metrics rows of later steps; %.1f s",
                  c.path, c.step, c.trainer["schedule"], dropped, time.time() - t0)
@@ -329,9 +411,14 @@ class Trainer:
         self._state_ref = self.learner.trainable_state.remote() if self.rollouts else None
         if self.rollouts:
             refs = [a.set_weights.remote(self._state_ref, self.version) for a in self.rollouts]
+            timeout = 2 * self.recipe.rollout.timeout_s  # queued behind a rollout in flight (async_rollouts)
             for index, ref in enumerate(refs):
                 try:
-                    ray.get(ref)
+                    ray.get(ref, timeout=timeout)
+                except ray.exceptions.GetTimeoutError:
+                    raise StepTimeout(f"step {self.step}: rollout actor {index} took no weights (version {version}) "
+                                      f"within 2 x rollout.timeout_s = {timeout:g} s; last complete checkpoint: "
+                                      f"{self.checkpoint_path or 'none'}") from None
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                     # Died (or restarting) mid-sync: Ray restarts it, and its next launch notices the
                     # new process (_check_restarted) and hands it this same `_state_ref`.
@@ -382,6 +469,7 @@ class Trainer:
             row = {"step": self.step, "stage": stage, **row, "learner_wait": round(waited, 4),
                    "seconds": round(time.time() - t0, 4)}
             self.metrics.log(row)
+            self._log_completions(stage, extras)
             # timings differ from run to run: keep them out of what checkpoints and model cards hold
             self.last_metrics[stage] = {k: v for k, v in row.items()
                                         if isinstance(v, (int, float)) and k not in ("seconds", "learner_wait")}
@@ -389,7 +477,8 @@ class Trainer:
             self.step += 1
             pending = following
             if bar is not None:
-                bar.set_postfix(reward=f"{row['reward_mean']:.4f}", loss=f"{row['loss']:.4f}", s=f"{row['seconds']:.1f}")
+                bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.4f}", loss=f"{row['loss']:.4f}",
+                                s=f"{row['seconds']:.1f}")
                 bar.update(1)
             if self.recipe.output.save_every and self.step % self.recipe.output.save_every == 0:
                 self.save_checkpoint()
@@ -421,6 +510,19 @@ class Trainer:
         if self._check_restarted(step, "reward", p.reward_actor) or restarted:
             self._write_actors()  # after both checks: actors.json shows where every actor runs now
         seed = self._seed(step)
+        if stage == "warmup":  # captions from the disk cache; missing ones written by the frozen encoder now
+            import ray
+
+            from rl.warmup import CaptionCache, cache_dir, cached_captions
+
+            def caption(missing_images):
+                return ray.get(self._rollout_remote(p.rollout_actor, "warmup_captions", 1, missing_images, seed))
+
+            captions, new = cached_captions(CaptionCache(cache_dir(self.recipe)), ids, images, caption)
+            p.warmup_new = new
+            p.rollout_ref = [ray.put(captions)]
+            p.driver_ref = p.rollout_ref[0]
+            return p
         # One ObjectRef per returned item, so that each consumer gets only what it reads: the
         # reward actor the captions and renders, the learners the trajectory or caption group,
         # the driver the captions (a trajectory never passes through the driver).
@@ -438,7 +540,7 @@ class Trainer:
             captions, renders = p.rollout_ref[1:]
             p.driver_ref = captions
         p.reward_ref = self.rewards[p.reward_actor].score_rollout.remote(
-            stage, captions, renders, ids, images, [r.elements for r in records], step)
+            stage, captions, renders, ids, images, [r.elements for r in records], step, _columns(records))
         return p
 
     def _rollout_remote(self, index: int | None, method: str, num_returns: int, *args: Any):
@@ -453,33 +555,54 @@ class Trainer:
         restarted by Ray; the step is then launched again with the last synced weights."""
         import ray
 
+        timeouts = {"rollout": (self.recipe.rollout.timeout_s, "rollout.timeout_s"),
+                    "reward": (len(self.recipe.rewards.functions) * self.recipe.rewards.timeout_s + 60,
+                               f"{len(self.recipe.rewards.functions)} x rewards.timeout_s + 60 s")}
+        last = ""
         for attempt in range(self.recipe.resources.max_restarts + 1):
             role, index = "rollout", p.rollout_actor
             try:
-                rollout = ray.get(p.driver_ref)
+                rollout = ray.get(p.driver_ref, timeout=timeouts["rollout"][0])
                 role, index = "reward", p.reward_actor
-                batch = ray.get(p.reward_ref) if p.reward_ref is not None else None
+                batch = ray.get(p.reward_ref, timeout=timeouts["reward"][0]) if p.reward_ref is not None else None
                 return rollout, batch
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                    ray.exceptions.ObjectLostError) as e:  # lost: its node died after the rollout returned
+                    ray.exceptions.ObjectLostError,  # lost: its node died after the rollout returned
+                    ray.exceptions.GetTimeoutError) as e:
+                hung = isinstance(e, ray.exceptions.GetTimeoutError)
+                what = (f"no {self.stages[p.step]} {role} within {timeouts[role][0]:g} s ({timeouts[role][1]})"
+                        if hung else type(e).__name__)
                 if role == "rollout" and index is None:  # colocated: the rollout ran in the learner
-                    raise LearnerDied(f"the learner (hosting rollouts) died at step {p.step}; last complete "
-                                      f"checkpoint: {self.checkpoint_path or 'none'}") from None
-                self._log_failure(p.step, role, index, f"{type(e).__name__}; retrying the step with weights "
+                    raise (StepTimeout if hung else LearnerDied)(
+                        f"the learner (hosting rollouts) at step {p.step}: {'died' if not hung else what}; last "
+                        f"complete checkpoint: {self.checkpoint_path or 'none'}") from None
+                last = f"{role} actor {index}: {what}"
+                self._log_failure(p.step, role, index, f"{what}; retrying the step with weights "
                                   f"version {self.version}", attempt + 1)
+                if hung:  # taken for dead: Ray restarts it (max_restarts) and the step is launched again
+                    actor = self.rollouts[index] if role == "rollout" else self.rewards[index]
+                    ray.kill(actor, no_restart=False)
+                _drain([*p.rollout_ref, p.reward_ref])
                 try:  # _launch waits for the restart and re-syncs the restarted rollout actor
                     retry = self._launch(p.step, p.records, p.position)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e2:
-                    raise RuntimeError(f"step {p.step}: {role} actor {index} did not come back "
-                                       f"({type(e2).__name__}); resources.max_restarts is "
-                                       f"{self.recipe.resources.max_restarts}") from None
+                    raise StepFailed(f"step {p.step}: {last}; the actor did not come back ({type(e2).__name__}; "
+                                     f"resources.max_restarts = {self.recipe.resources.max_restarts}); last "
+                                     f"complete checkpoint: {self.checkpoint_path or 'none'}") from None
                 p.rollout_ref, p.driver_ref, p.reward_ref = retry.rollout_ref, retry.driver_ref, retry.reward_ref
-        raise RuntimeError(f"step {p.step}: rollouts failed {self.recipe.resources.max_restarts + 1} times")
+        raise StepFailed(f"step {p.step}: failed {self.recipe.resources.max_restarts + 1} times "
+                         f"(resources.max_restarts = {self.recipe.resources.max_restarts}); last: {last}; last "
+                         f"complete checkpoint: {self.checkpoint_path or 'none'}")
 
     def _update(self, stage: str, p: "_Pending", rollout, batch):
         """Advantages (UAE eq. 1) and the learner call of this stage; returns (refs, row extras)."""
         from rollouts.actors import image_seed
 
+        if stage == "warmup":  # rollout: the captions; noise per image and step
+            ids = [r.image_id for r in p.records]
+            seeds = [self._seed(p.step) * 7919 + image_seed(i) for i in ids]
+            return (self._train_refs(stage, [r.image for r in p.records], rollout, seeds),
+                    {"captions": rollout, "captioned": p.warmup_new})
         if stage == "cold_start":
             ids = [r.image_id for r in p.records]
             args = ([r.image for r in p.records], ids, rollout.completion_ids, rollout.completion_mask,
@@ -488,7 +611,17 @@ class Trainer:
         adv = self._advantages(batch)
         captions = rollout.captions if stage == "encoder" else rollout
         ref = p.rollout_ref[0]  # the group or trajectory, already in the object store: one copy for every rank
-        return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions}
+        return self._train_refs(stage, ref, adv.advantages, adv.valid), {"batch": batch, "adv": adv, "captions": captions,
+                                                                          "image_ids": [r.image_id for r in p.records]}
+
+    def _log_completions(self, stage: str, extras: dict[str, Any]) -> None:
+        """The completions table of an encoder step, every output.log_completions_every steps."""
+        every = self.recipe.output.log_completions_every
+        if stage != "encoder" or not every or self.step % every:
+            return
+        self.metrics.log_completions(completions_table(
+            self.step, extras["image_ids"], extras["captions"], self.recipe.rollout.group_size,
+            extras["batch"].per_reward, extras["adv"].advantages.tolist(), self.recipe.output.num_completions_to_log))
 
     def _wait_update(self, stage: str, p: "_Pending", refs: list[Any], extras: dict[str, Any]):
         """(learner statistics, row extras) of step `p`. The rollout the learners read lives in the
@@ -533,13 +666,19 @@ class Trainer:
 
     def _row(self, stage: str, stats: list[dict[str, Any]], extras: dict[str, Any]) -> dict[str, Any]:
         """One metrics row; rank 0's statistics, rewards over every rank for the cold start."""
+        if stage == "warmup":  # no reward: the flow-matching loss (mean over every rank's images)
+            losses = [x for s in stats for x in s["losses"]]
+            s0 = stats[0]
+            return {"loss": sum(losses) / len(losses), **_caption_stats(extras["captions"]),
+                    "warmup/captioned": extras["captioned"], "grad_norm": s0["grad_norm"], "version": s0["version"],
+                    "layer_weights": s0["layer_weights"], "captions": extras["captions"][:2]}
         if stage == "cold_start":
             rewards = torch.tensor([x for s in stats for x in s["rewards"]])
             s0 = stats[0]
             return {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                     "loss": s0["loss"], "kl": 0.0, **_caption_stats(extras["captions"]), "grad_norm": s0["grad_norm"],
                     "version": s0["version"], "layer_weights": s0["layer_weights"], "captions": extras["captions"][:2]}
-        return _row(extras["batch"], extras["adv"], stats[0], extras["captions"])
+        return _row(extras["batch"], extras["adv"], stats[0], extras["captions"], self.recipe.rollout.group_size)
 
     # ------------------------------------------------------------------------------------------
     # save / cleanup
@@ -578,15 +717,30 @@ class Trainer:
 
         exs = heldout_examples(self.recipe, k)
         args = ([e.image for e in exs], [e.image_id for e in exs], self.recipe.eval.seed)
-        captions, renders = ray.get(self._rollout_remote(0 if self.rollouts else None, "eval_render", 2, *args))
+        try:
+            captions, renders = ray.get(self._rollout_remote(0 if self.rollouts else None, "eval_render", 2, *args),
+                                        timeout=self.recipe.rollout.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise StepTimeout(f"grid_{tag}.png: no evaluation render from {'rollout actor 0' if self.rollouts else 'the learner'} "
+                              f"within rollout.timeout_s = {self.recipe.rollout.timeout_s:g} s") from None
         coverage = [s["coverage"] for s in score_captions(captions, exs)]
         path = os.path.join(self.out_dir, f"grid_{tag}.png")
         render_grid(args[0], captions, renders, path, title=f"held-out, {tag} (step {self.step})", scores=coverage)
         log.info("grid %s: %s (mean coverage %.2f, e.g. %r)", tag, path, sum(coverage) / k, captions[0])
 
     def cleanup(self) -> None:
+        """Close the logs, draw the plots, stop Ray; safe after a setup that stopped half-way."""
         import ray
 
+        if ray.is_initialized():
+            ray.shutdown()
+        watcher = getattr(self, "_reaper", None)
+        if watcher is not None:  # stops any process of this Ray that outlived its shutdown
+            watcher.stdin.close()
+            watcher.wait(timeout=30)
+            self._reaper = None
+        if not hasattr(self, "metrics"):
+            return
         self.metrics.close()
         if self.recipe.output.plot:
             from rl.metrics import plot_layer_weights, plot_metrics, read_metrics
@@ -595,16 +749,51 @@ class Trainer:
             plot_metrics(rows, os.path.join(self.out_dir, "reward.png"))
             if self.recipe.models.connector.layers == "learned":
                 plot_layer_weights(rows, os.path.join(self.out_dir, "layer_weights.png"))
-        if ray.is_initialized():
-            ray.shutdown()
 
 
 class LearnerDied(RuntimeError):
     """The learner actor is gone: the run ends, its checkpoints stay as they are."""
 
 
-class OutputDirInUse(RuntimeError):
+class BadInput(RuntimeError):
+    """Input found unusable during setup, before Ray starts or any model is built: exit 2."""
+
+
+class OutputDirInUse(BadInput):
     """output.dir holds an earlier run and neither --resume nor --overwrite was given."""
+
+
+class OutputDirError(BadInput):
+    """output.dir cannot be created or written."""
+
+
+class ClusterUnreachable(BadInput):
+    """ray.address does not answer."""
+
+
+class StepFailed(RuntimeError):
+    """A step's rollout or rewards failed more often than resources.max_restarts allows."""
+
+
+class StepTimeout(StepFailed):
+    """An actor did not answer within its timeout and cannot be retried."""
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """"ray://host:port", "host:port", "[::1]:port" or "host" (Ray's GCS port 6379; ray:// 10001)."""
+    rest = address.split("://", 1)[-1].rstrip("/")
+    default = 10001 if address.startswith("ray://") else 6379
+    if rest.startswith("["):  # IPv6
+        host, _, port = rest[1:].partition("]")
+        port = port.lstrip(":")
+    else:
+        host, _, port = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    try:
+        return host, int(port) if port else default
+    except ValueError:
+        raise ClusterUnreachable(f"ray.address: {address!r} is not local, auto, host:port or ray://host:port") from None
+
+
 
 
 def used_output_dir(path: str) -> bool:
@@ -624,6 +813,21 @@ class _Pending:
     rollout_ref: Any = None  # one ObjectRef per item the rollout method returns
     driver_ref: Any = None  # the item the driver itself reads: the caption group, or the captions
     reward_ref: Any = None
+    warmup_new: int = 0  # warm-up captions written this step (the rest came from the cache)
+
+
+def _drain(refs: list[Any], wait_s: float = 5.0) -> None:
+    """Fetch and drop the results of a launch given up on: Ray prints every failed result that is
+    never fetched as an "Unhandled error" with its traceback when it is garbage-collected."""
+    import ray
+
+    refs = [r for r in refs if r is not None]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - the failure itself is logged by the caller
+            pass
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -777,11 +981,19 @@ def _caption_stats(captions: list[str]) -> dict[str, float]:
             "caption_len_max": max(lengths)}
 
 
-def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]) -> dict[str, Any]:
+def _columns(records) -> dict[str, list[Any]]:
+    """The dataset's per-image columns for reward functions (as TRL passes dataset columns):
+    `references` (reference caption texts or None) and every other column of the source."""
+    keys = sorted({k for r in records for k in r.columns})
+    return {"references": [r.references for r in records], **{k: [r.columns.get(k) for r in records] for k in keys}}
+
+
+def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str], group_size: int) -> dict[str, Any]:
     """One metrics row from a reward batch, its advantages and the learner's statistics."""
     weights = torch.tensor(batch.weights).unsqueeze(1)
-    present = ~torch.isnan(batch.matrix)
-    total = (torch.nan_to_num(batch.matrix) * weights).sum(0)[present.any(0)]  # weighted reward per row
+    # weighted reward per row; a missing score counts as its group's mean, as in the advantages (never 0)
+    total = (grpo.fill_missing(batch.matrix, group_size) * weights).sum(0)
+    total = total[~torch.isnan(total)]
     row = {
         "reward_mean": float(total.mean()) if len(total) else float("nan"),
         "reward_std": float(total.std()) if len(total) > 1 else 0.0,
@@ -795,8 +1007,8 @@ def _row(batch, adv: grpo.Advantages, stats: dict[str, Any], captions: list[str]
         **{f"sampling/{k}": stats[k] for k in ("is_ratio_mean", "is_ratio_min", "is_ratio_max") if k in stats},
         "captions": captions[:2],
     }
-    for name, mean in batch.means.items():
-        row[f"reward/{name}"] = mean
+    row.update(reward_stats(batch.per_reward))  # reward_<name>_mean / _std (TRL: rewards/<name>/mean, /std)
+    row.update(batch.details)  # judged rewards: judge_<name>_contra_frac, judge_<name>_<group>_coverage
     return row
 
 
@@ -822,8 +1034,15 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted while checking the recipe", file=sys.stderr)
+        return 130
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = Trainer(recipe, recipe_dir=str(Path(args.recipe).resolve().parent))
+    # Relative plugin files resolve against the recipe's folder, in the reward actors too. Passed
+    # relative to the working directory when it lies below it: under `ray job submit --working-dir .`
+    # every node unpacks the code into its own folder and runs the actors there.
+    recipe_dir, cwd = Path(args.recipe).resolve().parent, Path.cwd().resolve()
+    trainer = Trainer(recipe, recipe_dir=os.path.relpath(recipe_dir, cwd) if recipe_dir.is_relative_to(cwd) else str(recipe_dir))
     t0 = time.time()
     try:
         trainer.setup()
@@ -832,9 +1051,17 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.eval_grid("end")
         path = trainer.save_checkpoint()
-    except (CheckpointError, OutputDirInUse, ClusterTooSmall) as e:
+    except (CheckpointError, BadInput, RecipeError, DataError, ReferencesError, ClusterTooSmall) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; checkpoints are written atomically
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        print(f"\ninterrupted at step {trainer.step}; last complete checkpoint: {trainer.checkpoint_path or 'none'}",
+              file=sys.stderr)
+        return 130
+    except (StepFailed, RewardPluginError) as e:
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 1
     except FloatingPointError as e:  # the learner refused a non-finite step (through Ray: e.cause)
         print(f"error: step {trainer.step}: {getattr(e, 'cause', e)}; last complete checkpoint: "
               f"{trainer.checkpoint_path or 'none'}", file=sys.stderr)
@@ -843,8 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        if hasattr(trainer, "metrics"):
-            trainer.cleanup()
+        trainer.cleanup()
     print(f"done: {trainer.step} steps in {time.time() - t0:.0f} s; metrics {trainer.metrics.path}; checkpoint {path}")
     return 0
 

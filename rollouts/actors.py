@@ -41,6 +41,22 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def rollouts_may_be_stale(recipe: Recipe) -> bool:
+    """Whether an encoder rollout may reach the learner after its weights have moved on, so that the
+    learner needs the rollout's own log-probs as pi_old (and the rollout must score its captions).
+
+    With `resources.async_rollouts` 0 every rollout is launched after the previous update's weight
+    sync (a restarted rollout actor is re-synced before it is used) and trained on before the next,
+    so its version is the learner's: the learner's first pass of the update (all micro-batches of
+    iteration 0, before any optimizer step, for any `grpo.num_iterations`) is pi_old, exactly the
+    rollout's weights. TRL's GRPOTrainer skips old_per_token_logps in the same case; it computes them
+    with num_iterations > 1 or steps_per_generation > gradient_accumulation_steps because its later
+    micro-batches run after optimizer steps, which ours never do. With async rollouts 1 a rollout is
+    made with the weights of step t and trained at t + 1: it scores. The vLLM backend always returns
+    its engine's log-probs (no extra forward), which the learner needs for the IS correction."""
+    return recipe.resources.async_rollouts > 0
+
+
 def _oom_names(stage: str):
     """Turn an out-of-memory error of a rollout method into one that names the stage and the field
     to lower (rollout.micro_batch_size)."""
@@ -67,9 +83,16 @@ class RolloutWorker:
         self.recipe = recipe
         self.models = models or build_models(recipe, resolve_device(recipe.device))
         self.version = 0
+        # score encoder rollouts' captions (pi_old) only when the learner may need them
+        self.score_captions = rollouts_may_be_stale(recipe)
         self.vllm = None
         if recipe.rollout.caption.backend == "vllm":  # recipe validation made sure vLLM and a GPU exist
             self._start_vllm()
+        elif recipe.rollout.caption.backend == "vllm_server":  # a separate server (TRL vllm_mode "server")
+            from rollouts.vllm_server import VLLMServerCaptioner
+
+            self.vllm = VLLMServerCaptioner(recipe.rollout.caption, device=self.models.device)
+            self.vllm.push_weights(self.models.encoder.model, self.version)  # the server may hold another run's LoRA
 
     def ready(self) -> bool:
         return True
@@ -81,7 +104,9 @@ class RolloutWorker:
         """Load the learner's adapters + connector (LoRA weights only, never the base model)."""
         self.models.load_trainable_state(state)
         self.version = version
-        if self.vllm is not None:  # the engine takes the encoder LoRA as a LoRA request
+        if self.vllm is not None and self.recipe.rollout.caption.backend == "vllm_server":
+            self.vllm.push_weights(self.models.encoder.model, version)  # merged LoRA modules over NCCL
+        elif self.vllm is not None:  # the engine takes the encoder LoRA as a LoRA request
             path = os.path.join(self._vllm_dir, f"lora-v{version}")
             self.models.encoder.model.save_pretrained(path)
             self.vllm.load_lora(path, version)
@@ -109,7 +134,10 @@ class RolloutWorker:
         return self.models.trainable_state()
 
     # ------------------------------------------------------------------------------------------
-    def captions(self, images: Sequence[Image.Image], group_size: int, seed: int, greedy: bool = False) -> CaptionGroup:
+    def captions(self, images: Sequence[Image.Image], group_size: int, seed: int, greedy: bool = False,
+                 score: bool = True) -> CaptionGroup:
+        """G captions per image; `score` false leaves out the hf backend's scoring forward (logprobs
+        None), for callers that never read the log-probs or whose learner recomputes pi_old."""
         c = self.recipe.rollout.caption
         if self.vllm is not None and not greedy:
             return self.vllm.caption_group(self.models.encoder, images, group_size, max_new_tokens=c.max_new_tokens,
@@ -118,7 +146,7 @@ class RolloutWorker:
                                  temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version,
                                  greedy=greedy, micro_batch_size=self.recipe.rollout.micro_batch_size,
                                  logits_chunk=self.recipe.learner.logits_chunk, top_k=c.top_k, min_p=c.min_p,
-                                 repetition_penalty=c.repetition_penalty)
+                                 repetition_penalty=c.repetition_penalty, score=score)
 
     @torch.no_grad()
     def _condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
@@ -164,7 +192,7 @@ class RolloutWorker:
         from rl.ema import weights_swapped
 
         with weights_swapped(self.models, weights):
-            group = self.captions(images, 1, seed, greedy=True)
+            group = self.captions(images, 1, seed, greedy=True, score=False)
             renders = self.render_captions(group.completion_ids, group.completion_mask,
                                            [image_seed(i) for i in image_ids],
                                            num_steps=self.recipe.rollout.trajectory.eval_steps)
@@ -176,7 +204,7 @@ class RolloutWorker:
         """Stage 2: G captions per image, each rendered from its image's fixed noise (unless no
         reward needs renders)."""
         g = self.recipe.rollout.group_size
-        group = self.captions(images, g, seed)
+        group = self.captions(images, g, seed, score=self.score_captions)
         if not render:
             return group, None
         seeds = [image_seed(i) for i in image_ids for _ in range(g)]
@@ -188,7 +216,7 @@ class RolloutWorker:
                         ) -> tuple[Trajectory, list[str], list[Image.Image]]:
         """Stage 3: one greedy caption per image from the frozen encoder, G SDE trajectories each."""
         t = self.recipe.rollout.trajectory
-        group = self.captions(images, 1, seed, greedy=True)
+        group = self.captions(images, 1, seed, greedy=True, score=False)
         cond, mask, pooled = self._condition(group.completion_ids, group.completion_mask)  # B rows
         traj = sample_trajectories(
             self.models.decoder, cond, mask, pooled, self.recipe.rollout.group_size, num_steps=t.num_steps,
@@ -200,10 +228,26 @@ class RolloutWorker:
         # The renders go out as PIL images; the tensor copy would only travel along unread.
         return traj._replace(images=None), group.captions, to_pil(traj.images)
 
+    @_oom_names("warmup")
+    @torch.no_grad()
+    def warmup_captions(self, images: Sequence[Image.Image], seed: int) -> list[str]:
+        """The warm-up stage's long captions (UAE sec. 2.2, rl/warmup.py): one greedy caption per image
+        from the frozen encoder (adapter off) under UAE's prompt, at most warmup.max_new_tokens tokens,
+        `rollout.micro_batch_size` rows per generate call (always transformers' generate)."""
+        from rl import adapters
+        from rl.warmup import warmup_tokens
+
+        with adapters.disabled(self.models.encoder.model):
+            group = generate_captions(self.models.encoder, images, 1, max_new_tokens=warmup_tokens(self.recipe),
+                                      seed=seed, version=self.version, greedy=True,
+                                      micro_batch_size=self.recipe.rollout.micro_batch_size,
+                                      logits_chunk=self.recipe.learner.logits_chunk)
+        return list(group.captions)
+
     @_oom_names("cold_start")
     def cold_start_rollout(self, images: Sequence[Image.Image], seed: int) -> CaptionGroup:
         """Stage 1: one sampled caption per image (no gradient; the learner re-reads it)."""
-        return self.captions(images, 1, seed)
+        return self.captions(images, 1, seed, score=False)
 
 
 def remote_rollout_actor(recipe: Recipe, num_cpus: float = 1.0, num_gpus: float = 0.0,

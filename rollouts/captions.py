@@ -4,14 +4,23 @@ Two functions carry stage 2 (UAE sec. 2.3): `generate_captions` samples a `Capti
 rollout), and `completion_logprobs` computes per-token log-probs of those captions under the
 current (or reference) policy. The rollout's log-probs ARE `completion_logprobs` of its captions
 (one extra forward after generation, as TRL's old_per_token_logps), so the ratio pi/pi_old compares
-like with like: same temperature, same suppressed tokens, same code.
+like with like: same temperature, same suppressed tokens, same code. That forward runs only when the
+rollout may be stale by the time the learner trains on it (async rollouts); on-policy the learner's
+own first pass is pi_old and the rollout skips it (`score=False`), as TRL does.
 
 Memory is bounded by a micro-batch (shared/DESIGN.md, "Scale"): generation runs `micro_batch_size`
 rows per call, and log-probs never form (rows x tokens x vocabulary) logits, only `chunk` positions'
 worth at a time (Qwen2.5-VL's vocabulary is 151,936: 1024 positions are 0.6 GB in float32).
 
-Backends: `hf` (transformers generate, here) and `vllm` (`VLLMCaptioner`, GPU only, used when the
-`vllm` extra is installed; LoRA weights reach it as LoRA requests).
+The vision tower runs once per image, never once per caption copy: a group's G rows share their
+image's embeddings (`image_features`, passed to Qwen2.5-VL as `mm_encoder_outputs`), in generation,
+in the rollout's log-probs and in the learner (`ImageFeatures` keeps a frozen tower's output for a
+whole update: reference pass, micro-batches and iterations).
+
+Backends: `hf` (transformers generate, here), `vllm` (`VLLMCaptioner`, GPU only, used when the
+`vllm` extra is installed; LoRA weights reach it as LoRA requests) and `vllm_server`
+(`rollouts.vllm_server`, a separate server as TRL's server mode, sharing this module's sampling
+parameters and `group_from_samples`).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
 
 from rl.grpo import shard_rows
@@ -39,7 +49,9 @@ class CaptionGroup(NamedTuple):
     image_grid_thw: torch.Tensor  # (B, 3)
     completion_ids: torch.Tensor  # (N, T) right-padded caption tokens, EOS included
     completion_mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
-    logprobs: torch.Tensor  # (N, T) log-probs of the sampled tokens under the rollout policy
+    # (N, T) log-probs of the sampled tokens under the rollout policy; None when the rollout skipped
+    # scoring them (`generate_captions(score=False)`: on-policy, the learner's own first pass is pi_old)
+    logprobs: torch.Tensor | None
     captions: list[str]  # (N,) decoded text
     group_size: int
     version: int  # weight version of the policy that sampled them
@@ -71,18 +83,29 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                       seed: int = 0, version: int = 0, greedy: bool = False,
-                      micro_batch_size: int | None = None, logits_chunk: int = 1024) -> CaptionGroup:
+                      micro_batch_size: int | None = None, logits_chunk: int = 1024, score: bool = True
+                      ) -> CaptionGroup:
     """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate.
 
     B images -> N = B * G rows, image-major. `micro_batch_size` rows per model call: each generate
     call takes max(1, micro_batch_size // G) images x G samples (None: all B images in one call).
     The calls' completions are right-padded to a common T (pad id, mask 0).
 
-    Log-probs (N, T) are computed after generation by `completion_logprobs` under no_grad, in the
-    same row micro-batches, `logits_chunk` positions at a time: exactly the learner's computation,
-    so the first importance ratio is 1 up to float round-off. This costs one forward over prompt +
-    caption (TRL's old_per_token_logps does the same) instead of keeping generate's (N, V) logits for
-    each of the T steps. Greedy decoding scores at temperature 1.
+    The vision tower runs once per image of a call (`image_features`); generate() gets the embeddings
+    (`mm_encoder_outputs`, repeated for the G samples) and computes only the last position's logits
+    at each step (logits_to_keep=1), none of which are kept.
+
+    Log-probs (N, T) are computed after each generate call by `completion_logprobs` under no_grad,
+    on the same rows and image embeddings, `logits_chunk` positions at a time: exactly the learner's
+    computation, so the first importance ratio is 1 up to float round-off. This costs one forward
+    over prompt + caption (TRL's old_per_token_logps does the same) instead of keeping generate's
+    (N, V) logits for each of the T steps. Greedy decoding scores at temperature 1.
+
+    `score=False` skips that forward and returns `logprobs=None`: for rollouts the learner trains on
+    with the weights that sampled them (same version), where its own first pass is pi_old, as TRL's
+    GRPOTrainer skips old_per_token_logps when training is on-policy (`RolloutWorker.score_captions`
+    decides; the learner refuses an unscored group that has gone stale). The captions are the same
+    either way (scoring draws nothing from the random stream).
 
     The sampled captions depend on `micro_batch_size` through the global random stream (seeded once
     from `seed`), not their distribution.
@@ -99,16 +122,19 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
     images_per_call = b if micro_batch_size is None else max(1, micro_batch_size // g)
     patches = torch.split(inputs["pixel_values"], inputs["image_grid_thw"].prod(dim=1).tolist(), dim=0)
     prompt_len = inputs["input_ids"].shape[1]
+    score_temperature = 1.0 if greedy else temperature
     torch.manual_seed(seed)  # generate() samples from the global generator
-    pieces = []  # (ids (n_k, T_k), mask (n_k, T_k)) per call
+    pieces = []  # (ids (n_k, T_k), mask (n_k, T_k), log-probs (n_k, T_k)) per call
     for lo in range(0, b, images_per_call):
         hi = min(lo + images_per_call, b)
-        # Everything the processor returned, these images' share of it. generate() repeats each row
-        # for the G samples and extends mm_token_type_ids with 0 (text) for the new tokens.
-        call = {k: v[lo:hi] for k, v in inputs.items() if k != "pixel_values"}
-        call["pixel_values"] = torch.cat(patches[lo:hi], dim=0)
+        # Everything the processor returned, these images' share of it, with the vision tower's output
+        # for each image (computed once here, as generate() would) in place of the pixels: generate()
+        # repeats prompts and embeddings for the G samples and extends mm_token_type_ids with 0 (text).
+        call = {k: v[lo:hi].to(device) for k, v in inputs.items() if k != "pixel_values"}
+        feats = image_features(model, torch.cat(patches[lo:hi], dim=0), inputs["image_grid_thw"][lo:hi])
         out = model.generate(
-            **{k: v.to(device) for k, v in call.items()},
+            **call,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))},
             do_sample=not greedy,
             temperature=temperature if not greedy else None,
             top_p=top_p if not greedy else None,
@@ -122,29 +148,38 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
             suppress_tokens=encoder.suppressed_ids,
         )
         ids = out[:, prompt_len:].cpu()  # (n_k, T_k), T_k: this call's longest caption
-        pieces.append((ids, completion_mask(ids, encoder.eos_token_id)))
-    # A row without EOS ran to max_new_tokens, so only finished rows get the padding: mask 0.
-    t = max(p.shape[1] for p, _ in pieces)
-    ids = torch.cat([F.pad(i, (0, t - i.shape[1]), value=encoder.pad_token_id) for i, _ in pieces])  # (N, T)
-    mask = torch.cat([F.pad(m, (0, t - m.shape[1]), value=0) for _, m in pieces])  # (N, T)
-    group = CaptionGroup(
+        mask = completion_mask(ids, encoder.eos_token_id)
+        logp = None
+        if score:  # pi_old of these rows, scored like the learner, on the same image embeddings (no second
+            # vision pass); the RNG is untouched, so the next call samples as if this were not here.
+            part = CaptionGroup(
+                prompt_ids=inputs["input_ids"][lo:hi], prompt_mask=inputs["attention_mask"][lo:hi],
+                pixel_values=torch.cat(patches[lo:hi], dim=0), image_grid_thw=inputs["image_grid_thw"][lo:hi],
+                completion_ids=ids, completion_mask=mask, logprobs=None, captions=[""] * ids.shape[0],
+                group_size=g, version=version,
+                mm_token_type_ids=None if "mm_token_type_ids" not in inputs else inputs["mm_token_type_ids"][lo:hi])
+            logp = completion_logprobs(model, part, score_temperature, encoder.suppressed_ids, chunk=logits_chunk,
+                                       features=ImageFeatures.of(list(feats)))[0].cpu()
+        pieces.append((ids, mask, logp))
+        del feats
+    # A row without EOS ran to max_new_tokens, so only finished rows get the padding: mask 0, log-prob 0.
+    t = max(p.shape[1] for p, _, _ in pieces)
+    ids = torch.cat([F.pad(i, (0, t - i.shape[1]), value=encoder.pad_token_id) for i, _, _ in pieces])  # (N, T)
+    mask = torch.cat([F.pad(m, (0, t - m.shape[1]), value=0) for _, m, _ in pieces])  # (N, T)
+    logprobs = torch.cat([F.pad(lp, (0, t - lp.shape[1]), value=0.0) for _, _, lp in pieces]) if score else None  # (N, T)
+    return CaptionGroup(
         prompt_ids=inputs["input_ids"],
         prompt_mask=inputs["attention_mask"],
         pixel_values=inputs["pixel_values"],
         image_grid_thw=inputs["image_grid_thw"],
         completion_ids=ids,
         completion_mask=mask,
-        logprobs=torch.zeros(ids.shape),  # filled below
+        logprobs=logprobs,
         captions=encoder.decode(ids, mask),
         group_size=g,
         version=version,
         mm_token_type_ids=inputs.get("mm_token_type_ids"),
     )
-    rows_per_call = images_per_call * g
-    logprobs = [completion_logprobs(model, group, 1.0 if greedy else temperature, encoder.suppressed_ids,
-                                    rows=slice(lo, lo + rows_per_call), chunk=logits_chunk)[0].cpu()
-                for lo in range(0, ids.shape[0], rows_per_call)]
-    return group._replace(logprobs=torch.cat(logprobs))
 
 
 # The processor outputs a CaptionGroup carries (Qwen2.5-VL with images; mm_token_type_ids is absent
@@ -165,25 +200,28 @@ def _row_indices(group: CaptionGroup, rows: slice | None) -> torch.Tensor:
     return torch.arange(n) if rows is None else torch.arange(n)[rows]
 
 
-def expand_inputs(group: CaptionGroup, device: torch.device, rows: slice | None = None) -> dict[str, torch.Tensor]:
+def expand_inputs(group: CaptionGroup, device: torch.device, rows: slice | None = None,
+                  pixels: bool = True) -> dict[str, torch.Tensor]:
     """Model inputs for the rows `rows` (None: all N = B * G): each row's prompt and its image's
     patches (row r belongs to image r // G; an image's patches are its image_grid_thw.prod()
-    consecutive rows of pixel_values). Only the images those rows need are read.
+    consecutive rows of pixel_values). Only the images those rows need are read. This is the
+    per-copy input (the vision tower would run once per row); `pixels=False` leaves pixel_values
+    out, for `completion_logprobs`, which passes each image's embeddings once instead.
 
     mm_token_type_ids (n, P + T): the prompt's, then 0 (text) for the caption tokens, as the
     processor would type prompt + caption and as generate() extends it."""
     idx = _row_indices(group, rows)
     image_of = idx // group.group_size  # (n,)
-    chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
-    pixel_values = torch.cat([chunks[i] for i in image_of.tolist()], dim=0)
     ids = torch.cat([group.prompt_ids[image_of], group.completion_ids[idx]], dim=1)
     mask = torch.cat([group.prompt_mask[image_of], group.completion_mask[idx]], dim=1)
     out = {
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
-        "pixel_values": pixel_values.to(device),
         "image_grid_thw": group.image_grid_thw[image_of].to(device),
     }
+    if pixels:
+        chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
+        out["pixel_values"] = torch.cat([chunks[i] for i in image_of.tolist()], dim=0).to(device)
     if group.mm_token_type_ids is not None:
         types = group.mm_token_type_ids[image_of]  # (n, P)
         out["mm_token_type_ids"] = torch.cat([types, types.new_zeros(idx.shape[0], ids.shape[1] - types.shape[1])],
@@ -193,6 +231,66 @@ def expand_inputs(group: CaptionGroup, device: torch.device, rows: slice | None 
                       "instead of M-RoPE's 3-D ones, unlike generate_captions; build the group with "
                       "mm_token_type_ids=encoder.prepare(images)['mm_token_type_ids']", stacklevel=2)
     return out
+
+
+def image_features(model: torch.nn.Module, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+                   ) -> tuple[torch.Tensor, ...]:
+    """The vision tower's output (merged patches in the LM's width) for each of k images: k tensors
+    (tokens_i, H), tokens_i = image_grid_thw[i].prod() / merge^2, one per image placeholder token.
+
+    pixel_values (sum of patches, D) and image_grid_thw (k, 3) as the processor returns them.
+    Qwen2.5-VL's own `get_image_features`, the call its forward makes on pixel_values; gradient as
+    the context (the tower is frozen under the default adapter targets)."""
+    body, _ = _body_and_head(model)
+    device = next(model.parameters()).device
+    out = body.get_image_features(pixel_values.to(device), image_grid_thw.to(device), return_dict=True)
+    return tuple(out.pooler_output)
+
+
+def vision_trainable(model: torch.nn.Module) -> bool:
+    """True when a parameter of the vision tower requires grad (an adapter target list that reaches
+    `visual.*`, e.g. a bare `down_proj`; the default targets the language model only)."""
+    body, _ = _body_and_head(model)
+    return any(p.requires_grad for p in body.visual.parameters())
+
+
+class ImageFeatures:
+    """The vision tower's output for a group's images, each computed once on first use (under
+    no_grad) and reused by every later forward over those images.
+
+    For a frozen tower only (`vision_trainable` false): the reference pass (adapter disabled) and the
+    policy passes then see the same embeddings, and no gradient flows into the tower anyway, so
+    reusing them is exact. With a trainable tower `completion_logprobs` is given none and computes its
+    rows' images per call, with gradient (still once per image, not per caption copy).
+
+    Memory: at most the group's B images, (sum of tokens_i, H) in the model's dtype: with Qwen's
+    2x2 merge that is tokens / 4 x 2048 values per image against the patches x 1176 of the
+    pixel_values the group already holds (0.44x).
+    """
+
+    def __init__(self, model: torch.nn.Module | None, group: CaptionGroup | None):
+        self.model, self.group = model, group
+        self.cache: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, features: Sequence[torch.Tensor]) -> "ImageFeatures":
+        """Already computed embeddings of images 0..k-1 (nothing left to compute)."""
+        out = cls(None, None)
+        out.cache = dict(enumerate(features))
+        return out
+
+    def __call__(self, images: Sequence[int]) -> list[torch.Tensor]:
+        """Embeddings (tokens_i, H) of the group's images `images` (indices into its B images)."""
+        missing = sorted(set(images) - set(self.cache))
+        if missing:
+            if self.group is None:
+                raise KeyError(f"no embeddings for images {missing}")
+            chunks = torch.split(self.group.pixel_values, self.group.image_grid_thw.prod(dim=1).tolist(), dim=0)
+            with torch.no_grad():
+                feats = image_features(self.model, torch.cat([chunks[i] for i in missing], dim=0),
+                                       self.group.image_grid_thw[missing])
+            self.cache.update((i, f.detach()) for i, f in zip(missing, feats))
+        return [self.cache[i] for i in images]
 
 
 def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -229,15 +327,18 @@ def _chunk_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, ids: torch.T
 
 def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature: float,
                         suppressed_ids: Sequence[int] = (), with_entropy: bool = False,
-                        rows: slice | None = None, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        rows: slice | None = None, chunk: int = 1024, features: ImageFeatures | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (n, T) of the captions of rows `rows` (None: all N) under `model` (grad
     if enabled), and their entropies (n, T) (detached) when `with_entropy`, else None.
 
         log pi(y_t | x, y_<t) = z_t[y_t] - logsumexp(z_t),  z_t = lm_head(h_t) / temperature
 
-    1) one forward of the language model over prompt + caption for those rows, to hidden states
-       (only their images' patches go in); the last T + 1 positions are the ones that predict the
-       caption (the very last is dropped);
+    1) the vision tower once per image of those rows (`features`: a frozen tower's cached output;
+       None: computed here, with gradient as the context), each image's embeddings repeated for its
+       caption copies (Qwen2.5-VL's `mm_encoder_outputs`, what its forward builds from pixel_values);
+       one forward of the language model over prompt + caption for those rows, to hidden states;
+       the last T + 1 positions are the ones that predict the caption (the very last is dropped);
     2) the (n * T) positions, flattened row-major, are scored `chunk` at a time: lm_head, float32,
        temperature, suppressed ids, log-softmax of the chosen token (TRL's selective_log_softmax),
        so at most (chunk, V) logits exist at once. With autograd on, each chunk runs under
@@ -250,7 +351,16 @@ def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature
     idx = _row_indices(group, rows)
     ids = group.completion_ids[idx].to(device)  # (n, T)
     n, t = ids.shape
-    hidden = body(**expand_inputs(group, device, rows), use_cache=False).last_hidden_state  # (n, P + T, H)
+    images, copy_of = torch.unique(idx // group.group_size, return_inverse=True)  # (k,), (n,): row -> image
+    if features is not None:
+        per_image = features(images.tolist())
+    else:
+        chunks = torch.split(group.pixel_values, group.image_grid_thw.prod(dim=1).tolist(), dim=0)
+        per_image = image_features(model, torch.cat([chunks[i] for i in images.tolist()], dim=0),
+                                   group.image_grid_thw[images])
+    embeds = BaseModelOutputWithPooling(pooler_output=[per_image[j] for j in copy_of.tolist()])  # one per row
+    hidden = body(**expand_inputs(group, device, rows, pixels=False), mm_encoder_outputs={"image": embeds},
+                  use_cache=False).last_hidden_state  # (n, P + T, H)
     hidden = hidden[:, -(t + 1):-1].reshape(n * t, -1)  # position P - 1 + i predicts caption token i
     flat_ids = ids.reshape(n * t)
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=device) if suppressed_ids else None
@@ -401,6 +511,6 @@ def shard_group(group: CaptionGroup, rank: int, world_size: int) -> CaptionGroup
         prompt_ids=group.prompt_ids[images], prompt_mask=group.prompt_mask[images],
         pixel_values=torch.cat([chunks[i] for i in images], dim=0), image_grid_thw=group.image_grid_thw[images],
         completion_ids=group.completion_ids[rows], completion_mask=group.completion_mask[rows],
-        logprobs=group.logprobs[rows], captions=[group.captions[r] for r in rows],
+        logprobs=None if group.logprobs is None else group.logprobs[rows], captions=[group.captions[r] for r in rows],
         mm_token_type_ids=None if group.mm_token_type_ids is None else group.mm_token_type_ids[images],
     )

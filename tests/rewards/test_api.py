@@ -1,5 +1,6 @@
 """The reward plugin API: the four ways to name a reward, adapters, and every bad-plugin case."""
 import asyncio
+import inspect
 import logging
 import math
 import pickle
@@ -201,7 +202,7 @@ def test_bad_spec_names_the_spec(spec, words):
 
 def test_validate_specs():
     good = validate_specs(["format", "plugins/basic.py:length_reward"], base_dir=HERE)
-    assert [f.name for f in good] == ["format", "plugins/basic.py:length_reward"]
+    assert [(f.name, f.spec) for f in good] == [("format", "format"), ("length_reward", "plugins/basic.py:length_reward")]
     with pytest.raises(RewardSpecError, match="'nope_xyz'") as err:
         validate_specs(["format", "nope_xyz"], base_dir=HERE)
     assert err.value.spec == "nope_xyz"
@@ -237,7 +238,7 @@ def test_bad_plugin_skip_sample(plugin, message, none_at, caplog):
     good = load_reward("plugins/basic.py:length_reward", base_dir=HERE)
     with caplog.at_level(logging.WARNING, logger="rewards.api"):
         batch = compute_rewards([good, bad(plugin)], PROMPTS, COMPLETIONS, step=7, on_error="skip_sample")
-    scores = batch.per_reward[f"plugins/bad.py:{plugin}"]
+    scores = batch.per_reward[plugin]  # keyed by the function's name, never its path
     assert [i for i, s in enumerate(scores) if s is None] == none_at
     assert all(s == 0.5 for s in scores if s is not None)
     # NaN in the matrix marks exactly the missing scores, nothing else
@@ -250,22 +251,61 @@ def test_bad_plugin_skip_sample(plugin, message, none_at, caplog):
 def test_none_is_a_valid_missing_score_and_means_exclude_it():
     fns = [bad("some_none"), load_reward("plugins/basic.py:length_reward", base_dir=HERE, weight=2.0)]
     batch = compute_rewards(fns, PROMPTS, COMPLETIONS, step=0)  # no error even under "fail"
-    assert batch.per_reward["plugins/bad.py:some_none"] == [None, 1.0, 1.0, 1.0]
-    assert batch.means["plugins/bad.py:some_none"] == 1.0  # (1 + 1 + 1) / 3, not 3 / 4
-    assert batch.means["plugins/basic.py:length_reward"] == pytest.approx(0.25)  # (.1+.2+.3+.4)/4
+    assert batch.per_reward["some_none"] == [None, 1.0, 1.0, 1.0]
+    assert batch.means["some_none"] == 1.0  # (1 + 1 + 1) / 3, not 3 / 4
+    assert batch.means["length_reward"] == pytest.approx(0.25)  # (.1+.2+.3+.4)/4
     assert batch.weights == [1.0, 2.0]
     assert math.isnan(batch.matrix[0, 0]) and batch.matrix[1].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
 
 
 def test_mean_is_none_when_nothing_present():
     batch = compute_rewards([bad("raises")], PROMPTS, COMPLETIONS, step=0, on_error="skip_sample")
-    assert batch.means == {"plugins/bad.py:raises": None}
+    assert batch.means == {"raises": None}
 
 
 def test_duplicate_reward_names_rejected():
     fn = load_reward("format")
     with pytest.raises(ValueError, match="unique"):
         compute_rewards([fn, fn], PROMPTS, COMPLETIONS, step=0)
+
+
+def test_names_are_function_names_with_a_suffix_on_a_clash():
+    specs = ["recipes/plugins/my_reward.py:shape_words", "pkg.mod:Holder.score", "verl:x.py:compute_score",
+             "format", "other/my_reward.py:shape_words", "ug_entry_point"]
+    names = [api.reward_name(s) for s in specs]
+    assert names == ["shape_words", "score", "compute_score", "format", "shape_words", "ug_entry_point"]
+    assert api.unique_names(names) == ["shape_words", "score", "compute_score", "format", "shape_words_2", "ug_entry_point"]
+    assert api.unique_names(["a", "a", "a_2", "a"]) == ["a", "a_3", "a_2", "a_4"]  # never a name already taken
+    fn = load_reward("plugins/basic.py:length_reward", base_dir=HERE)
+    assert (fn.name, fn.spec, fn.__name__) == ("length_reward", "plugins/basic.py:length_reward", "length_reward")
+
+
+def test_load_reward_has_trls_signature_step_optional():
+    fn = load_reward("plugins/basic.py:length_reward", base_dir=HERE)
+    # As TRL's GRPOTrainer._calculate_rewards calls a reward function: keywords, no step.
+    out = fn(prompts=PROMPTS, completions=[[{"role": "assistant", "content": c}] for c in COMPLETIONS],
+             completion_ids=[[1]] * 4, trainer_state=None, log_extra=None, log_metric=None)
+    assert out == [0.1, 0.2, 0.3, 0.4]
+    assert inspect.signature(fn).parameters["step"].default is None
+    echo = load_reward("plugins/basic.py:step_echo", base_dir=HERE)
+    assert echo(PROMPTS, COMPLETIONS, step=5) == [5.0] * 4
+    with pytest.raises(RewardPluginError, match=r"^reward plugin 'plugins/bad.py:raises' failed: raised"):
+        bad("raises")(PROMPTS, COMPLETIONS)
+
+
+def test_relative_plugin_path_is_relative_to_the_recipe_file(tmp_path, monkeypatch):
+    from rl.config import RecipeError, load_recipe
+
+    recipes = tmp_path / "recipes"
+    (recipes / "plugins").mkdir(parents=True)
+    (recipes / "plugins" / "r.py").write_text("def r(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    (recipes / "x.yaml").write_text("rewards:\n  functions:\n    - {name: plugins/r.py:r}\n")
+    monkeypatch.chdir(tmp_path)  # the working directory has no plugins/: the recipe's folder is what counts
+    load_recipe(recipes / "x.yaml")
+    (recipes / "y.yaml").write_text("rewards:\n  functions:\n    - {name: recipes/plugins/r.py:r}\n")
+    with pytest.raises(RecipeError, match=r"rewards.functions.0.name.*no such file: .*recipes/recipes/plugins/r.py "
+                                          r"\(a relative path is resolved against the recipe file folder"):
+        load_recipe(recipes / "y.yaml")
 
 
 def test_plugin_error_pickles():  # it crosses Ray actor boundaries
@@ -309,3 +349,28 @@ def test_format_tags_only_and_conversational():
     assert load_reward("format")(["p"], ["<answer>a red circle</answer>"], step=0) == [0.2]
     conversational = [[{"role": "assistant", "content": THINK + ANSWER}]]
     assert load_reward("format_reade")(["p"], conversational, step=0) == [1.0]
+
+
+def test_load_reward_runs_inside_trls_own_calculate_rewards():
+    """A loaded reward is a TRL reward function: TRL's GRPOTrainer._calculate_rewards (trl 1.16, a
+    trainer built with object.__new__, only the attributes that method reads set) names it by its
+    __name__ and calls it with its own keywords, on the arguments our reward workers build."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from trl import GRPOTrainer
+
+    from rewards.actors import trl_completion, trl_prompt
+
+    fns = [load_reward("plugins/basic.py:length_reward", base_dir=HERE), load_reward("trl.rewards:think_format_reward")]
+    t = object.__new__(GRPOTrainer)
+    t.__dict__.update(accelerator=SimpleNamespace(device=torch.device("cpu"), is_main_process=True), reward_funcs=fns,
+                      reward_processing_classes=[None, None], reward_func_names=[f.__name__ for f in fns],
+                      state=SimpleNamespace(global_step=0), args=SimpleNamespace(report_to=[]),
+                      environments=None, _log_completion_extra=None, _log_metric=None)
+    prompts = [trl_prompt(Image.new("RGB", (4, 4)))] * 2
+    completions = [trl_completion("<think>a</think>b"), trl_completion("plain")]
+    inputs = [{"prompt": p, "image_id": i} for p, i in zip(prompts, ["x", "y"])]  # a dataset column: image_id
+    rewards = t._calculate_rewards(inputs, prompts, completions, [[1], [2]])
+    assert t.reward_func_names == ["length_reward", "think_format_reward"]
+    assert torch.allclose(rewards, torch.tensor([[1.7, 1.0], [0.5, 0.0]]))  # len / 10; TRL's think rule

@@ -272,7 +272,7 @@ def test_kadapter_export_is_a_plain_merged_model(tmp_path):
         with models.reference("decoder"):
             base_dec = models.decoder.velocity(x, torch.full((2,), 0.5), cond, pooled, mask)
     assert not torch.allclose(want_dec, base_dec, atol=1e-5)  # the adapter is not a no-op
-    _export_merged_encoder(models, str(tmp_path / "encoder"))
+    _export_merged_encoder(models, str(tmp_path / "encoder"), recipe.rollout.caption.max_new_tokens)
     _export_merged_decoder(models, str(tmp_path / "decoder"))
     enc = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tmp_path / "encoder"))
     dec = SD3Transformer2DModel.from_pretrained(str(tmp_path / "decoder"), subfolder="transformer")

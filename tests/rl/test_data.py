@@ -1,4 +1,8 @@
 """Dataset loading from every source kind, its error messages, and resumable batching."""
+import io
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,11 +106,19 @@ def test_folder_errors(tmp_path):
         load_dataset_from_config(str(tmp_path / "bad"))
 
 
-def test_check_source_kinds():
+def test_check_source_kinds(monkeypatch, tmp_path):
     assert check_source(None) == "generate"
-    assert check_source("someone/some-dataset") == "hub"  # not downloaded, just accepted
-    with pytest.raises(DataError, match="does not exist"):
-        check_source("./no/such/folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_source("someone/some-dataset") == "hub"  # not downloaded, just accepted: recipes validate offline
+    with pytest.raises(DataError, match=r"cannot load dataset 'someone/some-dataset' split 'train' \(no local folder "
+                                        r"'someone/some-dataset' in .*read as a Hub name\) \(HF_HUB_OFFLINE=1"):
+        load_dataset_from_config("someone/some-dataset")  # loading names it, and the folder it is not
+    # What can only be a path is never tried as a Hub name: a typo below an existing folder too.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for typo in ("./no/such/folder", "data/imags", "imags/", "a/b/c", "photo.png"):
+        with pytest.raises(DataError, match=f"folder '{typo}' does not exist"):
+            check_source(typo)
 
 
 def test_generated_source():
@@ -144,3 +156,145 @@ def test_batches_deterministic_and_resumable():
 def test_empty_dataset_rejected():
     with pytest.raises(DataError, match="empty"):
         ImageDataset([])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders through datasets' imagefolder: splits, metadata, bad images
+# ---------------------------------------------------------------------------------------------
+
+
+def _bomb_png(path):
+    """A valid 1x1 PNG whose header announces 100000 x 100000 pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", 100_000, 100_000)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+
+
+def test_imagefolder_splits_metadata_references_and_columns(tmp_path):
+    for split, colors in (("train", [(255, 0, 0), (0, 255, 0)]), ("test", [(0, 0, 255)])):
+        (tmp_path / split).mkdir()
+        rows = []
+        for i, c in enumerate(colors):
+            _solid(c).save(tmp_path / split / f"{i}.png")
+            rows.append(f'{{"file_name": "{i}.png", "text": "{split} caption {i}", "score": {i}}}')
+        (tmp_path / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    train = load_dataset_from_config(str(tmp_path))  # split "train" by default: test/ stays out
+    assert [r.image_id for r in train] == ["train/0", "train/1"]
+    assert [r.references for r in train] == [["train caption 0"], ["train caption 1"]]
+    assert [r.columns for r in train] == [{"text": "train caption 0", "score": 0}, {"text": "train caption 1", "score": 1}]
+    assert [r.texts for r in train] == [{"text": "train caption 0"}, {"text": "train caption 1"}]  # string columns
+    test = load_dataset_from_config(str(tmp_path), split="test")
+    assert [(r.image_id, r.image.getpixel((0, 0)), r.references) for r in test] == [
+        ("test/0", (0, 0, 255), ["test caption 0"])]
+    with pytest.raises(DataError, match="no split 'validation'; available splits: (train, test|test, train)"):
+        load_dataset_from_config(str(tmp_path), split="validation")
+    with pytest.raises(DataError, match="reference_column='caption'.*text, score"):
+        load_dataset_from_config(str(tmp_path), reference_column="caption")
+    # An image without a metadata row: datasets would drop it silently; refused, naming it.
+    _solid((9, 9, 9)).save(tmp_path / "train" / "extra.png")
+    with pytest.raises(DataError, match=r"1 image\(s\) have no row in train/metadata.jsonl \(first: train/extra.png\)"):
+        load_dataset_from_config(str(tmp_path))
+
+
+def test_imagefolder_root_metadata_over_split_folders(tmp_path):
+    """One metadata.jsonl above train/ and test/: each split gets its own rows only; a row naming a
+    file that does not exist is an image that fails to decode, named."""
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        _solid((1, 1, 1)).save(tmp_path / split / f"{split}.png")
+    rows = ['{"file_name": "train/train.png", "text": "tr"}', '{"file_name": "test/test.png", "text": "te"}']
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert [(r.image_id, r.references) for r in load_dataset_from_config(str(tmp_path))] == [("train/train", ["tr"])]
+    assert [(r.image_id, r.references) for r in load_dataset_from_config(str(tmp_path), split="test")] == [
+        ("test/test", ["te"])]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows + ['{"file_name": "train/gone.png", "text": "x"}']) + "\n")
+    with pytest.raises(DataError, match=r"cannot read image .*train/gone.png: FileNotFoundError"):
+        load_dataset_from_config(str(tmp_path))
+
+
+def test_imagefolder_metadata_csv_captions(tmp_path):
+    for i in range(3):
+        _solid((i, 0, 0)).save(tmp_path / f"im{i}.jpg")
+    (tmp_path / "metadata.csv").write_text("file_name,caption\nim0.jpg,a red square\nim1.jpg,b\nim2.jpg,c\n")
+    ds = load_dataset_from_config(str(tmp_path), limit=2)
+    assert [(r.image_id, r.references) for r in ds] == [("im0", ["a red square"]), ("im1", ["b"])]
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated", "bomb"])
+def test_bad_images_fail_naming_the_file_or_are_skipped_and_counted(tmp_path, caplog, kind):
+    _solid((1, 2, 3)).save(tmp_path / "good.png")
+    bad = tmp_path / "bad.png"
+    if kind == "corrupt":
+        bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    elif kind == "truncated":
+        _solid((4, 5, 6), size=(64, 64)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:60])
+    else:
+        _bomb_png(bad)
+    with pytest.raises(DataError, match=r"cannot read image .*bad.png: .*on_bad_image: skip"):
+        load_dataset_from_config(str(tmp_path))
+    with caplog.at_level("WARNING", logger="rl.data"):
+        ds = load_dataset_from_config(str(tmp_path), on_bad_image="skip")
+    assert [r.image_id for r in ds] == ["good"]
+    assert "skipped 1 image(s)" in caplog.text and "bad.png" in caplog.text
+    (tmp_path / "good.png").unlink()
+    with pytest.raises(DataError, match="none of its 1 image"):
+        load_dataset_from_config(str(tmp_path), on_bad_image="skip")
+
+
+def test_folder_of_json_without_images_names_the_files(tmp_path):
+    (tmp_path / "rows.json").write_text('[{"a": 1, "b": "x"}]')
+    assert check_source(str(tmp_path)) == "dataset_files"
+    with pytest.raises(DataError, match=r"no column image_column='image'; available columns: a, b \(read from rows.json"):
+        load_dataset_from_config(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through `python -m rl.train`: bad data is exit 2 naming it, before Ray starts
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_sources(tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    _solid((1, 2, 3)).save(corrupt / "ok.png")
+    (corrupt / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    _bomb_png(bomb / "huge.png")
+    json_only = tmp_path / "json_only"
+    json_only.mkdir()
+    (json_only / "rows.json").write_text('[{"caption": "x"}]')
+    return [  # (data.source, what the message must name)
+        (str(corrupt), r"cannot read image .*corrupt/broken.png"),
+        (str(bomb), r"cannot read image .*bomb/huge.png: DecompressionBombError"),
+        (str(json_only), r"no column image_column='image'.*read from rows.json"),
+        ("imags/", r"data source folder 'imags/' does not exist"),  # a typo'd relative path
+        ("someone/no-such-dataset", r"cannot load dataset 'someone/no-such-dataset'.*no local folder.*HF_HUB_OFFLINE=1"),
+        ("imags", r"cannot load dataset 'imags'.*no local folder 'imags' in "),  # a typo without a slash
+    ]
+
+
+def test_train_refuses_bad_data_with_exit_2_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from rl.train import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+    for i, (source, message) in enumerate(_bad_sources(tmp_path)):
+        out = tmp_path / f"run{i}"
+        rc = main([str(tiny), "--output-dir", str(out), "--set", "pretrain.enabled=false",
+                   "--set", f"data.source={source}"])
+        err = capsys.readouterr().err
+        assert rc == 2, (source, err[-2000:])
+        assert re.search(message, err), (source, err[-2000:])
+        assert not ray.is_initialized() and not (out / "actors.json").exists()

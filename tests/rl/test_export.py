@@ -35,7 +35,8 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     # the schedule the card's assertions describe, whatever tiny.yaml's is today
     recipe = load_recipe(TINY, ["schedule.cold_start_steps=3", "schedule.cycles=2",
-                                "schedule.phases=[{stage: encoder, steps: 4}, {stage: decoder, steps: 4}]"])
+                                "schedule.phases=[{stage: encoder, steps: 4}, {stage: decoder, steps: 4}]",
+                                f"output.dir={root / 'runs' / 'tiny'}"])  # an absolute path the export must not leak
     models = build_models(recipe, torch.device("cpu"))
     # Freshly built, the encoder's LoRA B is zero (an identity adapter): draw every float tensor so
     # that a lost or mis-scaled adapter changes the outputs.
@@ -57,9 +58,17 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         logits = models.encoder.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         velocity = models.decoder.transformer(**x, return_dict=False)[0]
-    # the project's decoder conditions of a caption and of the empty caption (CFG's negative)
+    # the project's greedy caption of an image, and the decoder conditions of that caption and of
+    # the empty caption (CFG's negative)
+    from rl.shapes import generate_shapes
+    from rollouts.captions import generate_captions
+
+    image = generate_shapes(1, seed=5)[0].image
+    image.save(root / "image.png")
+    caption = generate_captions(models.encoder, [image], 1, greedy=True,
+                                max_new_tokens=recipe.rollout.caption.max_new_tokens).captions[0]
     conds = {}
-    for name, text in (("caption", "a red circle"), ("empty", "")):
+    for name, text in (("caption", caption), ("empty", "")):
         words = torch.tensor([models.encoder.tokenizer(text, add_special_tokens=False).input_ids], dtype=torch.long)
         with torch.no_grad():
             cond, _, pooled = models.condition(words, torch.ones_like(words))
@@ -67,7 +76,7 @@ def exported(tmp_path_factory):
     save_file({"input_ids": ids, **x, "logits": logits.contiguous(), "velocity": velocity.contiguous(), **conds},
               str(root / "io.safetensors"))
     out = export_checkpoint(str(root / "run"), str(root / "out"), merge_encoder=True)
-    return {"root": root, "out": Path(out), "run": root / "run", "state": state}
+    return {"root": root, "out": Path(out), "run": root / "run", "state": state, "caption": caption}
 
 
 def test_export_layout(exported):
@@ -83,9 +92,9 @@ def test_export_layout(exported):
     for folder in ("encoder", "encoder/base", "encoder_merged"):
         for name in ("chat_template.jinja", "caption_prompt.json"):
             assert (out / folder / name).is_file(), f"{folder}/{name}"
-    # the adapter points at the saved base, so AutoPeftModel-style loading finds it
+    # the adapter points at the saved base, so AutoPeftModel-style loading finds it from the export folder
     cfg = json.loads((out / "encoder" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == str(out / "encoder" / "base")
+    assert cfg["base_model_name_or_path"] == "encoder/base"  # relative to the export folder: no absolute path
     assert not list(exported["root"].glob(".tmp-export-*"))
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # no pickles
 
@@ -179,20 +188,23 @@ def test_model_card(exported):
     assert "## Training stages" in card and "cold_start 3 steps, encoder 1 steps" in card
     assert "| encoder | 2 | 0.75 |" in card and "| decoder | 3 | 0.8 |" in card  # final metrics
     assert "```yaml" in card and "cold_start_steps: 3" in card  # the recipe
-    assert "## Caption prompt" in card and "caption_prompt.json" in card and "chat_template.jinja" in card
+    assert "### Caption an image" in card and "caption_prompt.json" in card and "chat_template.jinja" in card
+    assert "### The connector" in card and "### Render a caption" in card
 
 
-def test_card_conditioning_snippet_builds_the_projects_condition(exported):
-    """The card's Loading and Conditioning code, run as written in the export folder by a process
-    without the project: the caption's condition equals `Models.condition`'s (fixed length, zeros
-    after the caption), and the stock SD3 pipeline renders from it with guidance."""
+def test_card_snippet_captions_and_renders_in_a_process_without_the_project(exported):
+    """The card's "Use it" code, run as written in the export folder by a process that never
+    imports the project: it captions the image as the project does (greedy), rebuilds the connector
+    from its safetensors + config, builds the caption's condition equal to `Models.condition`'s
+    (fixed length, zeros after the caption) and renders it with the stock SD3 pipeline."""
     card = (exported["out"] / "README.md").read_text()
-    section = card.split("## Loading\n", 1)[1].split("## Training stages", 1)[0]
-    # the caption-prompt snippet is a fragment (it names an `image` and a `processor` of the
-    # reader's); test_model_card and test_exported_folders_load_... check that section
-    section = re.sub(r"## Caption prompt\n.*?(?=## )", "", section, flags=re.S)
+    section = card.split("## Use it: caption an image, render a caption\n", 1)[1].split("## Training stages", 1)[0]
     code = "\n".join(block.split("```", 1)[0] for block in section.split("```python\n")[1:])
     assert "LENGTH = 49" in code  # tiny.yaml: max_new_tokens 48, + <|im_start|>
+    assert 'Image.open("image.png")' in code
+    code = code.replace('Image.open("image.png")', 'Image.open("../image.png")')  # the fixture's image
+    rebuild = code.split("class Connector", 1)[1].split("connector = Connector", 1)[0]
+    assert len([line for line in rebuild.splitlines() if line.strip()]) <= 12  # a ~10-line torch rebuild
     script = textwrap.dedent("""
         import json, sys
 
@@ -208,14 +220,15 @@ def test_card_conditioning_snippet_builds_the_projects_condition(exported):
         from safetensors.torch import load_file
 
         io = load_file(sys.argv[1])
-        scope = {}
+        scope = {"__name__": "__main__"}
         exec(open(sys.argv[2]).read(), scope)  # the card's code, cwd = the export folder
-        report = {"image_size": list(scope["image"].size)}
-        for name, text in (("caption", "a red circle"), ("empty", "")):
+        report = {"caption": scope["caption"], "render_size": list(scope["render"].size),
+                  "shape": list(scope["cond"].shape)}
+        for name, text in (("caption", scope["caption"]), ("empty", "")):
             cond, pooled = scope["condition"](text)
-            report[f"shape_{name}"] = list(cond.shape)
             report[f"cond_{name}"] = float((cond - io[f"cond_{name}"]).abs().max())
             report[f"pooled_{name}"] = float((pooled - io[f"pooled_{name}"]).abs().max())
+        report["project_modules"] = [m for m in sys.modules if m.split(".")[0] in ("rl", "rollouts", "rewards")]
         print("REPORT " + json.dumps(report))
     """)
     snippet = exported["root"] / "card_snippet.py"
@@ -226,10 +239,24 @@ def test_card_conditioning_snippet_builds_the_projects_condition(exported):
                           cwd=exported["out"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.split("REPORT ", 1)[1])
-    assert report["shape_caption"] == report["shape_empty"] == [1, 49, 32]
+    assert report["project_modules"] == []
+    assert exported["caption"] and report["caption"] == exported["caption"]  # the project's greedy caption
+    assert report["shape"] == [1, 49, 32]
     for key in ("cond_caption", "pooled_caption", "cond_empty", "pooled_empty"):
         assert report[key] < 1e-5, (key, report)
-    assert report["image_size"] == [32, 32]
+    assert report["render_size"] == [32, 32]
+
+
+def test_no_absolute_path_in_any_exported_file(exported):
+    """Every file of the export, text or binary (safetensors metadata, configs, the card, the
+    processor files), is free of the machine's paths: the temporary folder and /work."""
+    needles = [str(exported["root"]).encode(), str(exported["root"].resolve()).encode(), b"/work/"]
+    files = [p for p in exported["out"].rglob("*") if p.is_file()]
+    assert len(files) > 20
+    leaks = {str(p.relative_to(exported["out"])): n.decode() for p in files for n in needles if n in p.read_bytes()}
+    assert leaks == {}
+    card = (exported["out"] / "README.md").read_text()
+    assert "dir: <local>/tiny" in card  # the recipe's absolute output.dir, by its last part only
 
 
 def test_export_refuses_what_it_cannot_do(exported, tmp_path):
@@ -370,3 +397,49 @@ def test_push_refuses_offline_mode(exported, tmp_path):
     assert proc.returncode != 0 and "HF_HUB_OFFLINE is set" in proc.stderr
     assert hub.requests == []
     _assert_no_token(proc.stdout, proc.stderr)
+
+
+def test_bases_built_from_a_config_are_saved_and_local_ones_named_by_folder_only():
+    from rl.config import DecoderConfig, EncoderConfig
+    from rl.export import _base_reference, _portable, _saves_base
+
+    assert _saves_base(EncoderConfig(name="tiny")) and _saves_base(DecoderConfig(name="tiny"))
+    # the published architectures with random weights exist nowhere else either
+    assert _saves_base(EncoderConfig(name="Qwen/Qwen2.5-VL-3B-Instruct", random_init={"num_layers": 1}))
+    assert _saves_base(DecoderConfig(name="stabilityai/stable-diffusion-3.5-large", random_init={"num_layers": 1}))
+    hub = EncoderConfig(name="Qwen/Qwen2.5-VL-3B-Instruct")
+    assert not _saves_base(hub) and _base_reference(hub) == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert _base_reference(EncoderConfig.model_construct(name="x", path="/data/models/qwen-vl/")) == "qwen-vl"
+    assert _portable({"a": ["/abs/p/x.yaml", "rel/p", "~/cache/m"], "b": 1}) == {
+        "a": ["<local>/x.yaml", "rel/p", "<local>/m"], "b": 1}
+
+
+@pytest.mark.parametrize("layers", ["last", "norm_avg", "learned"])
+@pytest.mark.parametrize("pooled", ["learned", "zeros", "mean"])
+def test_card_connector_rebuild_equals_the_projects_connector(layers, pooled):
+    """The card's torch rebuild of the connector, for every layer selection and pooled mode: it loads
+    the project's state dict strictly and gives its outputs on the same hidden states."""
+    import torch.nn.functional as F
+
+    from rl.config import Recipe
+    from rl.export import _usage_sections
+    from rl.models.connector import Connector
+
+    recipe = Recipe.model_validate({"models": {"connector": {"layers": layers, "pooled": pooled}}})
+    code = "\n".join(_usage_sections(recipe, {"encoder": "encoder/base", "decoder": "decoder/base"}))
+    rebuild = "class Connector" + code.split("class Connector", 1)[1].split("connector = Connector", 1)[0]
+    c = {"hidden_size": 16, "cond_dim": 12, "pooled_dim": 10, "num_layers": 3, "mlp_ratio": 2.0}
+    project = Connector(c["hidden_size"], c["cond_dim"], c["pooled_dim"], c["num_layers"], layers=layers, pooled=pooled)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in project.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    scope = {"torch": torch, "F": F}
+    exec(rebuild, scope)
+    card = scope["Connector"](c)
+    card.load_state_dict(project.state_dict())  # strict: the same keys and shapes
+    hidden = tuple(torch.randn(1, 5, 16, generator=g) for _ in range(4))  # embeddings + 3 layers
+    with torch.no_grad():
+        want, got = project(hidden), card(hidden)
+    for w, o in zip(want, got):
+        assert w.shape == o.shape and torch.allclose(w, o, atol=1e-6)

@@ -138,14 +138,14 @@ R = torch.tensor([[1.0, 3.0, 2.0, 2.0, NAN, 1.0], [2.0, 0.0, NAN, 4.0, NAN, 1.0]
 
 
 def test_combine_sum_then_normalize_with_missing_components():
-    # weighted sums, a missing term skipped:
-    #   [1 + 0.5*2, 3 + 0.5*0, 2 + (missing), 2 + 0.5*4, all missing, 1 + 0.5*1]
-    #   = [2, 3, 2, 4, NaN, 1.5]
-    # scale none: [2,3] -> [-0.5, 0.5]; [2,4] -> [-1, 1]; [NaN, 1.5] one present -> zero-var
+    # weighted sums, a missing term filled with its reward's group mean (never 0):
+    #   [1 + 0.5*2, 3 + 0.5*0, 2 + 0.5*4 (R2's group mean), 2 + 0.5*4, all missing, 1 + 0.5*1]
+    #   = [2, 3, 4, 4, NaN, 1.5]
+    # scale none: [2,3] -> [-0.5, 0.5]; [4,4] zero-var; [NaN, 1.5] one present -> zero-var
     out = combine_rewards(R, [1.0, 0.5], group_size=2, scale="none")
-    close(out.advantages, [-0.5, 0.5, -1, 1, 0, 0])
-    assert out.valid.tolist() == [True, True, True, True, False, False]
-    assert out.zero_var_frac == pytest.approx(1 / 3)
+    close(out.advantages, [-0.5, 0.5, 0, 0, 0, 0])
+    assert out.valid.tolist() == [True, True, False, False, False, False]
+    assert out.zero_var_frac == pytest.approx(2 / 3)
     # scale group on [2, 3]: unbiased std sqrt(0.25 + 0.25) = sqrt(0.5) -> +-0.5 / (sqrt(.5)+eps)
     out = combine_rewards(R, [1.0, 0.5], group_size=2, scale="group")
     a = 0.5 / (math.sqrt(0.5) + EPS)

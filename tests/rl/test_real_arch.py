@@ -121,10 +121,13 @@ def test_dryrun_recipe_differs_from_the_paper_recipe_only_where_it_says():
         "rollout.group_size", "rollout.caption.max_new_tokens", "ray.address", "ray.num_cpus",
         "resources.colocate", "resources.learner_workers", "resources.rollout_workers", "resources.cpus_per_actor",
         "resources.gpus_per_actor", "resources.async_rollouts", "learner.bf16", "output.dir", "rollout.micro_batch_size",
+        "schedule.warmup_steps", "warmup.max_new_tokens", "data.source", "data.limit", "rewards.functions",
+        "rewards.judge.backend", "rewards.judge.base_url", "rewards.judge.model", "rewards.judge.references",
+        "rewards.judge.column", "rewards.judge.timeout", "rewards.judge.max_concurrency",
     }
     assert changed <= allowed, changed - allowed
     recipe = load_recipe(DRYRUN)
-    assert recipe.stages() == ["cold_start", "encoder", "decoder"] and recipe.data.source is None
+    assert recipe.stages() == ["warmup", "cold_start", "encoder", "decoder"] and recipe.data.source is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +270,7 @@ def test_paper_recipe_runs_encoder_connector_decoder_once(paper_models):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dryrun_recipe_runs_one_step_of_each_stage(tmp_path):
-    """`python -m rl.train recipes/unified_grpo_dryrun.yaml`: a local Ray on 2 cores, one
+    """`python -m rl.train recipes/unified_grpo_dryrun.yaml`: a local Ray on 2 cores, one warm-up, one
     cold-start, one encoder and one decoder step of the paper's code path with the real widths."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "rl.train", str(DRYRUN), "--output-dir", str(out)]
@@ -275,8 +278,8 @@ def test_dryrun_recipe_runs_one_step_of_each_stage(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["cold_start", "encoder", "decoder"]
-    for r in rows:
-        assert math.isfinite(r["loss"]) and math.isfinite(r["reward_mean"]), r
+    assert [r["stage"] for r in rows] == ["warmup", "cold_start", "encoder", "decoder"]
+    for r in rows:  # the warm-up has a loss, no reward
+        assert math.isfinite(r["loss"]) and (r["stage"] == "warmup" or math.isfinite(r["reward_mean"])), r
     ckpts = sorted((out / "checkpoints").iterdir())
     assert ckpts and (ckpts[-1] / "adapters.safetensors").exists()

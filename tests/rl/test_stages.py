@@ -95,8 +95,13 @@ def test_decoder_step_ratio_is_exactly_one_and_only_decoder_moves(setup):
 def test_stale_rollout_uses_rollout_logprobs(setup):
     """A rollout made with older weights is corrected by the importance ratio (ratio != 1)."""
     recipe, learner, worker, images, ids = setup
+    # async rollouts: the worker scores its captions (pi_old), the learner may get them a version late
+    async_recipe = recipe.model_copy(update={"resources": recipe.resources.model_copy(update={"async_rollouts": 1})})
+    worker = RolloutWorker(async_recipe, models=learner.models)
+    assert worker.score_captions
     worker.version = learner.version - 1  # pretend the batch is one version old
     group, _ = worker.encoder_rollout(images, ids, seed=3)
+    assert group.logprobs is not None
     # make the rollout log-probs differ from the current policy's
     group = group._replace(logprobs=group.logprobs - 0.1 * group.completion_mask)
     adv = grpo.group_advantages(rewards_for(len(group.captions), recipe.rollout.group_size),

@@ -24,7 +24,7 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
@@ -61,6 +61,8 @@ def test_main_job_runs_all_three_stages(tmp_path):
         "--set", "schedule.phases=[{stage: encoder, steps: 2}, {stage: decoder, steps: 2}]",
         "--set", "rollout.batch_size=2", "--set", "rollout.group_size=2",
         "--set", "pretrain.enabled=false",  # random tiny models: the loop, not the shapes-world pretraining
+        # issue 16: completions table every encoder step, TRL's high-entropy token mask on the way
+        "--set", "output.log_completions_every=1", "--set", "grpo.encoder.top_entropy_quantile=0.2",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -77,3 +79,19 @@ def test_main_job_runs_all_three_stages(tmp_path):
     ckpts = sorted((out / "checkpoints").iterdir())
     assert ckpts and (ckpts[-1] / "adapters.safetensors").exists()
     assert "done:" in proc.stdout
+    # per-reward mean and std (TRL's rewards/<name>/mean, /std), on every rewarded step
+    for r in rows[1:]:
+        assert math.isfinite(r["reward_clip_mean"]) and r["reward_clip_std"] >= 0
+    assert "caption/truncated_frac" in rows[1]
+    # the completions table of each encoder step (1 and 2): B x G rows, each reward's score, the advantage
+    table = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in table] == [1] * 4 + [2] * 4
+    assert all(set(t) == {"step", "image_id", "caption", "rewards", "advantage"} for t in table)
+    assert [t["caption"] for t in table[4:]][:2] == rows[2]["captions"]
+    assert sum(t["rewards"]["clip"] for t in table[:4]) / 4 == pytest.approx(rows[1]["reward_clip_mean"], abs=1e-6)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("completions/text_summary")] == [1, 2]
+    assert {"rewards/clip/mean", "rewards/clip/std"} <= set(acc.Tags()["scalars"])

@@ -46,15 +46,19 @@ class _Accelerator:
     def gather(self, x):
         return x
 
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
     gather_for_metrics = gather
 
 
 def trl_compute_loss(logp, old_logp, ref_logp, adv, mask, *, loss_agg, beta, epsilon, epsilon_high, level,
-                     bias_correction_kl):
-    """TRL's `_compute_loss` on given per-token log-probs; returns (loss, trainer._metrics['train'])."""
+                     bias_correction_kl, top_entropy_quantile=1.0, entropies=None):
+    """TRL's `_compute_loss` on given per-token log-probs (and entropies); returns (loss,
+    trainer._metrics['train'])."""
     t = object.__new__(GRPOTrainer)
     t.__dict__.update(
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
+        top_entropy_quantile=top_entropy_quantile, off_policy_mask_threshold=None, importance_sampling_level=level, beta=beta,
         loss_type=LOSS_TYPE[loss_agg], epsilon_low=epsilon,
         epsilon_high=epsilon if epsilon_high is None else epsilon_high,  # GRPOConfig's epsilon_high=None default
         use_vllm=False,
@@ -64,7 +68,8 @@ def trl_compute_loss(logp, old_logp, ref_logp, adv, mask, *, loss_agg, beta, eps
         args=SimpleNamespace(use_bias_correction_kl=bias_correction_kl, delta=None, steps_per_generation=1),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
-    t._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
+    ent = torch.zeros_like(logp) if entropies is None else entropies
+    t._get_per_token_logps_and_entropies = lambda *a, **k: (logp, ent, None)
     n = logp.shape[0]
     inputs = {
         "prompt_ids": torch.zeros(n, 1, dtype=torch.long), "prompt_mask": torch.ones(n, 1, dtype=torch.long),
@@ -76,7 +81,7 @@ def trl_compute_loss(logp, old_logp, ref_logp, adv, mask, *, loss_agg, beta, eps
 
 
 def our_loss(logp, old_logp, ref_logp, adv, mask, *, loss_agg, beta, epsilon, epsilon_high, level,
-             bias_correction_kl, micro_batch=2):
+             bias_correction_kl, micro_batch=2, top_entropy_quantile=1.0, entropies=None):
     """Learner.train_encoder's computation, micro-batched; returns (loss, LossStats summary)."""
     w = grpo.aggregation_weights(mask, loss_agg, MAX_LEN)
     w_tok = grpo.aggregation_weights(mask, "token_mean")
@@ -84,9 +89,11 @@ def our_loss(logp, old_logp, ref_logp, adv, mask, *, loss_agg, beta, epsilon, ep
     for lo in range(0, logp.shape[0], micro_batch):
         rows = slice(lo, lo + micro_batch)
         kl = grpo.kl_estimator(logp[rows], ref_logp[rows], "k3") if beta > 0 else None
+        keep = (grpo.high_entropy_mask(entropies[rows], mask[rows], top_entropy_quantile)
+                if top_entropy_quantile < 1.0 else None)
         out = grpo.micro_batch_loss(logp[rows], old_logp[rows], adv[rows], w[rows], w_tok[rows], kl=kl, beta=beta,
                                     epsilon=epsilon, epsilon_high=epsilon_high, level=level,
-                                    bias_correction_kl=bias_correction_kl)
+                                    bias_correction_kl=bias_correction_kl, entropy_mask=keep)
         acc.add(out)
         total = total + out.loss
     return total, acc.summary()
@@ -202,8 +209,15 @@ def test_advantages_match_trl(mode):
     r = torch.tensor([[0.2, 1.0, 0.5, 0.3, 0.3, 0.3, 0.9, nan, 0.1],
                       [2.0, 0.0, 1.0, 1.0, 3.0, 2.0, 0.5, nan, nan]])
     weights = [1.0, 0.5]
+    if mode == "sum_then_normalize":
+        # the one deliberate difference: TRL's nansum counts row 8's missing reward 1 as 0, ours
+        # fills in reward 1's group mean (issue 19, item 5); TRL's code sees the filled-in matrix
+        r_trl = grpo.fill_missing(r, 3)
+        assert r_trl[1, 8] == pytest.approx(0.5) and torch.isnan(r_trl[:, 7]).all()
+    else:
+        r_trl = r  # a missing normalised term is 0, the group mean, in both
     ours = grpo.combine_rewards(r, weights, 3, mode=mode, scale="group", clip=None).advantages
-    ref = trl_advantages(r.T, weights, 3, mode)
+    ref = trl_advantages(r_trl.T, weights, 3, mode)
     torch.testing.assert_close(ours.to(D), ref, atol=1e-5, rtol=0)
     assert ours[7] == 0  # unscorable: advantage 0, as TRL's nan_to_num
 
@@ -258,3 +272,70 @@ def test_recipe_sampling_filters_reach_generation(monkeypatch):
     worker.recipe, worker.vllm, worker.version, worker.models = recipe, None, 0, type("M", (), {"encoder": None})()
     assert worker.captions([], 2, seed=0) == "group"
     assert (seen["top_k"], seen["min_p"], seen["repetition_penalty"]) == (5, 0.1, 1.2)
+
+
+# ----------------------------------------------------------------------------------------------
+# top_entropy_quantile (Wang et al. 2025; TRL get_high_entropy_mask)
+# ----------------------------------------------------------------------------------------------
+class _TwoRanks(_Accelerator):
+    """This rank plus another rank holding `other` (1-D masked entropies): TRL pads both to the
+    longer length with its sentinel and gathers them."""
+
+    num_processes = 2
+
+    def __init__(self, other):
+        self.other = other
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        n = max(x.numel(), self.other.numel())
+        self._pad = lambda v: torch.cat([v, v.new_full((n - v.numel(),), pad_index)])
+        return self._pad(x)
+
+    def gather(self, x):
+        return torch.cat([x, self._pad(self.other.to(x.dtype))])
+
+
+@pytest.mark.parametrize("quantile", [0.0, 0.2, 0.5, 0.999, 1.0])
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_high_entropy_mask_equals_trl(quantile, ranks):
+    g = torch.Generator().manual_seed(3)
+    # float32 as the learner's entropies (TRL takes the quantile in float32: float64 entropies could
+    # lose their maximum to the rounding of the threshold at quantile 0)
+    entropies = torch.rand(6, 5, generator=g) * 3
+    entropies[0, :2] = entropies[1, 3]  # ties at the threshold are kept (>=)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    other = torch.rand(7, generator=g) * 3  # the second rank's masked entropies (fewer, longer)
+    t = object.__new__(GRPOTrainer)
+    t.accelerator = _Accelerator() if ranks == 1 else _TwoRanks(other)
+    trl = t.get_high_entropy_mask(entropies, mask, 1 - quantile)
+    gather = None if ranks == 1 else (lambda x: torch.cat([x, other]))
+    ours = grpo.high_entropy_mask(entropies, mask, quantile, gather)
+    assert torch.equal(ours, trl)
+    assert 0 < int(ours.sum()) <= int(mask.sum())
+    assert quantile < 1.0 or torch.equal(ours, mask.bool())
+    # a rank with no masked token keeps none (the other rank's values still set the threshold)
+    none = torch.zeros_like(mask)
+    empty = grpo.high_entropy_mask(entropies, none, quantile, gather)
+    assert torch.equal(empty, t.get_high_entropy_mask(entropies, none, 1 - quantile)) and not empty.any()
+
+
+@pytest.mark.parametrize("loss_agg", ["sequence_mean", "token_mean", "constant"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_top_entropy_quantile_loss_and_gradient_match_trl(loss_agg, level):
+    logp, old, ref, mask, rewards = _batch(seed=4)
+    adv = grpo.group_advantages(rewards, 4, clip=None).advantages.to(D)
+    entropies = torch.rand(mask.shape, generator=torch.Generator().manual_seed(5)) * 2
+    kw = dict(loss_agg=loss_agg, beta=0.04, epsilon=0.2, epsilon_high=0.28, level=level, bias_correction_kl=True,
+              top_entropy_quantile=0.2, entropies=entropies)
+    lp_trl = logp.clone().requires_grad_(True)
+    loss_trl, _ = trl_compute_loss(lp_trl, old, ref, adv.clone(), mask.to(D), **kw)
+    loss_trl.backward()
+    # TRL takes the quantile over its micro-batch: ours over the same rows (one micro-batch here)
+    lp_ours = logp.clone().requires_grad_(True)
+    loss_ours, _ = our_loss(lp_ours, old, ref, adv, mask, micro_batch=8, **kw)
+    loss_ours.backward()
+    torch.testing.assert_close(loss_ours.detach(), loss_trl.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lp_ours.grad, lp_trl.grad, atol=1e-6, rtol=0)
+    # the masked tokens keep their KL term only: the loss differs from the unmasked one
+    full, _ = our_loss(logp, old, ref, adv, mask, micro_batch=8, **{**kw, "top_entropy_quantile": 1.0})
+    assert abs(float(full) - float(loss_ours.detach())) > 1e-4

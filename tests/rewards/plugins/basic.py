@@ -4,9 +4,14 @@ import asyncio
 NOT_A_FUNCTION = 42
 
 
+def _text(completion):
+    """Plain text, or TRL's conversational completion [{"role": "assistant", "content": ...}]."""
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
 def length_reward(prompts, completions, **kwargs):
     """len(completion) / 10: easy to compute by hand in the tests."""
-    return [len(c) / 10 for c in completions]
+    return [len(_text(c)) / 10 for c in completions]
 
 
 def step_echo(prompts, completions, step, **kwargs):

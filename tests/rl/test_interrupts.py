@@ -1,0 +1,107 @@
+"""Issue #19, item 8: a driver killed with SIGKILL leaves no Ray process of its run behind
+(rl/reaper.py), and Ctrl-C (SIGINT to the foreground process group) ends the run with one line
+naming the last checkpoint, a non-zero exit and no traceback, its checkpoints intact."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rl import checkpoint as ckpt
+from rl.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "recipes" / "tiny.yaml"
+
+
+def _start(out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(out)]
+    for o in ["pretrain.enabled=false", "schedule.cold_start_steps=0", "rollout.batch_size=2", "rollout.group_size=2",
+              "output.progress=false", "output.plot=false", "output.tensorboard=false", "eval.grid_images=0",
+              "output.save_every=1", "schedule.phases=[{stage: encoder, steps: 200}]"]:
+        cmd += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # a session of its own: the driver leads a process group, as a shell's foreground job does
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(env, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _wait_steps(proc, out: Path, n: int, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while len(read_metrics(out / "metrics.jsonl")) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early (exit {proc.returncode}): {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "timed out waiting for the first steps"
+        time.sleep(0.5)
+
+
+def _alive(procs: list[psutil.Process]) -> list[str]:
+    left = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def _cleanup(proc: subprocess.Popen, procs: list[psutil.Process]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in procs:  # this test's run only, should anything be left
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)
+    ray_procs: list[psutil.Process] = []
+    try:
+        _wait_steps(proc, out, 1)
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in ray_procs)
+        assert "raylet" in names and "DashboardAgent" in names and "rl.reaper" in names  # what used to stay
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone, not its group
+        proc.wait(timeout=30)
+        deadline = time.time() + 40
+        while _alive(ray_procs) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _alive(ray_procs) == []
+    finally:
+        _cleanup(proc, ray_procs)
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_quietly_naming_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = _start(out)
+    ray_procs: list[psutil.Process] = []
+    try:
+        _wait_steps(proc, out, 2)
+        ray_procs = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _cleanup(proc, ray_procs)
+    assert proc.returncode == 130, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted at step "), err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    named = last.split("last complete checkpoint: ")[1]
+    newest, skipped = ckpt.find_latest(str(out / "checkpoints"))
+    assert named == newest and Path(named).is_dir()
+    ckpt.load_checkpoint(named)  # complete, hashes match
+    deadline = time.time() + 20  # the driver stopped its Ray and waited for the watcher: all gone
+    while _alive(ray_procs) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _alive(ray_procs) == []
