@@ -789,7 +789,8 @@ class ResourcesConfig(_Section):
     learner_workers: int = Field(1, gt=0, description="DeepSpeed world size: learner actors with ranks 0..N-1, each training its share of whole groups (rollout.batch_size must divide by it).")
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per rollout and learner actor (0 on CPU); reward actors take half.")
-    placement: Literal["PACK", "SPREAD", "none"] = Field("PACK", description="Ray placement group strategy for all actors: `PACK` on as few nodes as possible, `SPREAD` across nodes, `none` (no placement group).")
+    placement: Literal["PACK", "SPREAD", "none"] = Field("PACK", description="Where the actors go (rl/train.py). `PACK`: one Ray placement group for all actors, on as few nodes as possible. `SPREAD`: the learner ranks on distinct nodes (a STRICT_SPREAD group: one DeepSpeed rank per machine; refused at start when the cluster has fewer nodes able to hold one than `learner_workers`), the rollout and reward actors spread over the nodes (a SPREAD group). `none`: no placement group (Ray's default scheduling).")
+    custom_resources: dict[Literal["learner", "rollout", "reward"], dict[str, float]] = Field(default_factory=dict, description="Extra Ray resources per actor role, added to its placement-group bundle (its actor options with `placement: none`), so that a role lands only on nodes started with them (`ray start --resources='{\"gpu_box\": 1}'`), e.g. `{learner: {gpu_box: 1}}`. Empty (default): CPUs/GPUs only.")
     max_restarts: int = Field(3, ge=0, description="Rollout and reward actors that die are restarted this many times; the step that lost one is retried with the last synced weights. A dead learner ends the run with the last checkpoint intact.")
     start_timeout_s: float = Field(
         1800.0, gt=0,

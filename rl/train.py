@@ -216,26 +216,36 @@ class Trainer:
         kinds = ["learner"] * r.learner_workers + ["rollout"] * n_rollout + ["reward"] * r.reward_workers
         res = {"learner": _bundle(r.cpus_per_actor, r.gpus_per_actor), "rollout": _bundle(r.cpus_per_actor, r.gpus_per_actor),
                "reward": _bundle(r.cpus_per_actor, r.gpus_per_actor / 2)}
+        for kind, extra in r.custom_resources.items():  # pins a role to nodes started with these resources
+            res[kind] = {**res[kind], **extra}
+        # before any placement group or actor: a cluster that cannot hold the run is an error now, not a hang
+        check_cluster(r, kinds, res, [n for n in ray.nodes() if n.get("Alive")])
         self.placement_group = None
+        slots: list[tuple[Any, int]] = [(None, 0)] * len(kinds)  # (placement group, bundle index) per actor
         if r.placement != "none":
-            from ray.util.placement_group import placement_group
-
-            self.placement_group = placement_group([res[k] for k in kinds], strategy=r.placement)
-            try:
-                ray.get(self.placement_group.ready(), timeout=300)
-            except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"resources: a {r.placement} placement group of {len(kinds)} bundles "
-                                   f"({', '.join(kinds)}; {res}) could not be placed in 300 s on a cluster "
-                                   f"with {ray.cluster_resources()}") from None
+            # SPREAD: the DeepSpeed ranks on distinct nodes (STRICT_SPREAD, one rank per machine as with
+            # GPU boxes), the rollout and reward actors spread over the nodes as best Ray can (SPREAD).
+            n_learn = r.learner_workers
+            groups = ([(list(range(n_learn)), "STRICT_SPREAD" if n_learn > 1 else "SPREAD"),
+                       (list(range(n_learn, len(kinds))), "SPREAD")]
+                      if r.placement == "SPREAD" else [(list(range(len(kinds))), r.placement)])
+            self.placement_groups = [_place([res[kinds[i]] for i in idx], strategy, kinds, res, r.placement)
+                                     for idx, strategy in groups]
+            self.placement_group = self.placement_groups[0]
+            slots = [(pg, j) for (idx, _), pg in zip(groups, self.placement_groups) for j, _ in enumerate(idx)]
 
         def opts(i: int, kind: str, **extra: Any) -> dict[str, Any]:
             o = {"num_cpus": res[kind].get("CPU", 0), "num_gpus": res[kind].get("GPU", 0), **extra}
-            if self.placement_group is not None:
-                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+            pg, index = slots[i]
+            if pg is not None:
+                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+            elif r.custom_resources.get(kind):
+                o["resources"] = r.custom_resources[kind]
             return o
 
-        # step 1. the learner group: DeepSpeed ranks meet at rank 0's node on a port it picks
-        addr, port = ray.get(ray.remote(_rendezvous_fn).options(
+        # step 1. the learner group: DeepSpeed ranks meet at rank 0's node (its address as Ray knows it,
+        # never a localhost assumption) on a port free there
+        self.rendezvous = addr, port = ray.get(ray.remote(_rendezvous_fn).options(
             **{k: v for k, v in opts(0, "learner").items() if k == "scheduling_strategy"}, num_cpus=0).remote())
         self.learners = [
             ray.remote(LearnerWorker).options(**opts(i, "learner")).remote(
@@ -270,28 +280,38 @@ class Trainer:
                               f"{timeout:g} s (resources this cluster lacks, or a model that takes longer to load?)")
 
     def _write_actors(self) -> None:
-        """`actors.json` in the output directory: each actor's role, index and process id."""
+        """`actors.json` in the output directory: each actor's role, index, learner rank, process id,
+        Ray node id and node IP (and the learners' DeepSpeed rendezvous), rewritten when one restarts."""
         import json
 
         import ray
 
-        table = [{"role": role, "index": i, "pid": ray.get(a.pid.remote())}
-                 for role, actors in (("learner", self.learners), ("rollout", self.rollouts), ("reward", self.rewards))
-                 for i, a in enumerate(actors)]
-        self._pids = {(t["role"], t["index"]): t["pid"] for t in table}
-        with open(os.path.join(self.out_dir, "actors.json"), "w") as f:
+        rows = [(role, i, a) for role, actors in (("learner", self.learners), ("rollout", self.rollouts),
+                                                   ("reward", self.rewards)) for i, a in enumerate(actors)]
+        where = ray.get([a.__ray_call__.remote(_whereabouts) for _, _, a in rows])
+        table = [{"role": role, "index": i, "rank": i if role == "learner" else None, "pid": pid, "node_id": node,
+                  "ip": ip, **({"rendezvous": "%s:%d" % self.rendezvous} if role == "learner" else {})}
+                 for (role, i, _), (pid, node, ip) in zip(rows, where)]
+        if not getattr(self, "_pids", None):  # later only _check_restarted moves an actor's pid and node on:
+            # another actor restarted meanwhile must still be noticed (and re-synced) when next used
+            self._pids = {(t["role"], t["index"]): t["pid"] for t in table}
+            self._nodes = {(t["role"], t["index"]): t["node_id"] for t in table}
+        with open(os.path.join(self.out_dir, "actors.json.tmp"), "w") as f:
             json.dump(table, f, indent=1)
+        os.replace(os.path.join(self.out_dir, "actors.json.tmp"), os.path.join(self.out_dir, "actors.json"))
 
     def _log_failure(self, step: int, role: str, index: int, error: str, attempt: int = 1) -> None:
-        event = {"step": step, "actor": f"{role}-{index}", "error": error, "attempt": attempt}
+        event = {"step": step, "actor": f"{role}-{index}", "node": getattr(self, "_nodes", {}).get((role, index)),
+                 "error": error, "attempt": attempt}
         self.failures.append(event)
         with open(os.path.join(self.out_dir, "failures.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
-        log.warning("step %d: %s actor %d: %s", step, role, index, error)
+        log.warning("step %d: %s actor %d (node %s): %s", step, role, index, event["node"], error)
 
-    def _check_restarted(self, step: int, role: str, index: int) -> None:
+    def _check_restarted(self, step: int, role: str, index: int) -> bool:
         """An actor that died between calls comes back from Ray with fresh (base) weights: notice
-        it by its process id, log it, and give a rollout actor the last synced weights."""
+        it by its process id, log it (with the node it was on), and give a rollout actor the last
+        synced weights. True when it restarted (the caller rewrites actors.json once all are checked)."""
         import ray
 
         actor = self.rollouts[index] if role == "rollout" else self.rewards[index]
@@ -308,7 +328,10 @@ class Trainer:
             self._log_failure(step, role, index, f"restarted (pid {self._pids.get((role, index))} -> {pid})")
             if role == "rollout":
                 ray.get(actor.set_weights.remote(self._state_ref, self.version))
-            self._write_actors()
+            self._pids[(role, index)] = pid
+            self._nodes[(role, index)] = ray.get(actor.__ray_call__.remote(_whereabouts))[1]
+            return True
+        return False
 
     def _setup_logging(self) -> None:
         from rl.metrics import MetricsLogger
@@ -437,7 +460,7 @@ class Trainer:
             if overlap and self.step + 1 < total:
                 # rollouts of step t+1 with the weights of step t, while the learner trains step t
                 following = self._launch(self.step + 1, next(batches), batches.position)
-            stats = self._wait_learners(train_refs)
+            stats, extras = self._wait_update(stage, pending, train_refs, extras)
             # step 5. LoRA weights to the rollout workers (queued after any rollout in flight)
             self._sync_weights(stats[0]["version"])
             if not overlap and self.step + 1 < total:
@@ -483,9 +506,9 @@ class Trainer:
         p = _Pending(step=step, records=records, position=position,
                      rollout_actor=None if not self.rollouts else step % len(self.rollouts),
                      reward_actor=step % len(self.rewards))
-        if p.rollout_actor is not None:
-            self._check_restarted(step, "rollout", p.rollout_actor)
-        self._check_restarted(step, "reward", p.reward_actor)
+        restarted = p.rollout_actor is not None and self._check_restarted(step, "rollout", p.rollout_actor)
+        if self._check_restarted(step, "reward", p.reward_actor) or restarted:
+            self._write_actors()  # after both checks: actors.json shows where every actor runs now
         seed = self._seed(step)
         if stage == "warmup":  # captions from the disk cache; missing ones written by the frozen encoder now
             import ray
@@ -544,6 +567,7 @@ class Trainer:
                 batch = ray.get(p.reward_ref, timeout=timeouts["reward"][0]) if p.reward_ref is not None else None
                 return rollout, batch
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.ObjectLostError,  # lost: its node died after the rollout returned
                     ray.exceptions.GetTimeoutError) as e:
                 hung = isinstance(e, ray.exceptions.GetTimeoutError)
                 what = (f"no {self.stages[p.step]} {role} within {timeouts[role][0]:g} s ({timeouts[role][1]})"
@@ -599,6 +623,26 @@ class Trainer:
             self.step, extras["image_ids"], extras["captions"], self.recipe.rollout.group_size,
             extras["batch"].per_reward, extras["adv"].advantages.tolist(), self.recipe.output.num_completions_to_log))
 
+    def _wait_update(self, stage: str, p: "_Pending", refs: list[Any], extras: dict[str, Any]):
+        """(learner statistics, row extras) of step `p`. The rollout the learners read lives in the
+        object store of the rollout actor's node: when that node died before every rank fetched it
+        (ObjectLostError), no rank trained, and the step is launched again (a restarted rollout actor
+        takes the last synced weights) instead of ending the run."""
+        import ray
+
+        for attempt in range(self.recipe.resources.max_restarts + 1):
+            try:
+                return self._wait_learners(refs), extras
+            except ray.exceptions.ObjectLostError as e:
+                ray.wait(refs, num_returns=len(refs), timeout=60)  # let every rank's call end first
+                self._log_failure(p.step, "rollout", p.rollout_actor, f"{type(e).__name__}: the step's rollout was "
+                                  f"lost with its node before the learners read it; launching the step again",
+                                  attempt + 1)
+                retry = self._launch(p.step, p.records, p.position)
+                p.rollout_ref, p.driver_ref, p.reward_ref = retry.rollout_ref, retry.driver_ref, retry.reward_ref
+                refs, extras = self._update(stage, p, *self._collect(p))
+        raise RuntimeError(f"step {p.step}: the rollout was lost {self.recipe.resources.max_restarts + 1} times")
+
     def _train_refs(self, stage: str, *args: Any) -> list[Any]:
         return [w.train.remote(stage, *args) for w in self.learners]
 
@@ -610,6 +654,15 @@ class Trainer:
         except ray.exceptions.RayActorError as e:
             raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
                               f"checkpoint: {self.checkpoint_path or 'none'}") from None
+        except ray.exceptions.RayTaskError as e:
+            # A rank that died (with its node) first fails the others' collectives (gloo/NCCL "connection
+            # reset"): report the dead rank, not the survivors' error.
+            dead = _dead_ranks(refs)
+            if not dead:
+                raise
+            cause = str(getattr(e, "cause", e)).splitlines()[0][:200]
+            raise LearnerDied(f"the learner died at step {self.step}: rank(s) {dead} gone (the others: {cause}); "
+                              f"last complete checkpoint: {self.checkpoint_path or 'none'}") from None
 
     def _row(self, stage: str, stats: list[dict[str, Any]], extras: dict[str, Any]) -> dict[str, Any]:
         """One metrics row; rank 0's statistics, rewards over every rank for the cold start."""
@@ -790,6 +843,112 @@ def _rendezvous_fn() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), _free_port("")
 
 
+def _dead_ranks(refs: list[Any], timeout: float = 60.0) -> list[int]:
+    """Learner ranks whose call in `refs` ended because the actor died (Ray may take some seconds
+    to declare a lost node's actors dead)."""
+    import ray
+
+    ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    dead = []
+    for rank, ref in enumerate(refs):
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            dead.append(rank)
+        except Exception:  # noqa: BLE001  (its own error, or still running: not dead)
+            pass
+    return dead
+
+
+def _whereabouts(_actor: Any) -> tuple[int, str, str]:
+    """(process id, Ray node id, node IP) of the actor it runs in (through `__ray_call__`)."""
+    import ray
+
+    return os.getpid(), ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
+class ClusterTooSmall(RuntimeError):
+    """The Ray cluster cannot hold the run's actors as `resources` asks (bad input: exit code 2)."""
+
+
+def _describe_nodes(nodes: list[dict[str, Any]]) -> str:
+    def one(n: dict[str, Any]) -> str:
+        have = {k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU") and v}
+        return f"{n['NodeManagerAddress']} {n['NodeID'][:8]} {have or 'no CPU/GPU'}"
+
+    total = {k: sum(n["Resources"].get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    return f"{len(nodes)} alive node(s), {total['CPU']:g} CPU and {total['GPU']:g} GPU in all: " + "; ".join(map(one, nodes))
+
+
+def check_cluster(r, kinds: list[str], bundles: dict[str, dict[str, float]], nodes: list[dict[str, Any]]) -> None:
+    """Refuse, before any placement group or actor exists, a `resources` section the cluster
+    cannot hold: more CPUs/GPUs than it has, an actor larger than any node, or `placement: SPREAD`
+    with fewer nodes able to hold a learner rank than `learner_workers` (`nodes`: `ray.nodes()`'s
+    alive entries). Ray itself would wait for such resources forever."""
+    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+    need = {res: sum(bundles[k].get(res, 0) for k in kinds) for res in ("CPU", "GPU")}
+    have = {res: sum(n["Resources"].get(res, 0) for n in nodes) for res in ("CPU", "GPU")}
+    cluster = _describe_nodes(nodes)
+    actors = ", ".join(f"{n} {k}" for k, n in counts.items())
+    for res in ("CPU", "GPU"):
+        if need[res] > have[res] + 1e-9:
+            field = "cpus_per_actor" if res == "CPU" else "gpus_per_actor"
+            raise ClusterTooSmall(
+                f"resources: {len(kinds)} actors ({actors}; resources.learner_workers={r.learner_workers}, "
+                f"rollout_workers={r.rollout_workers}{' (colocated: none)' if r.colocate else ''}, "
+                f"reward_workers={r.reward_workers}) at resources.{field}={getattr(r, field):g} need {need[res]:g} "
+                f"{res}, but the Ray cluster has {have[res]:g}: {cluster}. Lower resources.learner_workers (or the "
+                f"other counts, or resources.{field}), or add nodes")
+
+    def fits(n: dict[str, Any], b: dict[str, float]) -> bool:
+        return all(n["Resources"].get(k, 0) + 1e-9 >= v for k, v in b.items())
+
+    for kind in counts:
+        if not any(fits(n, bundles[kind]) for n in nodes):
+            raise ClusterTooSmall(f"resources: one {kind} actor needs {bundles[kind]} on a single node, but no node "
+                                  f"has that much: {cluster}")
+    if r.placement == "none" and r.learner_workers > 1 and len(nodes) > 1:
+        raise ClusterTooSmall(
+            f"resources.placement: none with resources.learner_workers={r.learner_workers} on a cluster of "
+            f"{len(nodes)} nodes: the DeepSpeed rendezvous must know rank 0's node before the ranks start, which "
+            f"only a placement group fixes; use PACK or SPREAD ({cluster})")
+    if r.placement == "SPREAD" and r.learner_workers > 1:
+        able = [n for n in nodes if fits(n, bundles["learner"])]
+        if len(able) < r.learner_workers:
+            raise ClusterTooSmall(
+                f"resources.placement: SPREAD puts each of the resources.learner_workers={r.learner_workers} learner "
+                f"ranks on its own node, but only {len(able)} node(s) can hold one ({bundles['learner']}): {cluster}. "
+                f"Add nodes, lower resources.learner_workers, or use placement PACK")
+
+
+def _place(bundles: list[dict[str, float]], strategy: str, kinds: list[str], res: dict[str, Any], field: str,
+           timeout: float = 300.0):
+    """A ready placement group, or a ClusterTooSmall naming `resources.placement` after `timeout`
+    seconds (the group is removed: nothing stays reserved)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy=strategy)
+    t0 = time.time()
+    try:
+        while True:  # not silent: say every 30 s what it waits for
+            try:
+                ray.get(pg.ready(), timeout=min(30.0, max(timeout - (time.time() - t0), 0.1)))
+                break
+            except ray.exceptions.GetTimeoutError:
+                if time.time() - t0 >= timeout:
+                    raise
+                log.warning("resources.placement: waiting %.0f s so far (up to %.0f s) for a %s placement group of %s",
+                            time.time() - t0, timeout, strategy, bundles)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise ClusterTooSmall(
+            f"resources.placement: {field}: a {strategy} placement group of {len(bundles)} bundles ({bundles}) for "
+            f"the actors ({', '.join(kinds)}; {res}) could not be placed in {timeout:.0f} s: "
+            f"{_describe_nodes([n for n in ray.nodes() if n.get('Alive')])}") from None
+    return pg
+
+
 def _truncate_metrics(path: str, step: int) -> int:
     """Drop rows of steps >= `step` (a killed run's steps after its checkpoint, about to be run
     again) and a line cut short by the kill, so that every step appears once; returns how many
@@ -892,7 +1051,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.eval_grid("end")
         path = trainer.save_checkpoint()
-    except (CheckpointError, BadInput, RecipeError, DataError, ReferencesError) as e:
+    except (CheckpointError, BadInput, RecipeError, DataError, ReferencesError, ClusterTooSmall) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; checkpoints are written atomically
