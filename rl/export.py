@@ -313,7 +313,10 @@ def model_card(c, recipe, bases: dict[str, str], merged: bool = False, ema: bool
         "## Training stages", "",
         f"Checkpoint step {c.step} of {len(recipe.stages())}: "
         + ", ".join(f"{k} {v} steps" for k, v in counts.items() if v) + ".", "",
-        f"Schedule: {recipe.schedule.cold_start_steps} cold-start steps (UAE eq. 3), then "
+        "Schedule: "
+        + (f"{recipe.schedule.warmup_steps} decoder warm-up steps (UAE sec. 2.2), then "
+           if recipe.schedule.warmup_steps else "")
+        + f"{recipe.schedule.cold_start_steps} cold-start steps (UAE eq. 3), then "
         + ", ".join(f"{p.stage} {p.steps}" for p in recipe.schedule.phases)
         + f" x {recipe.schedule.cycles} cycles (encoder: caption GRPO, UAE sec. 2.3; "
         "decoder: trajectory GRPO, UAE eq. 4).", "",

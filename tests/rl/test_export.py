@@ -186,6 +186,7 @@ def test_model_card(exported):
         assert f"- {tag}" in front
     assert "encoder/base" in card and "decoder/base" in card  # base models
     assert "## Training stages" in card and "cold_start 3 steps, encoder 1 steps" in card
+    assert "Schedule: 3 cold-start steps" in card  # no warm-up steps in this recipe: none named
     assert "| encoder | 2 | 0.75 |" in card and "| decoder | 3 | 0.8 |" in card  # final metrics
     assert "```yaml" in card and "cold_start_steps: 3" in card  # the recipe
     assert "### Caption an image" in card and "caption_prompt.json" in card and "chat_template.jinja" in card

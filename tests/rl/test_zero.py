@@ -224,7 +224,7 @@ def test_out_of_memory_names_the_stage_and_the_field_to_lower(monkeypatch, data)
 
     worker = LearnerWorker(recipe(0, micro=2))
 
-    def oom(*args):
+    def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(worker.learner, "train_decoder", oom)

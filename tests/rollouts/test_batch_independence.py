@@ -115,7 +115,7 @@ def test_eval_render_alone_equals_batched(tensors, monkeypatch, cfg_scale):
     worker = RolloutWorker(recipe(cfg_scale))
     (ids, mask), (batch, bmask) = captions(worker.models)
     # The random tiny encoder would caption both images alike: give them a short and a long caption.
-    monkeypatch.setattr(worker, "captions", lambda images, g, seed, greedy=False: SimpleNamespace(
+    monkeypatch.setattr(worker, "captions", lambda images, g, seed, greedy=False, **kw: SimpleNamespace(
         completion_ids=ids if len(images) == 1 else batch, completion_mask=mask if len(images) == 1 else bmask,
         captions=["short"] if len(images) == 1 else ["short", "long"]))
     _, alone = worker.eval_render([None], ["img-a"], seed=0)
