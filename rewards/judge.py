@@ -51,7 +51,7 @@ import urllib.parse
 import urllib.request
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 from rewards.api import completion_text, register, run_awaitable
 
@@ -347,11 +347,15 @@ class HTTPJudge:
             pool.shutdown(wait=False, cancel_futures=True)
 
     async def _judge_one(self, caption: str, elements: list[str], pool) -> list[Verdict]:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": format_prompt(caption, elements, self.prompt)}],
-            "temperature": self.temperature,
-        }
+        return await self._ask(format_prompt(caption, elements, self.prompt),
+                               lambda text: parse_verdicts(text, len(elements)), pool, "")
+
+    async def _ask(self, content: str, parse: Callable[[str], Any], pool, what: str) -> Any:
+        """One chat request with `content`, retried (backoff, 2 backoff, 4 ...) on _Retryable errors
+        and unparseable replies, up to max_retries; `parse(reply text)` raises ValueError when the
+        reply is unusable. `what` names the request in errors and logs ("" or " extraction")."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": self.temperature}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
         data = json.dumps(body).encode()
@@ -361,20 +365,19 @@ class HTTPJudge:
             if attempt:
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))  # backoff, 2 backoff, 4 ...
             try:
-                text = await loop.run_in_executor(pool, self._post, data)
-                return parse_verdicts(text, len(elements))
+                return parse(await loop.run_in_executor(pool, self._post, data))
             except _Fatal as e:
                 raise JudgeError(
-                    f"judge {self.endpoint} failed: {self._redact(e.reason)} (attempt {attempt + 1}; not retried)",
+                    f"judge {self.endpoint}{what} failed: {self._redact(e.reason)} (attempt {attempt + 1}; not retried)",
                     kind=e.kind, endpoint=self.endpoint, attempts=attempt + 1,
                 ) from None
             except _Retryable as e:
                 last = (e.kind, self._redact(e.reason))
-            except JudgeParseError as e:
-                last = ("unparseable", self._redact(f"unparseable reply: {e}"))
-            logger.warning("judge %s attempt %d/%d: %s", self.endpoint, attempt + 1, attempts, last[1])
+            except ValueError as e:  # JudgeParseError, or an extraction reply without elements
+                last = ("unparseable", self._redact(f"unparseable{what} reply: {e}"))
+            logger.warning("judge %s%s attempt %d/%d: %s", self.endpoint, what, attempt + 1, attempts, last[1])
         raise JudgeError(
-            f"judge {self.endpoint} failed after {attempts} attempt{'s' * (attempts != 1)} "
+            f"judge {self.endpoint}{what} failed after {attempts} attempt{'s' * (attempts != 1)} "
             f"(max_retries={self.max_retries}); last error: {last[1]}",
             kind=last[0], endpoint=self.endpoint, attempts=attempts,
         )
@@ -403,28 +406,7 @@ class HTTPJudge:
             pool.shutdown(wait=False, cancel_futures=True)
 
     async def _extract_one(self, caption: str, pool) -> dict[str, list[str]]:
-        body = {"model": self.model, "temperature": self.temperature,
-                "messages": [{"role": "user", "content": EXTRACTION_PROMPT.replace("{caption}", caption)}]}
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        data = json.dumps(body).encode()
-        loop = asyncio.get_running_loop()
-        attempts, last = self.max_retries + 1, ("error", "no attempt made")
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                return parse_elements(await loop.run_in_executor(pool, self._post, data))
-            except _Fatal as e:
-                raise JudgeError(f"judge {self.endpoint} failed: {self._redact(e.reason)} (extraction; not retried)",
-                                 kind=e.kind, endpoint=self.endpoint, attempts=attempt + 1) from None
-            except _Retryable as e:
-                last = (e.kind, self._redact(e.reason))
-            except ValueError as e:
-                last = ("unparseable", self._redact(f"unparseable extraction: {e}"))
-            logger.warning("judge %s extraction attempt %d/%d: %s", self.endpoint, attempt + 1, attempts, last[1])
-        raise JudgeError(f"judge {self.endpoint} extraction failed after {attempts} attempts; last error: {last[1]}",
-                         kind=last[0], endpoint=self.endpoint, attempts=attempts)
+        return await self._ask(EXTRACTION_PROMPT.replace("{caption}", caption), parse_elements, pool, " extraction")
 
     def _post(self, data: bytes) -> str:
         """One attempt within `timeout` seconds of wall clock: the reply text

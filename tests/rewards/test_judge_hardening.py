@@ -38,16 +38,22 @@ ADVERSARIAL = {
 }
 
 
+# A guard against catastrophic backtracking, not a speed figure: the cubic parser this replaced took
+# 32.8 s on a 4 KB reply and would not finish on these 100 KB ones; the linear one takes ~0.05 s.
+# CPU seconds of this process (not wall time), so that a loaded machine does not fail the test.
+PARSE_CPU_BOUND_S = 2.0
+
+
 def _timed_parse(text: str, n: int = 3) -> float:
-    start = time.perf_counter()
+    start = time.process_time()
     with contextlib.suppress(JudgeParseError):
         parse_verdicts(text, n)
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 @pytest.mark.parametrize("name", sorted(ADVERSARIAL))
 def test_parser_is_fast_on_adversarial_replies(name):
-    assert _timed_parse(ADVERSARIAL[name]) < 0.5, name
+    assert _timed_parse(ADVERSARIAL[name]) < PARSE_CPU_BOUND_S, name
 
 
 def test_parser_is_fast_on_random_replies():
@@ -55,15 +61,15 @@ def test_parser_is_fast_on_random_replies():
     alphabet = "\n\n\n   \t-*_`#>:.)(=[]{},\"'0123456789yesnocontradictelementsupported"
     for _ in range(20):  # bounded: 20 replies of 100 KB
         text = "".join(rng.choices(alphabet, k=SIZE))
-        assert _timed_parse(text, n=rng.randint(1, 50)) < 0.5
+        assert _timed_parse(text, n=rng.randint(1, 50)) < PARSE_CPU_BOUND_S
 
 
 def test_parser_finds_verdicts_inside_100kb_of_noise():
     noise = "\n \n- **" * 10_000
     text = noise + "\n1: yes\n2: no\n- **3**: contradicted\n" + noise
-    start = time.perf_counter()
+    start = time.process_time()
     assert parse_verdicts(text, 3) == ["supported", "unsupported", "contradicted"]
-    assert time.perf_counter() - start < 0.5
+    assert time.process_time() - start < PARSE_CPU_BOUND_S
 
 
 # ---------------------------------------------------------------------------------------------
