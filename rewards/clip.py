@@ -189,6 +189,18 @@ class _QuietRandomInit(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
+def quick_gelu_kwargs(model: str, pretrained: str | None, model_kwargs: dict) -> dict:
+    """{"force_quick_gelu": True} when the pretrained tag's weights were trained with QuickGELU but
+    the named config has plain GELU (`ViT-L-14` with `openai`): open_clip would build GELU layers,
+    only warn ("QuickGELU mismatch"), and every feature would be off. {} otherwise, and when the
+    recipe sets `force_quick_gelu` itself."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if not pretrained or "force_quick_gelu" in model_kwargs or model.endswith("-quickgelu"):
+        return {}
+    return {"force_quick_gelu": True} if get_pretrained_cfg(model, pretrained).get("quick_gelu") else {}
+
+
 def _build_open_clip(model: str | dict, pretrained: str | None, model_kwargs: dict):
     import open_clip
     import open_clip.factory
@@ -201,6 +213,7 @@ def _build_open_clip(model: str | dict, pretrained: str | None, model_kwargs: di
         name = f"unified_grpo-{digest}"
         open_clip.factory._MODEL_CONFIGS[name] = deepcopy(model)
         model = name
+    model_kwargs = {**model_kwargs, **quick_gelu_kwargs(model, pretrained, model_kwargs)}
     encoder = open_clip.create_model(model, pretrained=pretrained, **model_kwargs)
     cfg = encoder.visual.preprocess_cfg
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])

@@ -137,3 +137,16 @@ def test_image_preprocess_is_deterministic_and_shaped():
     pre = ImagePreprocess((16, 16))
     images = noise_images(3)
     assert pre(images).shape == (3, 3, 16, 16) and torch.equal(pre(images), pre(images))
+
+
+def test_openai_weights_get_quick_gelu_whatever_the_config_name():
+    """`ViT-L-14` + `openai` (recipes/unified_grpo.yaml) must build QuickGELU layers, as OpenAI trained
+    them; open_clip's `ViT-L-14` config has plain GELU and would only warn. The real weights cannot be
+    downloaded here: the check is on the arguments open_clip gets, from open_clip's own tag table."""
+    from rewards.clip import quick_gelu_kwargs
+
+    assert quick_gelu_kwargs("ViT-L-14", "openai", {}) == {"force_quick_gelu": True}
+    assert quick_gelu_kwargs("ViT-L-14-quickgelu", "openai", {}) == {}  # the name says so already
+    assert quick_gelu_kwargs("ViT-L-14", "laion2b_s32b_b82k", {}) == {}  # trained with GELU
+    assert quick_gelu_kwargs("ViT-L-14", None, {}) == {}  # random weights: the config decides
+    assert quick_gelu_kwargs("ViT-L-14", "openai", {"force_quick_gelu": False}) == {}  # the recipe's choice wins
