@@ -105,3 +105,41 @@ def test_ctrl_c_ends_quietly_naming_the_last_checkpoint(tmp_path):
     while _alive(ray_procs) and time.time() < deadline:
         time.sleep(0.5)
     assert _alive(ray_procs) == []
+
+
+DRIVER = """
+import os, subprocess, sys, time
+from rl import reaper
+with reaper.watched():
+    marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a 'Ray process'
+if os.fork() == 0:  # a process forked from the driver keeps the pipe's write end open
+    time.sleep(120)
+    os._exit(0)
+print(marked.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_watcher_reaps_when_the_driver_dies_even_if_a_fork_holds_its_pipe(tmp_path):
+    """rl/reaper.py: a stand-in driver starts the watcher, one marked process, and a fork of itself
+    that inherits the watcher's pipe. SIGKILL of the driver alone must still end the marked process
+    (the watcher sees itself re-parented), while the fork, which is no part of the run, is spared."""
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+    procs: list[psutil.Process] = []
+    try:
+        marked = psutil.Process(int(driver.stdout.readline()))
+        procs = psutil.Process(driver.pid).children(recursive=True)  # the watcher, the marked one, the fork
+        fork = [p for p in procs if p.pid != marked.pid and "rl.reaper" not in " ".join(p.cmdline())]
+        assert len(procs) == 3 and len(fork) == 1
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        deadline = time.time() + 30
+        while _alive([marked]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _alive([marked]) == []
+        assert _alive(fork) != []  # it still holds the pipe: the pipe alone would not have closed
+    finally:
+        _cleanup(driver, procs)
