@@ -225,15 +225,21 @@ def parse_verdicts(text: str, n: int) -> list[Verdict]:
     )
 
 
-def _parse_json_list(text: str, n: int) -> list[Verdict] | None:
+def _json_values(text: str, opener: str):
+    """The JSON values that start at each of the first _JSON_ATTEMPTS `opener` characters ("[" or
+    "{") of `text` and decode, in order (a bound: an adversarial reply of many openers stays linear)."""
     decoder = json.JSONDecoder()
-    for attempt, m in enumerate(re.finditer(r"\[", text)):
+    for attempt, m in enumerate(re.finditer(re.escape(opener), text)):
         if attempt == _JSON_ATTEMPTS:
-            break
+            return
         try:
-            values, _ = decoder.raw_decode(text, m.start())
+            yield decoder.raw_decode(text, m.start())[0]
         except (ValueError, RecursionError):  # deeply nested "[[[[..." raises RecursionError
             continue
+
+
+def _parse_json_list(text: str, n: int) -> list[Verdict] | None:
+    for values in _json_values(text, "["):
         if not isinstance(values, list) or len(values) != n:
             continue
         verdicts = []
@@ -853,14 +859,7 @@ def parse_elements(text: str) -> dict[str, list[str]]:
     """The element groups of a reply to EXTRACTION_PROMPT (the first JSON object holding a group key,
     code fences and prose around it ignored); `ValueError` when there is none. Strings only; a list of
     objects {"name", "attributes"} (ReaDe's table 9 form) is flattened to "name" and "name: attribute"."""
-    decoder = json.JSONDecoder()
-    for attempt, m in enumerate(re.finditer(r"\{", text)):
-        if attempt == _JSON_ATTEMPTS:
-            break
-        try:
-            value, _ = decoder.raw_decode(text, m.start())
-        except (ValueError, RecursionError):
-            continue
+    for value in _json_values(text, "{"):
         if isinstance(value, dict) and any(g in value for g in GROUPS):
             return {g: _element_strings(value.get(g) or []) for g in GROUPS}
     raise ValueError(f"no JSON object with keys {GROUPS} in the judge's reply; reply starts {text[:200]!r}")
