@@ -99,21 +99,24 @@ def test_export_layout(exported):
     assert not [p for p in out.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]  # no pickles
 
 
+# The head of every fresh-process script here. The project may be installed (pip install -e .):
+# its packages are refused outright, so whatever loads after this loads without any of its code.
+NO_PROJECT = textwrap.dedent("""
+    import json, sys
+
+    class _NoProject:
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("rl", "rollouts", "rewards"):
+                raise ImportError(f"{name} is blocked: this process must not use the project")
+            return None
+
+    sys.meta_path.insert(0, _NoProject())
+""")
+
 def test_exported_folders_load_in_a_fresh_process_without_the_project(exported):
     """peft + transformers + diffusers only: the outputs equal the project's."""
-    script = textwrap.dedent("""
-        import json, sys
-
-        # The project may be installed (pip install -e .): refuse its packages outright, so
-        # whatever loads below loads without any of its code.
-        class _NoProject:
-
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("rl", "rollouts", "rewards"):
-                    raise ImportError(f"{name} is blocked: this process must not use the project")
-                return None
-
-        sys.meta_path.insert(0, _NoProject())
+    script = NO_PROJECT + textwrap.dedent("""
         import torch
         from safetensors.torch import load_file
         from peft import PeftModel
@@ -206,17 +209,7 @@ def test_card_snippet_captions_and_renders_in_a_process_without_the_project(expo
     code = code.replace('Image.open("image.png")', 'Image.open("../image.png")')  # the fixture's image
     rebuild = code.split("class Connector", 1)[1].split("connector = Connector", 1)[0]
     assert len([line for line in rebuild.splitlines() if line.strip()]) <= 12  # a ~10-line torch rebuild
-    script = textwrap.dedent("""
-        import json, sys
-
-        class _NoProject:
-
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("rl", "rollouts", "rewards"):
-                    raise ImportError(f"{name} is blocked: this process must not use the project")
-                return None
-
-        sys.meta_path.insert(0, _NoProject())
+    script = NO_PROJECT + textwrap.dedent("""
         import torch
         from safetensors.torch import load_file
 
