@@ -320,9 +320,15 @@ def _chunk_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, ids: torch.T
     logits = lm_head(hidden).float() / temperature  # (M, V): the only vocabulary-wide tensor
     if suppressed is not None:
         logits.index_fill_(-1, suppressed, _SUPPRESSED)  # as generate's suppress_tokens
+    # TRL's functions loop over the first dimension (one logsumexp per element, "to reduce peak
+    # memory"); given (M, V) that is M small calls, whose Python overhead was most of a tiny model's
+    # scoring time. As (1, M, V) the chunk is one element, as one of TRL's (T, V) sequences is: one
+    # logsumexp over the chunk, whose (M, V) temporary `chunk` bounds as it bounds the logits.
+    logits, ids = logits.unsqueeze(0), ids.unsqueeze(0)  # (1, M, V), (1, M)
     if with_entropy:
-        return selective_log_softmax_and_entropy(logits, ids, entropy_requires_grad=False)
-    return selective_log_softmax(logits, ids), None
+        logp, entropy = selective_log_softmax_and_entropy(logits, ids, entropy_requires_grad=False)
+        return logp.squeeze(0), entropy.squeeze(0)
+    return selective_log_softmax(logits, ids).squeeze(0), None
 
 
 def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature: float,
