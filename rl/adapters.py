@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import weakref
 from typing import Iterator
 
 import torch
@@ -250,10 +251,64 @@ def _kadapter_layers(module: nn.Module) -> list[KAdapterLinear]:
     return [m for m in module.modules() if isinstance(m, KAdapterLinear)]
 
 
+# The layers `disabled` switches, found once per module: walking a model's modules took a few ms per
+# reference pass (more than a tiny model's forward). Adapters are installed once (`apply_adapter`,
+# at build); `merge_into_base`, which removes them, forgets the module.
+_SWITCHES: "weakref.WeakKeyDictionary[nn.Module, tuple[str, list[nn.Module]]]" = weakref.WeakKeyDictionary()
+
+
+def _switches(module: nn.Module) -> tuple[str, list[nn.Module]]:
+    """("kadapter", its KAdapterLinear layers), ("peft", the peft tuner layers and auxiliary wrappers
+    that peft's disable_adapter switches), or ("other", []) for anything else."""
+    if module not in _SWITCHES:
+        kadapters = _kadapter_layers(module)
+        if kadapters:
+            _SWITCHES[module] = ("kadapter", kadapters)
+        elif _peft_layer_switchable(module):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            # peft's BaseTuner._enable_adapter_layers switches exactly these
+            _SWITCHES[module] = ("peft", [m for m in module.base_model.model.modules()
+                                          if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))])
+        else:
+            _SWITCHES[module] = ("other", [])
+    return _SWITCHES[module]
+
+
+def _peft_layer_switchable(module: nn.Module) -> bool:
+    """A PeftModel whose adapters are layers (LoRA, LoKr, ...: peft's disable_adapter's last branch),
+    without a bias (peft warns that disabling those does not give the base model)."""
+    from peft import PeftModel
+
+    if not isinstance(module, PeftModel):
+        return False
+    cfg = module.peft_config[module.active_adapter]
+    return not (cfg.is_prompt_learning or cfg.is_adaption_prompt) and getattr(cfg, "bias", "none") == "none"
+
+
 @contextlib.contextmanager
 def disabled(module: nn.Module) -> Iterator[None]:
-    """The base model for the duration (the reference policy pi_ref of GRPO's KL term)."""
-    kadapters = _kadapter_layers(module)
+    """The base model for the duration (the reference policy pi_ref of GRPO's KL term).
+
+    A peft model with layer adapters is switched as peft's `disable_adapter` does it (each tuner
+    layer's `enable_adapters(False)`, then `enable_adapters(True)` for those that were on), on the
+    layers found at the first call, without peft's per-call model walk and status report."""
+    kind, layers = _switches(module)
+    if kind == "peft":
+        before = [not m.disable_adapters for m in layers]
+        was, module._adapters_disabled = module._adapters_disabled, True
+        for m in layers:
+            m.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for m, on in zip(layers, before):
+                if on:
+                    m.enable_adapters(True)
+            module._adapters_disabled = was
+        return
+    kadapters = layers if kind == "kadapter" else []
     if kadapters:
         before = [m.enabled for m in kadapters]
         for m in kadapters:
@@ -295,6 +350,7 @@ def merge_into_base(module: nn.Module) -> nn.Module:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    _SWITCHES.pop(module, None)
     if isinstance(module, PeftModel):
         return module.merge_and_unload()
     for name, m in list(module.named_modules()):

@@ -282,3 +282,28 @@ def test_kadapter_export_is_a_plain_merged_model(tmp_path):
                       pooled_projections=pooled, return_dict=False)[0]
     assert torch.allclose(got_enc, want_enc, atol=1e-4)
     assert torch.allclose(got_dec, want_dec, atol=1e-4)
+
+
+def test_peft_switch_is_peft_disable_adapter():
+    """`disabled` on a peft LoRA encoder (its cached tuner layers) gives what peft's own
+    disable_adapter gives: the base model's outputs inside, the adapted ones after, and the same
+    layer flags and requires_grad on the way out, also when called again (the cache) and nested."""
+    m = build_models(recipe("lora"))
+    model = m.encoder.model
+    randomise(model, 3)
+    with torch.no_grad():
+        adapted = encoder_out(model)
+        with model.disable_adapter():
+            peft_base = encoder_out(model)
+        peft_after = {n: p.requires_grad for n, p in model.named_parameters()}
+        for _ in range(2):
+            with adapters.disabled(model):
+                assert model._adapters_disabled
+                ours = encoder_out(model)
+                with adapters.disabled(model):  # nested: still the base, and still off when it ends
+                    assert torch.equal(encoder_out(model), peft_base)
+                assert torch.equal(encoder_out(model), peft_base)
+            assert not model._adapters_disabled
+            assert torch.equal(ours, peft_base) and not torch.allclose(ours, adapted, atol=1e-4)
+            assert torch.equal(encoder_out(model), adapted)
+            assert {n: p.requires_grad for n, p in model.named_parameters()} == peft_after
