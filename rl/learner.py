@@ -180,6 +180,11 @@ class Learner:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=_Policies(self.models), optimizer=optimizer, config=ds_config)
         self.adamw: GroupAdamW = optimizer  # the torch optimizer inside DeepSpeed's wrapper (if any)
+        if world_size == 1 and recipe.learner.zero_stage == 0:
+            # One rank at ZeRO-0: DeepSpeed's data-parallel all-reduce (a walk over every parameter of
+            # both policies, a gloo call, a division by 1) returns the gradients as they are. ZeRO 1-3
+            # keep it: their reduction is also what moves the gradients into the optimizer's partitions.
+            self.engine.enable_backward_allreduce = False
         zero3 = self.engine.optimizer
         if hasattr(zero3, "fp32_partitioned_groups_flat"):
             names = [group["name"] for group in optimizer.param_groups]
