@@ -335,6 +335,13 @@ class CaptionSampling(_Section):
     vllm_server_port: int = Field(8000, gt=0, lt=65536, description="backend `vllm_server`: HTTP port of the server (TRL vllm_server_port, default 8000).")
     vllm_server_timeout: float = Field(240.0, ge=0, description="backend `vllm_server`: seconds to wait for the server to answer before the rollout worker fails with a ConnectionError (TRL vllm_server_timeout, default 240).")
     vllm_group_port: int = Field(51216, gt=0, lt=65536, description="backend `vllm_server`: port of the NCCL weight-update group between the rollout worker and the server (TRL vllm_group_port, default 51216).")
+    generate_loop: Literal["lean", "hf"] = Field(
+        "lean",
+        description="backend `hf`: how tokens are sampled. `lean` (default): `rollouts.captions.lean_generate`, "
+        "transformers generate's own preparation, logits processors and stopping in a plain per-token loop (prefill, "
+        "then one cached forward per token): the same tokens as generate from the same seed (tests/rollouts/"
+        "test_lean_generate.py), without generate's per-token bookkeeping. `hf`: `model.generate` itself (TRL's "
+        "non-vLLM path).")
     top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens (TRL GRPOConfig.top_k; TRL's default 0 = off). None or 0: off. As in TRL, log-probs are of the temperature-scaled distribution without the filter. hf backend only.")
     min_p: float | None = Field(None, ge=0, le=1, description="Drop tokens below min_p x the top probability (TRL GRPOConfig.min_p; default None = off). hf backend only.")
     repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already in the prompt or caption (TRL GRPOConfig.repetition_penalty; 1.0 = off, TRL's default). hf backend only.")

@@ -147,7 +147,7 @@ class RolloutWorker:
                                  temperature=c.temperature, top_p=c.top_p, seed=seed, version=self.version,
                                  greedy=greedy, micro_batch_size=self.recipe.rollout.micro_batch_size,
                                  logits_chunk=self.recipe.learner.logits_chunk, top_k=c.top_k, min_p=c.min_p,
-                                 repetition_penalty=c.repetition_penalty, score=score)
+                                 repetition_penalty=c.repetition_penalty, score=score, loop=c.generate_loop)
 
     @torch.no_grad()
     def _condition(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor
@@ -244,7 +244,8 @@ class RolloutWorker:
             group = generate_captions(self.models.encoder, images, 1, max_new_tokens=warmup_tokens(self.recipe),
                                       seed=seed, version=self.version, greedy=True,
                                       micro_batch_size=self.recipe.rollout.micro_batch_size,
-                                      logits_chunk=self.recipe.learner.logits_chunk)
+                                      logits_chunk=self.recipe.learner.logits_chunk,
+                                      loop=self.recipe.rollout.caption.generate_loop)
         return list(group.captions)
 
     @_oom_names("cold_start")

@@ -26,6 +26,7 @@ parameters and `group_from_samples`).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -83,8 +84,8 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
                       max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
                       seed: int = 0, version: int = 0, greedy: bool = False,
-                      micro_batch_size: int | None = None, logits_chunk: int = 1024, score: bool = True
-                      ) -> CaptionGroup:
+                      micro_batch_size: int | None = None, logits_chunk: int = 1024, score: bool = True,
+                      loop: str = "lean") -> CaptionGroup:
     """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate.
 
     B images -> N = B * G rows, image-major. `micro_batch_size` rows per model call: each generate
@@ -110,10 +111,15 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
     The sampled captions depend on `micro_batch_size` through the global random stream (seeded once
     from `seed`), not their distribution.
 
+    `loop` "lean" (`lean_generate`: generate's own preparation, sampling and stopping, in a plain
+    per-token loop; the same tokens) or "hf" (`model.generate`).
+
     Sampling filters as TRL's GRPOConfig: top_k (None or 0: off; TRL default 0), min_p (None: off,
     TRL's default), repetition_penalty (1.0: off, TRL's default). Like TRL, the log-probs are of the
     temperature-scaled distribution without these filters.
     """
+    if loop not in ("lean", "hf"):
+        raise ValueError(f"generate_captions: loop {loop!r} is neither 'lean' nor 'hf' (rollout.caption.generate_loop)")
     model = encoder.model
     device = next(model.parameters()).device
     inputs = encoder.prepare(images)  # all images at once: one left-padded prompt length P for the group
@@ -132,9 +138,7 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
         # repeats prompts and embeddings for the G samples and extends mm_token_type_ids with 0 (text).
         call = {k: v[lo:hi].to(device) for k, v in inputs.items() if k != "pixel_values"}
         feats = image_features(model, torch.cat(patches[lo:hi], dim=0), inputs["image_grid_thw"][lo:hi])
-        out = model.generate(
-            **call,
-            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(feats))},
+        settings = dict(
             do_sample=not greedy,
             temperature=temperature if not greedy else None,
             top_p=top_p if not greedy else None,
@@ -147,7 +151,12 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
             pad_token_id=encoder.pad_token_id,
             suppress_tokens=encoder.suppressed_ids,
         )
-        ids = out[:, prompt_len:].cpu()  # (n_k, T_k), T_k: this call's longest caption
+        embeds = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+        if loop == "lean":
+            ids = lean_generate(model, call, embeds, **settings).cpu()  # (n_k, T_k)
+        else:
+            ids = model.generate(**call, mm_encoder_outputs=embeds, **settings)[:, prompt_len:].cpu()
+        # ids (n_k, T_k), T_k: this call's longest caption
         mask = completion_mask(ids, encoder.eos_token_id)
         logp = None
         if score:  # pi_old of these rows, scored like the learner, on the same image embeddings (no second
@@ -180,6 +189,83 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
         version=version,
         mm_token_type_ids=inputs.get("mm_token_type_ids"),
     )
+
+
+@torch.no_grad()
+def lean_generate(model: torch.nn.Module, call: dict[str, torch.Tensor], mm_encoder_outputs: dict, *,
+                  num_return_sequences: int, max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                  **settings) -> torch.Tensor:
+    """The tokens `model.generate(**call, mm_encoder_outputs=..., num_return_sequences=G, ...)` samples
+    after the prompt, (b * G, T) with T the longest caption, from a plain per-token loop.
+
+    transformers 5.23's `GenerationMixin.generate` / `_sample` for a decoder-only model with a
+    DynamicCache (the CPU path, `StopCheck`), with the same steps in the same order, so the same random
+    draws give the same tokens: generate's own helpers build the generation config, the 3-D M-RoPE
+    positions (`_prepare_position_ids_for_generation`, before expansion; an all-ones mask then
+    dropped), the expansion to G copies (`_expand_inputs_for_generation`) and the logits processors
+    (`_get_logits_processor`: repetition penalty, suppressed tokens, temperature, top-k, top-p, min-p,
+    in its order). Then one prefill forward and one forward per token, each with the last token, its
+    position (the previous one + 1 in every M-RoPE row, as `_update_model_kwargs_for_generation`) and
+    the KV cache, keeping the last position's logits only; softmax and `torch.multinomial` (argmax
+    when greedy); finished rows get `pad_token_id`; stop when every row has emitted `eos_token_id`
+    or after `max_new_tokens`.
+
+    What it leaves out is generate's per-token machinery (`prepare_inputs_for_generation`, kwargs
+    updates, stopping-criteria lists, output bookkeeping, a signature lookup per logits processor),
+    a large part of a small model's sampling time.
+    `rollout.caption.generate_loop: hf` keeps `model.generate`."""
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: layers stay adapted
+    config, _ = base._prepare_generation_config(
+        None, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, **settings)
+    prompt = call["input_ids"]  # (b, P)
+    device = prompt.device
+    base._prepare_special_tokens(config, True, device=device)
+    kwargs = {k: v for k, v in call.items() if k != "input_ids"}
+    kwargs["mm_encoder_outputs"] = mm_encoder_outputs
+    kwargs["position_ids"] = base._prepare_position_ids_for_generation(prompt, kwargs)  # (4, b, P)
+    if (kwargs["attention_mask"] == 1).all():  # no padding: generate drops the mask
+        kwargs["attention_mask"] = None
+    g = max(config.num_beams, config.num_return_sequences)
+    ids, kwargs = base._expand_inputs_for_generation(expand_size=g, input_ids=prompt, **kwargs)  # (n, P)
+    processors = base._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
+                                            encoder_input_ids=prompt, device=device, model_kwargs=kwargs)
+    # LogitsProcessorList.__call__ reads every processor's signature at every token; read them once
+    # here (none of these takes more than (input_ids, scores)) and call them in the same order.
+    for proc in processors:
+        if len(inspect.signature(proc.__call__).parameters) > 2:
+            raise NotImplementedError(f"lean_generate: {type(proc).__name__} needs extra arguments; use "
+                                      "rollout.caption.generate_loop: hf")
+    max_length = ids.shape[1] + config.max_new_tokens
+    pad, eos = config._pad_token_tensor.to(device), config._eos_token_tensor.to(device)
+    cache = DynamicCache(config=base.config.get_text_config(decoder=True))
+    positions, mask = kwargs["position_ids"], kwargs["attention_mask"]
+    out = base(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=device)
+    prompt_len = ids.shape[1]
+    while True:
+        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)  # (n, V)
+        del out
+        scores = logits
+        for proc in processors:
+            scores = proc(ids, scores)
+        if config.do_sample:
+            tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (n,)
+        else:
+            tokens = torch.argmax(scores, dim=-1)
+        tokens = tokens * unfinished + pad * (1 - unfinished)
+        ids = torch.cat([ids, tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~torch.isin(tokens, eos)
+        if ids.shape[1] >= max_length or unfinished.max() == 0:
+            break
+        positions = positions[..., -1:] + 1  # (4, n, 1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        out = base(input_ids=tokens[:, None], position_ids=positions, attention_mask=mask, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1, return_dict=True)
+    return ids[:, prompt_len:]
 
 
 # The processor outputs a CaptionGroup carries (Qwen2.5-VL with images; mm_token_type_ids is absent

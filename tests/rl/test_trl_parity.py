@@ -255,7 +255,7 @@ def test_generate_captions_top_k_reaches_generate():
 
 
 def test_recipe_sampling_filters_reach_generation(monkeypatch):
-    """rollout.caption.top_k / min_p / repetition_penalty go from the recipe to generate_captions."""
+    """rollout.caption.top_k / min_p / repetition_penalty / generate_loop go from the recipe to generate_captions."""
     import rollouts.actors as actors
     from rl.config import Recipe
 
@@ -267,11 +267,12 @@ def test_recipe_sampling_filters_reach_generation(monkeypatch):
 
     monkeypatch.setattr(actors, "generate_captions", fake)
     recipe = Recipe.model_validate({"device": "cpu", "rollout": {"caption": {"top_k": 5, "min_p": 0.1,
-                                                                         "repetition_penalty": 1.2}}})
+                                                                         "repetition_penalty": 1.2,
+                                                                         "generate_loop": "hf"}}})
     worker = actors.RolloutWorker.__new__(actors.RolloutWorker)
     worker.recipe, worker.vllm, worker.version, worker.models = recipe, None, 0, type("M", (), {"encoder": None})()
     assert worker.captions([], 2, seed=0) == "group"
-    assert (seen["top_k"], seen["min_p"], seen["repetition_penalty"]) == (5, 0.1, 1.2)
+    assert (seen["top_k"], seen["min_p"], seen["repetition_penalty"], seen["loop"]) == (5, 0.1, 1.2, "hf")
 
 
 # ----------------------------------------------------------------------------------------------
