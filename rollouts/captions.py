@@ -433,9 +433,9 @@ def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature
        the last T + 1 positions are the ones that predict the caption (the very last is dropped);
     2) the (n * T) positions, flattened row-major, are scored `chunk` at a time: lm_head, float32,
        temperature, suppressed ids, log-softmax of the chosen token (TRL's selective_log_softmax),
-       so at most (chunk, V) logits exist at once. With autograd on, each chunk runs under
-       torch.utils.checkpoint: backward keeps the hidden states only and recomputes one chunk's
-       logits at a time.
+       so at most (chunk, V) logits exist at once. With autograd on and more than one chunk, each
+       chunk runs under torch.utils.checkpoint: backward keeps the hidden states only and recomputes
+       one chunk's logits at a time (a single chunk keeps its logits: the same bound, no recomputation).
     Padding positions (completion_mask 0) get log-prob 0, never -inf; their entropy is left as computed.
     """
     device = next(model.parameters()).device
@@ -457,9 +457,12 @@ def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature
     flat_ids = ids.reshape(n * t)
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=device) if suppressed_ids else None
     logps, entropies = [hidden.new_zeros(0, dtype=torch.float32)], [hidden.new_zeros(0, dtype=torch.float32)]
+    # One chunk (n * t <= chunk) is not checkpointed: autograd then keeps its (M, V) logits, the one
+    # chunk's worth that the forward holds anyway, and backward skips recomputing them.
+    recompute = torch.is_grad_enabled() and n * t > chunk
     for lo in range(0, n * t, chunk):
         args = (lm_head, hidden[lo:lo + chunk], flat_ids[lo:lo + chunk], temperature, suppressed, with_entropy)
-        if torch.is_grad_enabled():
+        if recompute:
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             logp, entropy = _chunk_logprobs(*args)

@@ -14,6 +14,7 @@ from rl import adapters
 from rl.config import AdapterConfig
 from rl.models.encoder import build_tiny_encoder
 from rl.shapes import VOCABULARY, generate_shapes
+from rollouts import captions
 from rollouts.captions import (CaptionGroup, completion_logprobs, completion_mask, expand_inputs,
                                generate_captions)
 
@@ -124,6 +125,30 @@ def test_backward_keeps_no_vocabulary_wide_tensor(encoder, images):
     assert max(head_rows) <= 8 and len(head_rows) >= 2 * n_chunks  # forward + recomputation in backward
 
 
+def test_a_single_chunk_is_kept_not_recomputed(encoder, images):
+    """When every position fits one chunk, backward keeps that chunk's logits (at most one (M, V)
+    tensor saved, M <= chunk) instead of recomputing them, and gives the chunked gradients."""
+    group = handmade_group(encoder, images)
+    vocab = encoder.model.config.text_config.vocab_size
+    positions = len(LENGTHS) * T
+    params = [encoder.model.model.language_model.layers[0].self_attn.q_proj.weight]
+    grads = {}
+    for chunk in (positions, 8):
+        saved, head_rows = [], []
+        handle = encoder.model.lm_head.register_forward_hook(lambda m, inp, out: head_rows.append(out.shape[0]))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                logp, _ = completion_logprobs(encoder.model, group, 0.7, encoder.suppressed_ids, chunk=chunk)
+            grads[chunk] = torch.autograd.grad(logp.sum(), params)[0]
+        finally:
+            handle.remove()
+        hidden = encoder.model.config.text_config.hidden_size  # (H, V): lm_head's weight, saved by its matmul
+        wide = [s for s in saved if len(s) and s[-1] == vocab and tuple(s) != (hidden, vocab)]
+        if chunk == positions:
+            assert head_rows == [positions] and wide and all(s[0] <= chunk for s in wide)
+    torch.testing.assert_close(grads[positions], grads[8], rtol=1e-4, atol=1e-6)
+
+
 def test_lora_and_its_disabled_reference_still_apply():
     """The log-probs go through the inner model of the PeftModel: the LoRA is on, and
     `adapters.disabled` (the GRPO reference) turns it off."""
@@ -175,13 +200,13 @@ def test_micro_batched_generation_scores_like_the_learner(encoder, images, monke
     bias[encoder.eos_token_id] = 2.5  # captions of varied lengths, so calls pad to different T
     handle = encoder.model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
     calls = []
-    real_generate = encoder.model.generate
+    real_generate = captions.lean_generate  # the default loop (rollout.caption.generate_loop: lean)
 
-    def spy(**kw):
-        calls.append((kw["input_ids"].shape[0], kw["num_return_sequences"], kw.get("output_logits")))
-        return real_generate(**kw)
+    def spy(model, call, embeds, **kw):
+        calls.append((call["input_ids"].shape[0], kw["num_return_sequences"], kw.get("output_logits")))
+        return real_generate(model, call, embeds, **kw)
 
-    monkeypatch.setattr(encoder.model, "generate", spy)
+    monkeypatch.setattr(captions, "lean_generate", spy)
     try:
         groups = {mb: generate_captions(encoder, images, G, max_new_tokens=10, temperature=0.7, seed=1,
                                         micro_batch_size=mb, logits_chunk=5) for mb in (None, 2)}

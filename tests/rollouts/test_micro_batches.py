@@ -15,6 +15,7 @@ from rl import adapters
 from rl.config import Recipe
 from rl.models.unified import build_models
 from rl.shapes import generate_shapes
+from rollouts import captions as caption_rollouts
 from rollouts.actors import RolloutWorker
 from rollouts.trajectories import Uncond, render, row_generator, sample_trajectories, step_logprobs
 
@@ -191,12 +192,13 @@ def test_worker_rollouts_run_micro_batches_and_match_the_full_batch(models, monk
     traj_full, captions_full, renders_full = full.decoder_rollout(images, seed=5)
 
     condition_rows, generate_rows = [], []
-    real_condition, real_generate = models.condition, models.encoder.model.generate
+    real_condition, real_generate = models.condition, caption_rollouts.lean_generate  # rollout.caption.generate_loop: lean
     monkeypatch.setattr(models, "condition",
                         lambda ids, m: condition_rows.append(ids.shape[0]) or real_condition(ids, m))
-    monkeypatch.setattr(models.encoder.model, "generate",
-                        lambda **kw: generate_rows.append(kw["input_ids"].shape[0] * kw["num_return_sequences"])
-                        or real_generate(**kw))
+    monkeypatch.setattr(caption_rollouts, "lean_generate",
+                        lambda model, call, embeds, **kw: generate_rows.append(
+                            call["input_ids"].shape[0] * kw["num_return_sequences"])
+                        or real_generate(model, call, embeds, **kw))
     counter = RowCounter(models.decoder, monkeypatch)
     traj, captions, renders = micro.decoder_rollout(images, seed=5)
     assert captions == captions_full  # greedy
