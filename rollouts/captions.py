@@ -206,7 +206,9 @@ def lean_generate(model: torch.nn.Module, call: dict[str, torch.Tensor], mm_enco
     (`_get_logits_processor`: repetition penalty, suppressed tokens, temperature, top-k, top-p, min-p,
     in its order). Then one prefill forward and one forward per token, each with the last token, its
     position (the previous one + 1 in every M-RoPE row, as `_update_model_kwargs_for_generation`) and
-    the KV cache, keeping the last position's logits only; softmax and `torch.multinomial` (argmax
+    the KV cache, keeping the last position's logits only. The prefill runs on the b prompts, not
+    their b * G copies: its KV cache and logits are then repeated G times, which are the values
+    generate computes G times (the test checks the tokens stay generate's); softmax and `torch.multinomial` (argmax
     when greedy); finished rows get `pad_token_id`; stop when every row has emitted `eos_token_id`
     or after `max_new_tokens`.
 
@@ -229,6 +231,14 @@ def lean_generate(model: torch.nn.Module, call: dict[str, torch.Tensor], mm_enco
     if (kwargs["attention_mask"] == 1).all():  # no padding: generate drops the mask
         kwargs["attention_mask"] = None
     g = max(config.num_beams, config.num_return_sequences)
+    cache = DynamicCache(config=base.config.get_text_config(decoder=True))
+    # The prompt once per image: a group's G copies share it, so the prefill runs on the b prompts and
+    # its KV cache and last logits are repeated G times (generate prefills all b * G copies).
+    out = base(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
+    cache.batch_repeat_interleave(g)
+    logits = out.logits[:, -1].repeat_interleave(g, dim=0)  # (n, V)
+    del out
+    kwargs = {k: v for k, v in kwargs.items() if k != "mm_encoder_outputs"}  # prefill only (generate mutates it)
     ids, kwargs = base._expand_inputs_for_generation(expand_size=g, input_ids=prompt, **kwargs)  # (n, P)
     processors = base._get_logits_processor(generation_config=config, input_ids_seq_length=ids.shape[1],
                                             encoder_input_ids=prompt, device=device, model_kwargs=kwargs)
@@ -240,14 +250,11 @@ def lean_generate(model: torch.nn.Module, call: dict[str, torch.Tensor], mm_enco
                                       "rollout.caption.generate_loop: hf")
     max_length = ids.shape[1] + config.max_new_tokens
     pad, eos = config._pad_token_tensor.to(device), config._eos_token_tensor.to(device)
-    cache = DynamicCache(config=base.config.get_text_config(decoder=True))
     positions, mask = kwargs["position_ids"], kwargs["attention_mask"]
-    out = base(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True, **kwargs)
     unfinished = torch.ones(ids.shape[0], dtype=torch.long, device=device)
     prompt_len = ids.shape[1]
     while True:
-        logits = out.logits[:, -1].to(copy=True, dtype=torch.float32, device=device)  # (n, V)
-        del out
+        logits = logits.to(copy=True, dtype=torch.float32, device=device)  # (n, V)
         scores = logits
         for proc in processors:
             scores = proc(ids, scores)
@@ -263,8 +270,8 @@ def lean_generate(model: torch.nn.Module, call: dict[str, torch.Tensor], mm_enco
         positions = positions[..., -1:] + 1  # (4, n, 1)
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-        out = base(input_ids=tokens[:, None], position_ids=positions, attention_mask=mask, past_key_values=cache,
-                   use_cache=True, logits_to_keep=1, return_dict=True)
+        logits = base(input_ids=tokens[:, None], position_ids=positions, attention_mask=mask, past_key_values=cache,
+                      use_cache=True, logits_to_keep=1, return_dict=True).logits[:, -1]
     return ids[:, prompt_len:]
 
 

@@ -1,6 +1,6 @@
 """`lean_generate` (rollouts/captions.py) against transformers' own `generate`, on the tiny random
 Qwen2.5-VL with a moved LoRA adapter (the peft model the rollouts sample from): the same tokens, greedy
-and sampled from the same seed, with every sampling filter the caption config has, an early EOS (a
+and sampled from the same seed (the prefill on the b prompts, once per image), with every sampling filter the caption config has, an early EOS (a
 frequent token as EOS, so rows finish at different steps and get padding) and a left-padded prompt
 (the attention-mask path)."""
 
@@ -32,18 +32,23 @@ def inputs(encoder):
     images = [r.image for r in generate_shapes(2, seed=3)]
     call = encoder.prepare(images)
     feats = image_features(encoder.model, call.pop("pixel_values"), call["image_grid_thw"])
-    return call, {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+    return call, feats
 
 
-def both(encoder, call, embeds, seed, **settings):
+def image_outputs(feats):
+    """A fresh mm_encoder_outputs: generate expands the one it is given in place."""
+    return {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+
+
+def both(encoder, call, feats, seed, **settings):
     settings.setdefault("num_return_sequences", 3 if settings.get("do_sample") else 1)  # greedy: HF allows 1
     settings = dict(max_new_tokens=10, pad_token_id=encoder.pad_token_id,
                     suppress_tokens=encoder.suppressed_ids, **settings)
     settings.setdefault("eos_token_id", encoder.eos_token_id)
     torch.manual_seed(seed)
-    hf = encoder.model.generate(**call, mm_encoder_outputs=embeds, **settings)[:, call["input_ids"].shape[1]:]
+    hf = encoder.model.generate(**call, mm_encoder_outputs=image_outputs(feats), **settings)[:, call["input_ids"].shape[1]:]
     torch.manual_seed(seed)
-    lean = lean_generate(encoder.model, call, embeds, **settings)
+    lean = lean_generate(encoder.model, call, image_outputs(feats), **settings)
     return hf, lean
 
 
