@@ -364,6 +364,22 @@ class ImageFeatures:
     def __init__(self, model: torch.nn.Module | None, group: CaptionGroup | None):
         self.model, self.group = model, group
         self.cache: dict[int, torch.Tensor] = {}
+        self._positions: torch.Tensor | None = None  # (3, N, P + T), `positions`
+
+    def positions(self, rows: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+        """Qwen2.5-VL's M-RoPE position ids (3, n, P + T) of the group's rows `rows` (n,), computed
+        once for all N rows (`get_rope_index`, row by row, as the forward would compute them for
+        any subset of rows) and sliced: the forward's own computation ran once per pass before.
+        None where the forward computes none itself (no group or no mm_token_type_ids)."""
+        if self.group is None or self.group.mm_token_type_ids is None:
+            return None
+        if self._positions is None:
+            body, _ = _body_and_head(self.model)
+            full = expand_inputs(self.group, device, None, pixels=False)
+            self._positions, _ = body.get_rope_index(full["input_ids"], full["mm_token_type_ids"],
+                                                     image_grid_thw=full["image_grid_thw"],
+                                                     attention_mask=full["attention_mask"])
+        return self._positions[:, rows.to(self._positions.device)]
 
     @classmethod
     def of(cls, features: Sequence[torch.Tensor]) -> "ImageFeatures":
@@ -433,8 +449,8 @@ def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature
 
         log pi(y_t | x, y_<t) = z_t[y_t] - logsumexp(z_t),  z_t = lm_head(h_t) / temperature
 
-    1) the vision tower once per image of those rows (`features`: a frozen tower's cached output;
-       None: computed here, with gradient as the context), each image's embeddings repeated for its
+    1) the vision tower once per image of those rows (`features`: a frozen tower's cached output,
+       and the group's M-RoPE positions computed once; None: computed here, with gradient as the context), each image's embeddings repeated for its
        caption copies (Qwen2.5-VL's `mm_encoder_outputs`, what its forward builds from pixel_values);
        one forward of the language model over prompt + caption for those rows, to hidden states;
        the last T + 1 positions are the ones that predict the caption (the very last is dropped);
@@ -458,8 +474,9 @@ def completion_logprobs(model: torch.nn.Module, group: CaptionGroup, temperature
         per_image = image_features(model, torch.cat([chunks[i] for i in images.tolist()], dim=0),
                                    group.image_grid_thw[images])
     embeds = BaseModelOutputWithPooling(pooler_output=[per_image[j] for j in copy_of.tolist()])  # one per row
-    hidden = body(**expand_inputs(group, device, rows, pixels=False), mm_encoder_outputs={"image": embeds},
-                  use_cache=False).last_hidden_state  # (n, P + T, H)
+    positions = features.positions(idx, device) if features is not None else None  # None: the forward's own
+    hidden = body(**expand_inputs(group, device, rows, pixels=False), position_ids=positions,
+                  mm_encoder_outputs={"image": embeds}, use_cache=False).last_hidden_state  # (n, P + T, H)
     hidden = hidden[:, -(t + 1):-1].reshape(n * t, -1)  # position P - 1 + i predicts caption token i
     flat_ids = ids.reshape(n * t)
     suppressed = torch.tensor(list(suppressed_ids), dtype=torch.long, device=device) if suppressed_ids else None

@@ -174,3 +174,27 @@ def test_rollout_never_forms_prompt_wide_vocabulary_logits(encoder, images):
     assert steps and all(s[1] == 1 and s[2] == vocab for s in steps)
     assert scoring and all(s[0] <= 5 for s in scoring)
     assert sum(s[0] for s in scoring) == group.completion_ids.numel()
+
+
+def test_cached_positions_give_the_forwards_own_logprobs():
+    """ImageFeatures computes the group's M-RoPE positions once (get_rope_index over all N rows) and
+    slices them per micro-batch: the log-probs of any rows equal the forward's own computation."""
+    enc = build_tiny_encoder(VOCABULARY, image_size=32, seed=0)
+    enc.model.eval()
+    group = generate_captions(enc, [r.image for r in generate_shapes(B, seed=6)], G, max_new_tokens=6, seed=1,
+                              score=False)
+    feats = ImageFeatures(enc.model, group)
+    body = enc.model.model
+    calls = []
+    real = body.get_rope_index
+    body.get_rope_index = lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k)
+    try:
+        with torch.no_grad():
+            for rows in (slice(0, 2), slice(2, 5), None):
+                cached, _ = completion_logprobs(enc.model, group, T, enc.suppressed_ids, rows=rows, features=feats)
+                own, _ = completion_logprobs(enc.model, group, T, enc.suppressed_ids, rows=rows)
+                assert torch.equal(cached, own)
+    finally:
+        del body.get_rope_index
+    n = B * G
+    assert calls == [n, 2, 3, n]  # cached: once for all N rows; the forward's own: once per call
