@@ -17,7 +17,7 @@ image's embeddings (`image_features`, passed to Qwen2.5-VL as `mm_encoder_output
 in the rollout's log-probs and in the learner (`ImageFeatures` keeps a frozen tower's output for a
 whole update: reference pass, micro-batches and iterations).
 
-Backends: `hf` (transformers generate, here), `vllm` (`VLLMCaptioner`, GPU only, used when the
+Backends: `hf` (transformers generate's sampling, here: `lean_generate` or `generate` itself), `vllm` (`VLLMCaptioner`, GPU only, used when the
 `vllm` extra is installed; LoRA weights reach it as LoRA requests) and `vllm_server`
 (`rollouts.vllm_server`, a separate server as TRL's server mode, sharing this module's sampling
 parameters and `group_from_samples`).
@@ -86,7 +86,8 @@ def generate_captions(encoder: Encoder, images: Sequence[Image.Image], group_siz
                       seed: int = 0, version: int = 0, greedy: bool = False,
                       micro_batch_size: int | None = None, logits_chunk: int = 1024, score: bool = True,
                       loop: str = "lean") -> CaptionGroup:
-    """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) with HF generate.
+    """Sample G captions per image (UAE sec. 2.3, stage 2 rollouts) as HF generate samples them
+    (`lean_generate`, or `model.generate` itself with loop "hf").
 
     B images -> N = B * G rows, image-major. `micro_batch_size` rows per model call: each generate
     call takes max(1, micro_batch_size // G) images x G samples (None: all B images in one call).
