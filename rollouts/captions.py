@@ -216,10 +216,20 @@ def lean_generate(model: torch.nn.Module, call: dict[str, torch.Tensor], mm_enco
     What it leaves out is generate's per-token machinery (`prepare_inputs_for_generation`, kwargs
     updates, stopping-criteria lists, output bookkeeping, a signature lookup per logits processor),
     a large part of a small model's sampling time.
-    `rollout.caption.generate_loop: hf` keeps `model.generate`."""
+    `rollout.caption.generate_loop: hf` keeps `model.generate`, which a model sharded by ZeRO-3 or
+    FSDP over several ranks (generate's synced_gpus) also gets from here."""
     from transformers import DynamicCache
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+    from transformers.distributed.utils import _get_torch_distributed_world_size
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: layers stay adapted
+    if (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(base)) and _get_torch_distributed_world_size() > 1:
+        # generate's synced_gpus: every rank keeps stepping until all have finished (sharded weights are
+        # gathered collectively); this loop stops per rank, so leave such models to generate itself.
+        return model.generate(**call, mm_encoder_outputs=mm_encoder_outputs, num_return_sequences=num_return_sequences,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                              **settings)[:, call["input_ids"].shape[1]:]
     config, _ = base._prepare_generation_config(
         None, num_return_sequences=num_return_sequences, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, **settings)
