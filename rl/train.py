@@ -179,7 +179,7 @@ class Trainer:
 
             # every process of this Ray inherits a marker; a watcher stops them when this process
             # ends, even by SIGKILL (rl/reaper.py)
-            with reaper.watched() as self._reaper:
+            with reaper.watched(os.path.join(self.out_dir, "reaper.log")) as self._reaper:
                 # address "local": a new Ray of our own even when `ray start` left one on this machine
                 ray.init(address="local", num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                          runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
