@@ -737,7 +737,8 @@ class RewardsConfig(_Section):
         120.0, gt=0,
         description="Seconds the recipe check may spend importing one reward plugin (a `path.py:function`, a "
         "`module:function` or an entry point) before anything starts: a plugin still importing after it is refused "
-        "with exit 2 naming it. A plugin that exits (sys.exit) at import is refused the same way.",
+        "with exit 2 naming it. A plugin that raises, exits (sys.exit, os._exit) or is killed at import is refused the "
+        "same way. The imports run in a child process (rewards/import_check.py), never in the driver itself.",
     )
 
     def renders_needed(self) -> bool:
@@ -804,6 +805,14 @@ class ResourcesConfig(_Section):
 class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage. Every stage gives the same updates within float tolerance (tests/rl/test_zero.py): a stage moves only its own parameters, a group not trained in a stage takes no optimizer step, the gradient norm is DeepSpeed's, checkpoints hold every rank's optimizer state. 2: the production recipe (optimizer states and gradients partitioned over learner ranks).")
     bf16: bool = Field(False, description="DeepSpeed bf16 mixed precision (fp32 master weights and optimizer states).")
+    timeout_s: float = Field(
+        3600.0, gt=0,
+        description="Seconds the driver waits for the learner ranks to answer one call: a training step (every "
+        "micro-batch of it), the state for a checkpoint, a weight load on resume. A rank still busy after it (a hung "
+        "collective, a stuck device) ends the run with exit 1 naming the ranks, the call and the step, and the last "
+        "complete checkpoint (a dead rank is reported at once, not after it). Default 3600 s: one step of "
+        "SD3.5-large's decoder GRPO on many micro-batches takes minutes, never an hour.",
+    )
     micro_batch_size: int | None = Field(None, gt=0, description="Rows per forward/backward in every learner stage (captions in the encoder stage, trajectories in the decoder stage, images in the cold start): gradients of the micro-batches are accumulated into one optimizer step per batch, equal to the full-batch step within float tolerance. Must divide each rank's rows. None: the whole batch at once (tiny models). TRL: per_device_train_batch_size; Flow-GRPO: train.batch_size.")
     activation_checkpointing: bool = Field(False, description="Recompute the encoder's language-model layers and the decoder's transformer blocks in backward instead of storing their activations (torch.utils.checkpoint, use_reentrant=False), in every stage. Less memory, about one more forward of time. TRL: gradient_checkpointing; Flow-GRPO: on for SD3.5.")
     logits_chunk: int = Field(1024, gt=0, description="Caption log-probs and entropies are computed over at most this many token positions at a time, so that no (rows x tokens x vocabulary) float32 logits exist at once (Qwen2.5-VL's vocabulary is 151,936: 1024 positions are 0.6 GB in float32).")
@@ -1156,41 +1165,17 @@ def _check_output_dir(out: str) -> None:
 def _check_plugins(recipe: Recipe, base_dir: Path | None) -> None:
     """Import every reward plugin once (`rewards.api.validate_specs`; a relative plugin file against
     `base_dir`, the recipe's folder, as the reward workers do), each under
-    `rewards.import_timeout_s`. The import runs in a daemon thread: a plugin stuck at import is left
-    there, and the process exits 2 naming it (Python cannot stop a thread; a daemon one does not hold
-    the exit back)."""
-    import threading
+    `rewards.import_timeout_s`, in a child process (rewards/import_check.py): a plugin that raises,
+    calls sys.exit or os._exit, or sleeps at import is refused (exit 2) naming it, and the driver
+    itself never runs a plugin's import."""
+    from rewards.import_check import check_imports
 
-    from rewards.api import RewardSpecError, validate_specs
-
-    timeout = recipe.rewards.import_timeout_s
-    for index, spec in enumerate(recipe.rewards.functions):
-        if spec.name in ("clip", "judge"):
-            continue
-        where = f"invalid recipe: rewards.functions.{index}.name"
-        outcome: dict[str, BaseException] = {}
-
-        def load(name=spec.name):
-            try:
-                validate_specs([name], base_dir=base_dir)
-            except BaseException as e:  # noqa: BLE001 - reported below, SystemExit included
-                outcome["error"] = e
-
-        thread = threading.Thread(target=load, daemon=True, name=f"import {spec.name}")
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive():
-            raise RecipeError(f"{where}: reward plugin {spec.name!r} was still importing after "
-                              f"rewards.import_timeout_s = {timeout:g} s (does it sleep, wait on the network or "
-                              "load a model at import?): make its import fast, or raise the limit")
-        error = outcome.get("error")
-        if isinstance(error, RewardSpecError):
-            raise RecipeError(f"{where}: {error}") from None
-        if isinstance(error, SystemExit):
-            raise RecipeError(f"{where}: reward plugin {spec.name!r} called sys.exit({error.code!r}) at import") from None
-        if error is not None:
-            raise RecipeError(f"{where}: reward plugin {spec.name!r} failed to load: "
-                              f"{type(error).__name__}: {error}") from None
+    specs = [(index, spec.name) for index, spec in enumerate(recipe.rewards.functions)
+             if spec.name not in ("clip", "judge")]
+    failures = check_imports(specs, base_dir, recipe.rewards.import_timeout_s)
+    if failures:
+        index = min(failures)
+        raise RecipeError(f"invalid recipe: rewards.functions.{index}.name: {failures[index]}")
 
 
 def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:

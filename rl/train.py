@@ -264,7 +264,7 @@ class Trainer:
         self._wait_ready([("learner", self.learners), ("rollout", self.rollouts), ("reward", self.rewards)])
         self.failures: list[dict[str, Any]] = []
         self._write_actors()
-        self._sync_weights(ray.get(self.learner.version.remote()))  # identical adapters before the first rollout
+        self._sync_weights(self._wait_learners([self.learner.version.remote()], "version")[0])  # identical adapters before the first rollout
 
     def _wait_ready(self, groups: list[tuple[str, list[Any]]]) -> None:
         """Every actor built its models, within `resources.start_timeout_s` (an actor that cannot be
@@ -427,7 +427,7 @@ class Trainer:
 
     def _learners(self, method: str, *args: Any) -> list[Any]:
         """Call every learner rank and wait; a dead learner ends the run (the last checkpoint stays)."""
-        return self._wait_learners([getattr(w, method).remote(*args) for w in self.learners])
+        return self._wait_learners([getattr(w, method).remote(*args) for w in self.learners], method)
 
     def _advantages(self, batch) -> grpo.Advantages:
         g = self.recipe.grpo
@@ -632,7 +632,7 @@ class Trainer:
 
         for attempt in range(self.recipe.resources.max_restarts + 1):
             try:
-                return self._wait_learners(refs), extras
+                return self._wait_learners(refs, f"the {stage} update"), extras
             except ray.exceptions.ObjectLostError as e:
                 ray.wait(refs, num_returns=len(refs), timeout=60)  # let every rank's call end first
                 self._log_failure(p.step, "rollout", p.rollout_actor, f"{type(e).__name__}: the step's rollout was "
@@ -646,11 +646,18 @@ class Trainer:
     def _train_refs(self, stage: str, *args: Any) -> list[Any]:
         return [w.train.remote(stage, *args) for w in self.learners]
 
-    def _wait_learners(self, refs: list[Any]) -> list[Any]:
+    def _wait_learners(self, refs: list[Any], what: str) -> list[Any]:
+        """The results of one call (`what`) on learner ranks 0..len(refs)-1, within `learner.timeout_s`."""
         import ray
 
+        timeout = self.recipe.learner.timeout_s
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            busy = [rank for rank, ref in enumerate(refs) if ref not in ready]
+            raise StepTimeout(f"step {self.step}: learner rank(s) {busy} did not finish {what} within learner.timeout_s "
+                              f"= {timeout:g} s; last complete checkpoint: {self.checkpoint_path or 'none'}") from None
         except ray.exceptions.RayActorError as e:
             raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
                               f"checkpoint: {self.checkpoint_path or 'none'}") from None
