@@ -115,7 +115,9 @@ def reap(marker: str, known: dict[int, int] | None = None, grace_s: float = GRAC
     """SIGTERM, then after `grace_s` SIGKILL, every process of the run (`run_processes`); returns
     those signalled."""
     run = run_processes(marker, known)
-    _log(f"found {len(run)}: " + "; ".join(f"{pid} {_name(pid)}" for pid in run))
+    shown = set(marked(marker))  # the others were found as known or as descendants only
+    _log(f"found {len(run)}: " + "; ".join(f"{pid} {_name(pid)}{'' if pid in shown else ' (no marker in /proc)'}"
+                                           for pid in run))
     for pid in run:
         _signal(pid, signal.SIGTERM)
     deadline = time.time() + grace_s
