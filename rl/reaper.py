@@ -36,6 +36,8 @@ import uuid
 ENV = "UNIFIED_GRPO_RUN"
 GRACE_S = 3.0
 POLL_S = 1.0  # how often the watcher checks that the driver is still its parent, and tracks the run (~10 ms)
+_LOG = None  # the watcher's log file, when it was given one
+_UNREADABLE: set[str] = set()  # /proc entries whose environ could not be read, logged once
 
 
 @contextlib.contextmanager
@@ -184,17 +186,12 @@ def main() -> None:
     _log("done")
 
 
-_LOG = None
-_UNREADABLE: set[str] = set()  # /proc entries whose environ could not be read, logged once
-
-
 def _open_log(path: str) -> None:
     global _LOG
     try:
         _LOG = open(path, "a", buffering=1)
     except OSError:
         _LOG = None
-_UNREADABLE: set[str] = set()  # /proc entries whose environ could not be read, logged once
 
 
 def _log(message: str) -> None:
