@@ -286,7 +286,7 @@ def _physical_memory() -> int | None:
 
 
 class DataConfig(_Section):
-    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the 32x32 shapes world (rl/shapes.py), valid only with tiny models (`tiny` or `random_init` encoder, decoder and CLIP): a recipe with published weights and no data source is refused at load.")
+    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the 32x32 shapes world (rl/shapes/world.py), valid only with tiny models (`tiny` or `random_init` encoder, decoder and CLIP): a recipe with published weights and no data source is refused at load.")
     image_column: str = Field("image", description="Image column of a `datasets` source.")
     split: str = Field("train", description="Split of a `datasets` source.")
     limit: int | None = Field(None, gt=0, description="Use at most this many images.")
@@ -673,7 +673,7 @@ class JudgeConfig(_Section):
     reference element whether the caption supports, omits or contradicts it. Reference elements per
     image come from `references`."""
 
-    backend: Literal["offline", "http", "verifiable"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0). `verifiable`: the generated shapes world only (data.source null, references elements): a deterministic parser reads the caption's kinds, colours, sizes, cells, count and background and checks them against the scene's ground truth (`VerifiableJudge`, rewards/verifiable_judge.py), so wrong facts and hallucinated shapes are 'contradicted' (R_contra = 1); not in ReaDe, whose judge is an LLM. Same eq. 4 weights.")
+    backend: Literal["offline", "http", "verifiable"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0). `verifiable`: the generated shapes world only (data.source null, references elements): a deterministic parser reads the caption's kinds, colours, sizes, cells, count and background and checks them against the scene's ground truth (`VerifiableJudge`, rl/shapes/judge.py), so wrong facts and hallucinated shapes are 'contradicted' (R_contra = 1); not in ReaDe, whose judge is an LLM. Same eq. 4 weights.")
     base_url: str | None = Field(None, description="http: the endpoint up to the API version, e.g. http://127.0.0.1:8000/v1. Checked at start (GET /models) before anything trains: an unreachable judge ends the run with exit 2.")
     model: str | None = Field(None, description="http: the served model name (vllm serve's --served-model-name, else its model id).")
     api_key_env: str = Field("OPENAI_API_KEY", description="http: environment variable holding the API key (never written to the recipe, logs or checkpoints); unset: no Authorization header.")
@@ -824,7 +824,7 @@ class OutputConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------------
-# pretrained shapes-world models (rl/pretrain.py) and evaluation (rl/eval.py)
+# pretrained shapes-world models (rl/shapes/pretrain.py) and evaluation (rl/eval.py)
 # ----------------------------------------------------------------------------------------------
 class ClipPretrain(_Section):
     """Contrastive training of the tiny CLIP's image tower against FULL captions."""

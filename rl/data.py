@@ -1,7 +1,7 @@
 """Image datasets for training: load once into memory, then iterate in resumable shuffled batches.
 
 Sources (`load_dataset_from_config`):
-- None: generate a shapes world (rl/shapes.py) from the `generate` kwargs. The embedded default
+- None: generate a shapes world (rl/shapes/world.py) from the `generate` kwargs. The embedded default
   recipe uses this, so a run needs no files.
 - A local folder of images (.png .jpg .jpeg .webp .bmp, searched recursively), read through
   `datasets`' imagefolder builder: its splits (train/, test/, validation/ subfolders, or train-*,

@@ -154,7 +154,7 @@ def load_for_eval(checkpoint: str | None, recipe_path: str | None = None, overri
     with the pretrained paths it ran with) and its adapters; `None` means the pretrained models
     before RL, from `recipe_path` (pretrained first if missing; the embedded default when None)."""
     from rl.config import Recipe, load_recipe
-    from rl.pretrain import prepare_recipe
+    from rl.shapes.pretrain import prepare_recipe
 
     recipe_path = resolve_recipe(checkpoint, recipe_path)
     if recipe_path is not None:
@@ -181,7 +181,7 @@ def eval_backbones(recipe) -> dict[str, dict[str, Any]]:
     size = recipe.models.decoder.image_size
     out: dict[str, dict[str, Any]] = {}
     if recipe.pretrain.enabled and recipe.pretrain.clip.eval_backbone:
-        from rl.pretrain import pretrained_paths
+        from rl.shapes.pretrain import pretrained_paths
 
         path = pretrained_paths(recipe).clip_eval
         if path and os.path.exists(path):
@@ -222,7 +222,7 @@ def build_scorer(recipe, device: str = "cpu"):
 
 def heldout_examples(recipe, n: int, split: str = "heldout"):
     """`n` scenes of `split` from the recipe's world, seeded by `eval.seed`."""
-    from rl.pretrain import examples, world_of
+    from rl.shapes.pretrain import examples, world_of
 
     return examples(world_of(recipe), n, recipe.eval.seed, split)
 

@@ -129,11 +129,11 @@ class Trainer:
                                      "(`ray start --head`), fix the address, or use ray.address: local") from None
 
     def _setup_pretrained(self) -> None:
-        """`pretrain.enabled`: build the missing shapes-world models (rl/pretrain.py; cached, so a
+        """`pretrain.enabled`: build the missing shapes-world models (rl/shapes/pretrain.py; cached, so a
         no-op once built) and point every unset `models` path at them."""
         if not self.recipe.pretrain.enabled:
             return
-        from rl.pretrain import prepare_recipe
+        from rl.shapes.pretrain import prepare_recipe
 
         t0 = time.time()
         info = prepare_recipe(self.recipe)

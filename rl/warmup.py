@@ -21,7 +21,7 @@ One `warmup` step, for a batch of B images:
    forward/backward and one optimizer step per batch, at any ZeRO stage: the connector (and with
    `warmup.train_decoder_lora`, the decoder LoRA) trains; the encoder and the VAE are frozen.
 
-The shapes-world pretraining (rl/pretrain.py `train_decoder`) is the same objective on the tiny DiT's
+The shapes-world pretraining (rl/shapes/pretrain.py `train_decoder`) is the same objective on the tiny DiT's
 base weights: it calls `flow_matching_loss` and `caption_batch` from here.
 """
 from __future__ import annotations

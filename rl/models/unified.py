@@ -35,7 +35,7 @@ class Models:
     reader: str = "policy"  # models.connector.reader: caption re-read with the encoder adapter on / off
     # Positions of every decoder condition (<|im_start|> + caption tokens, then padding), whatever
     # the batch: build_models sets rollout.caption.max_new_tokens + 1. None: the batch's own
-    # length (rl/pretrain.py, which pads its caption pool to one length itself).
+    # length (rl/shapes/pretrain.py, which pads its caption pool to one length itself).
     cond_length: int | None = None
 
     def parameters(self, policy: str) -> list[torch.nn.Parameter]:

@@ -1,10 +1,10 @@
 """Pretrained tiny models for the shapes world, so that the embedded default can learn (issue 9).
 
-    python -m rl.pretrain recipes/tiny.yaml              # build what is missing; print the paths
-    python -m rl.pretrain recipes/tiny.yaml --out DIR    # another cache root than pretrain.cache_dir
+    python -m rl.shapes.pretrain recipes/tiny.yaml              # build what is missing; print the paths
+    python -m rl.shapes.pretrain recipes/tiny.yaml --out DIR    # another cache root than pretrain.cache_dir
 
 Random tiny models prove that the loop runs, not that it learns. Here each model of the loop is
-given the skills the paper's pretrained models bring, on the shapes world (rl/shapes.py), whose
+given the skills the paper's pretrained models bring, on the shapes world (rl/shapes/world.py), whose
 ground truth lets rl.eval count exactly which facts a caption carries:
 
 1. `clip`     the reward's backbone f_I: a tiny open_clip ViT trained contrastively against FULL
@@ -786,7 +786,7 @@ def prepare_recipe(recipe: Recipe, out: str | None = None) -> dict[str, dict[str
 def main(argv: list[str] | None = None) -> int:
     from rl.config import RecipeError, load_recipe
 
-    parser = argparse.ArgumentParser(prog="python -m rl.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rl.shapes.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml (its `pretrain:` section)")
     parser.add_argument("--out", help="cache root (default: pretrain.cache_dir, $UNIFIED_GRPO_CACHE, ~/.cache/unified-grpo)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe field")

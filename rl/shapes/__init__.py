@@ -1,0 +1,48 @@
+"""The shapes world: the embedded demo world and test bed (DESIGN.md "Package map").
+
+- `rl.shapes.world`: the scene generator with its ground truth (kinds, colours, sizes, cells),
+  captions at three levels, and the exact caption scores (coverage, precision);
+- `rl.shapes.pretrain`: pretraining of the world's tiny models (`python -m rl.shapes.pretrain RECIPE`);
+- `rl.shapes.judge`: the fact checker (`VerifiableJudge`), caption facts against the scene's truth.
+
+This module re-exports the generator's public names (`from rl.shapes import generate_shapes`);
+it imports neither torch nor the pretraining, which load only when named.
+"""
+from rl.shapes.world import (
+    BACKGROUNDS,
+    CELLS,
+    COLORS,
+    KINDS,
+    METADATA_FILE,
+    NUMBER_WORDS,
+    PUNCTUATION,
+    SIZES,
+    SPLIT_BUCKETS,
+    VOCABULARY,
+    Fact,
+    ShapeExample,
+    ShapeObject,
+    caption_length,
+    caption_words,
+    cell_bounds,
+    coverage,
+    describe,
+    fact_set,
+    generate_shapes,
+    layout_key,
+    layout_split,
+    load_shapes_folder,
+    make_example,
+    parse_caption,
+    precision,
+    render,
+    save_shapes,
+)
+
+__all__ = [
+    "BACKGROUNDS", "CELLS", "COLORS", "KINDS", "METADATA_FILE", "NUMBER_WORDS", "PUNCTUATION", "SIZES",
+    "SPLIT_BUCKETS", "VOCABULARY", "Fact", "ShapeExample", "ShapeObject", "caption_length",
+    "caption_words", "cell_bounds", "coverage", "describe", "fact_set", "generate_shapes", "layout_key",
+    "layout_split", "load_shapes_folder", "make_example", "parse_caption", "precision", "render",
+    "save_shapes",
+]
