@@ -888,6 +888,8 @@ class PretrainConfig(_Section):
     decoder: DecoderPretrain = Field(default_factory=DecoderPretrain)
     workers: int = Field(2, ge=1, description="Processes that train independent parts side by side (encoder then decoder in one; VAE and the CLIPs in the other). 1: one after the other in this process.")
     threads: int = Field(1, ge=1, description="torch threads per process. Tiny models are overhead-bound: on 2 cores, two 1-thread processes beat one 2-thread process, and a busy machine hurts multi-threaded runs most.")
+    shipped: bool = Field(True, description="Use the shipped models (versioned safetensors in the package, rl/shapes/pretrained/, each checked against the sha256 in its manifest.json) when every part the recipe needs has the shipped part's key, i.e. the pretraining settings are the shipped ones (recipes/tiny.yaml's): no pretraining at run time, the same weights on every machine. A file whose sha256 differs is refused (exit 2, naming the file and the rebuild command); a missing one is rebuilt under the cache root. Other settings, or false: the cache (`cache_dir`), built where missing. Rebuild the shipped files: `python -m rl.shapes.pretrain recipes/tiny.yaml --ship`.")
+    shipped_dir: str | None = Field(None, description="Folder of the shipped models and their manifest.json. None: the package's rl/shapes/pretrained/ (what `--ship` writes by default).")
 
 
 class EvalConfig(_Section):

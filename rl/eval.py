@@ -181,9 +181,9 @@ def eval_backbones(recipe) -> dict[str, dict[str, Any]]:
     size = recipe.models.decoder.image_size
     out: dict[str, dict[str, Any]] = {}
     if recipe.pretrain.enabled and recipe.pretrain.clip.eval_backbone:
-        from rl.shapes.pretrain import pretrained_paths
+        from rl.shapes.pretrain import recipe_paths
 
-        path = pretrained_paths(recipe).clip_eval
+        path = recipe_paths(recipe).clip_eval
         if path and os.path.exists(path):
             out["clip_b"] = {"model": tiny_clip_config(image_size=size), "checkpoint": path}
         else:

@@ -129,16 +129,21 @@ class Trainer:
                                      "(`ray start --head`), fix the address, or use ray.address: local") from None
 
     def _setup_pretrained(self) -> None:
-        """`pretrain.enabled`: build the missing shapes-world models (rl/shapes/pretrain.py; cached, so a
-        no-op once built) and point every unset `models` path at them."""
+        """`pretrain.enabled`: the shipped shapes-world models (sha256-checked, rl/shapes/shipped.py) when
+        the recipe's pretraining settings are the shipped ones, else build the missing ones
+        (rl/shapes/pretrain.py; cached, so a no-op once built); point every unset `models` path at them."""
         if not self.recipe.pretrain.enabled:
             return
         from rl.shapes.pretrain import prepare_recipe
+        from rl.shapes.shipped import ShippedModelError
 
         t0 = time.time()
-        info = prepare_recipe(self.recipe)
+        try:
+            info = prepare_recipe(self.recipe)
+        except ShippedModelError as e:  # a shipped file that differs from its manifest: before Ray and models
+            raise BadInput(str(e)) from None
         m = self.recipe.models
-        log.info("pretrained shapes-world models ready in %.0f s (%s): encoder %s, decoder %s, clip %s",
+        log.info("pretrained shapes-world models ready in %.0f s (their training: %s): encoder %s, decoder %s, clip %s",
                  time.time() - t0, ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in info.items()),
                  m.encoder.path, m.decoder.path, m.clip.checkpoint)
 
