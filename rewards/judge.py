@@ -919,6 +919,9 @@ def check_endpoint(base_url: str, api_key: str | None = None, timeout: float = 1
 # ---------------------------------------------------------------------------------------------
 
 _WEIGHT_OPTIONS = ("alpha", "rho", "gamma", "lambda_")
+# judge backends by name (`rewards.judge.backend`) -> module:class, imported when built
+JUDGE_BACKENDS: dict[str, str] = {"offline": "rewards.judge:OfflineJudge", "http": "rewards.judge:HTTPJudge",
+                                  "verifiable": "rl.shapes.judge:VerifiableJudge"}
 
 
 def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionReward:
@@ -934,16 +937,16 @@ def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionRewa
     if "lambda" in options:
         options["lambda_"] = options.pop("lambda")
     weights = {k: options.pop(k) for k in _WEIGHT_OPTIONS if k in options}
-    from rl.shapes.judge import VerifiableJudge  # imports rl.shapes: only when building
+    if backend not in JUDGE_BACKENDS:
+        raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(JUDGE_BACKENDS)}")
+    from rl.named import resolve
 
-    makers = {"offline": OfflineJudge, "http": HTTPJudge, "verifiable": VerifiableJudge}
-    if backend not in makers:
-        raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(makers)}")
+    # only the named backend's module is imported (the verifiable one is the shapes world's)
+    maker = resolve(backend, JUDGE_BACKENDS, "rewards.judge.backend")
     try:
-        judge = makers[backend](**options)
+        judge = maker(**options)
     except TypeError as e:
-        maker = makers[backend].__name__
-        raise TypeError(f"judge backend {backend!r}: {e} (see {maker}'s docstring)") from None
+        raise TypeError(f"judge backend {backend!r}: {e} (see {maker.__name__}'s docstring)") from None
     return JudgedCaptionReward(judge, **weights)
 
 

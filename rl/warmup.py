@@ -36,6 +36,14 @@ import torch
 import torch.nn.functional as F
 
 
+def to_tensor(images) -> torch.Tensor:
+    """PIL RGB images -> (N, 3, H, W) float32 in [0, 1] (what the VAE encodes)."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # (N, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
+
+
 def caption_batch(encoder, captions: Sequence[str], eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Captions -> right-padded completion ids (B, T) ending in EOS (unless `eos` is False), and their
     mask (B, T): what a rollout's CaptionGroup holds, so `Models.condition` reads a cached caption as it

@@ -2,8 +2,14 @@
 
 - `rl.shapes.world`: the scene generator with its ground truth (kinds, colours, sizes, cells),
   captions at three levels, and the exact caption scores (coverage, precision);
-- `rl.shapes.pretrain`: pretraining of the world's tiny models (`python -m rl.shapes.pretrain RECIPE`);
-- `rl.shapes.judge`: the fact checker (`VerifiableJudge`), caption facts against the scene's truth.
+- `rl.shapes.source`: the world as a generated data source (`data.generator: shapes`, rl.data's
+  `Generator`: scenes, caption words, exact per-caption metrics for rl.eval);
+- `rl.shapes.pretrain`: pretraining of the world's tiny models (`python -m rl.shapes.pretrain RECIPE`;
+  `pretrain.provider: shapes`), and `rl.shapes.shipped`: the shipped ones (rl/shapes/pretrained/);
+- `rl.shapes.judge`: the fact checker (`VerifiableJudge`, `rewards.judge.backend: verifiable`).
+
+The trainer (rl.train, rl.eval, rl.data, rl.learner, rl.models, rewards) never imports this package;
+a recipe names its parts (rl/named.py).
 
 This module re-exports the generator's public names (`from rl.shapes import generate_shapes`);
 it imports neither torch nor the pretraining, which load only when named.

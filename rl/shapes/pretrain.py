@@ -774,10 +774,12 @@ def apply_pretrained(recipe: Recipe, paths: PretrainedPaths) -> list[str]:
 
 
 def prepare_recipe(recipe: Recipe, out: str | None = None) -> dict[str, dict[str, Any]]:
-    """What the driver calls before building any model (when `pretrain.enabled`): the shipped models
+    """`pretrain.provider: shapes`, what the driver and rl.eval call before building any model (when
+    `pretrain.enabled`): the shipped models
     when the recipe's parts are the shipped ones (sha256-checked, rl/shapes/shipped.py; a mismatch
     raises ShippedModelError), else pretrain what is missing from the cache; then point the recipe
-    at the weights. Returns the parts' training stats (done.json)."""
+    at the weights (unset `models` paths; `eval.backbones.clip_b`, the second CLIP). Returns the
+    parts' training stats (done.json)."""
     from rl.shapes import shipped
 
     if not recipe.pretrain.enabled:
@@ -785,15 +787,9 @@ def prepare_recipe(recipe: Recipe, out: str | None = None) -> dict[str, dict[str
     found = shipped.resolve(recipe) if out is None else None
     paths, info = found if found is not None else pretrain(recipe, out)
     apply_pretrained(recipe, paths)
+    if paths.clip_eval and "clip_b" not in recipe.eval.backbones:  # rl.eval's second backbone, first in order
+        recipe.eval.backbones = {"clip_b": paths.clip_eval, **recipe.eval.backbones}
     return info
-
-
-def recipe_paths(recipe: Recipe) -> PretrainedPaths:
-    """The pretrained paths `prepare_recipe` gives a recipe, without building or checking anything."""
-    from rl.shapes import shipped
-
-    found = shipped.resolve(recipe, verify=False)
-    return found[0] if found is not None else pretrained_paths(recipe)
 
 
 def main(argv: list[str] | None = None) -> int:

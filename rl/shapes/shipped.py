@@ -156,34 +156,29 @@ def rebuild_root(recipe, manifest: dict[str, Any]) -> Path:
     return cache_root(recipe.pretrain) / f"shipped-{digest}"
 
 
-def resolve(recipe, verify: bool = True):
+def resolve(recipe):
     """(PretrainedPaths, info per part) of the shipped models for `recipe`, or None when it does not
-    use them. Verifies every file (ShippedModelError on a mismatch, `verify`); rebuilds missing ones."""
+    use them. Verifies every file (ShippedModelError on a mismatch); rebuilds missing ones."""
     found = shipped_parts(recipe)
     if found is None:
         return None
     root, manifest = found
     names = needed_parts(recipe)
     info = {n: manifest["parts"][n].get("stats", {}) for n in names}
-    if not verify:
-        missing = [f"{n}/{rel}" for n in names for rel in PART_FILES[n] if not (root / n / rel).is_file()]
-    else:
-        missing = check(root, manifest, names)
+    missing = check(root, manifest, names)
     if not missing:
         log.info("pretrain: the shipped models %s (sha256 checked against %s)", root, MANIFEST)
         return folder_paths(root, recipe.pretrain.clip.eval_backbone), info
-    return rebuild(recipe, root, manifest, names, missing, build=verify), info
+    return rebuild(recipe, root, manifest, names, missing), info
 
 
-def rebuild(recipe, root: Path, manifest: dict[str, Any], names: list[str], missing: list[str], build: bool = True):
+def rebuild(recipe, root: Path, manifest: dict[str, Any], names: list[str], missing: list[str]):
     """Missing shipped files: copy the intact parts into the rebuild folder as done parts, then let
     pretraining build the rest there (with its progress lines). Returns that folder's paths."""
-    from rl.shapes.pretrain import DONE, is_done, part_dirs, pretrain, pretrained_paths
+    from rl.shapes.pretrain import DONE, is_done, part_dirs, pretrain
 
     out = rebuild_root(recipe, manifest)
     broken = sorted({rel.split("/")[0] for rel in missing})
-    if not build:
-        return pretrained_paths(recipe, str(out))
     log.warning("pretrain: shipped file(s) missing: %s; rebuilding part(s) %s into %s (never random weights; "
                 "`%s` rewrites the shipped files)", ", ".join(str(root / m) for m in missing), ", ".join(broken),
                 out, manifest.get("command", SHIP_COMMAND))

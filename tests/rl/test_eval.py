@@ -3,11 +3,15 @@ shapes world's ground truth."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from rl import eval as ub
+from rl.config import load_recipe
 from rl.shapes import ShapeObject, make_example
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows():
@@ -70,9 +74,13 @@ def test_caption_scores_against_ground_truth():
                        ShapeObject("square", "blue", "small", "bottom right")], "x")
     # 2 objects -> 4 * 2 + 2 = 10 facts.
     short, full = ex.captions["short"], ex.captions["full"]
-    s_short, s_full, s_wrong = ub.score_captions([short, full, "a green circle"], [ex, ex, ex])
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")  # data.generator: shapes (the default)
+    s_short, s_full, s_wrong = ub.score_captions([short, full, "a green circle"], [ex, ex, ex], recipe)
     assert s_short == {"coverage": 0.2, "precision": 1.0, "caption_length": 5}  # 2 kinds of 10; "a circle and a square"
     assert s_full["coverage"] == 1.0 and s_full["precision"] == 1.0
     assert s_full["caption_length"] == len(full.replace(".", " ").split())
     # "a green circle": kind right (1/10), colour wrong -> precision 1/2
     assert s_wrong == {"coverage": 0.1, "precision": 0.5, "caption_length": 3}
+    # any image set (no generated world): the caption length alone, counted the same way
+    assert ub.score_captions([full, "A red circle."], [ex, ex]) == [{"caption_length": s_full["caption_length"]},
+                                                                 {"caption_length": 3}]
