@@ -75,18 +75,26 @@ def test_ship_writes_a_checked_set_and_a_missing_file_is_rebuilt(tmp_path, caplo
 
     from rl.models.unified import build_models
 
-    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
+    from rewards.clip import ClipReward, tiny_clip_config
+    from rl.learner import make_clip_reward
+
+    shipped, cache, built = tmp_path / "shipped", tmp_path / "cache", tmp_path / "built"
     sets = [*FAST, f"pretrain.shipped_dir={shipped}", f"pretrain.cache_dir={cache}", "device=cpu"]
-    assert P.main([str(TINY), "--ship", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert P.main([str(TINY), "--ship", "--out", str(built), *[a for s in sets for a in ("--set", s)]]) == 0
     manifest = json.loads((shipped / S.MANIFEST).read_text())
     assert manifest["command"].startswith(f"python -m rl.shapes.pretrain {TINY} --ship --set pretrain.workers=1")
-    assert not cache.exists()  # --ship trains in a fresh folder, never from the cache
+    assert not cache.exists()  # --ship trains where told (or in a fresh folder), never in the cache
 
     # all files present: the recipe runs on the shipped folder itself, and its models load (strictly)
     r = load_recipe(TINY, sets)
     P.prepare_recipe(r)
     assert r.models.decoder.path == str(shipped / "decoder") and r.models.clip.checkpoint.startswith(str(shipped))
+    assert r.eval.backbones["clip_b"] == str(shipped / "clip_eval" / "model.safetensors")
     build_models(r, torch.device("cpu"))
+    # the CLIP cut to its image tower embeds exactly as the whole one it was cut from
+    images = [e.image for e in P.examples(P.world_of(r), 3, seed=1)]
+    whole = ClipReward(tiny_clip_config(image_size=32), checkpoint=P.pretrained_paths(r, str(built)).clip)
+    assert torch.equal(make_clip_reward(r).embed(images), whole.embed(images))
 
     # a missing file: its part is rebuilt under the cache, on the shipped encoder, with a progress line
     gone = shipped / "decoder" / "transformer" / "diffusion_pytorch_model.safetensors"
