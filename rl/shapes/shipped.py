@@ -183,14 +183,17 @@ def rebuild(recipe, root: Path, manifest: dict[str, Any], names: list[str], miss
                 "`%s` rewrites the shipped files)", ", ".join(str(root / m) for m in missing), ", ".join(broken),
                 out, manifest.get("command", SHIP_COMMAND))
     dirs = part_dirs(recipe, str(out))
-    for name in names:
-        if name in broken or is_done(dirs[name]):
+    # intact parts, and the VAE an intact decoder carries (so that it is not trained for nothing)
+    intact = [(n, root / n) for n in names if n not in broken]
+    intact += [("vae", root / "decoder" / "vae")] if "decoder" not in broken else []
+    for name, src in intact:
+        if is_done(dirs[name]):
             continue
         tmp = dirs[name].with_name(f"{dirs[name].name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(root / name, tmp)
-        (tmp / DONE).write_text(json.dumps({"part": name, "shipped": str(root / name),
-                                            **manifest["parts"][name].get("stats", {})}, indent=1))
+        shutil.copytree(src, tmp)
+        (tmp / DONE).write_text(json.dumps({"part": name, "shipped": str(src),
+                                            **manifest["parts"].get(name, {}).get("stats", {})}, indent=1))
         os.replace(tmp, dirs[name])
     paths, _ = pretrain(recipe, str(out))
     return paths

@@ -98,6 +98,7 @@ def test_ship_writes_a_checked_set_and_a_missing_file_is_rebuilt(tmp_path, caplo
 
     # a missing file: its part is rebuilt under the cache, on the shipped encoder, with a progress line
     gone = shipped / "decoder" / "transformer" / "diffusion_pytorch_model.safetensors"
+    kept = gone.read_bytes()
     gone.unlink()
     r = load_recipe(TINY, sets)
     with caplog.at_level("INFO", logger="unified_grpo"):
@@ -110,3 +111,14 @@ def test_ship_writes_a_checked_set_and_a_missing_file_is_rebuilt(tmp_path, caplo
     enc = Path(r.models.encoder.path) / "model.safetensors"
     assert S.sha256_file(enc) == manifest["files"]["encoder/model.safetensors"]["sha256"]
     build_models(r, torch.device("cpu"))
+
+    # a missing CLIP alone: only it is trained (the VAE comes with the intact decoder)
+    gone.write_bytes(kept)
+    shutil.rmtree(S.rebuild_root(r, manifest))
+    (shipped / "clip" / "model.safetensors").unlink()
+    r = load_recipe(TINY, sets)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="unified_grpo"):
+        P.prepare_recipe(r)
+    trained = {line.split("training ")[1].split("-")[0] for line in caplog.text.splitlines() if "pretrain: training " in line}
+    assert trained == {"clip"} and Path(r.models.clip.checkpoint).parent.parent == S.rebuild_root(r, manifest)
