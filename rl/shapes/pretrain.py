@@ -2,6 +2,7 @@
 
     python -m rl.shapes.pretrain recipes/tiny.yaml              # build what is missing; print the paths
     python -m rl.shapes.pretrain recipes/tiny.yaml --out DIR    # another cache root than pretrain.cache_dir
+    python -m rl.shapes.pretrain recipes/tiny.yaml --ship       # rebuild the shipped models (rl/shapes/shipped.py)
 
 Random tiny models prove that the loop runs, not that it learns. Here each model of the loop is
 given the skills the paper's pretrained models bring, on the shapes world (rl/shapes/world.py), whose
