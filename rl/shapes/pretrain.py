@@ -801,8 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="cache root (default: pretrain.cache_dir, $UNIFIED_GRPO_CACHE, ~/.cache/unified-grpo)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe field")
     parser.add_argument("--ship", action="store_true",
-                        help="retrain every part from scratch (in a fresh folder, or --out) and rewrite the shipped "
-                             "models (pretrain.shipped_dir, default rl/shapes/pretrained/) and their manifest.json")
+                        help="train every part in a fresh folder (with --out: there, reusing the parts done there) "
+                             "and rewrite the shipped models (pretrain.shipped_dir, default rl/shapes/pretrained/) "
+                             "and their manifest.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
