@@ -61,20 +61,33 @@ def mean(xs: Sequence[float]) -> float:
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Per-image rows -> the benchmark's numbers.
 
-    rows[i] = {"similarity": {backbone: cosine}, "coverage": c, "precision": p,
-               "caption_length": words, ...} (coverage and precision on the shapes world only).
+    rows[i] = {"similarity": {backbone: cosine}, "truth_similarity": {backbone: cosine} (optional),
+               "coverage": c, "precision": p, "caption_length": words, ...}: the caption metrics are
+    whatever numbers the data's per-caption scores give (rl.data.caption_metrics).
     Returns {"n", "sim/<backbone>" (mean cosine per backbone), "unified" (mean over backbones of
-    those means), "coverage", "precision", "caption_length" (means over images; a caption metric
-    that no row has is left out)}.
+    those means), "truth_sim/<backbone>" and "truth_unified" (the same for renders of the true
+    caption, when rows have them: the decoder's fidelity whatever the encoder says), then the mean
+    of every numeric caption metric over images, except counted pairs: `X_stated` and `X_correct`
+    become `X_accuracy` = sum of correct / sum of stated (NaN when nothing is stated)}.
     """
     backbones = list(rows[0]["similarity"]) if rows else []
     out: dict[str, float] = {"n": len(rows)}
     for name in backbones:
         out[f"sim/{name}"] = mean([r["similarity"][name] for r in rows])
     out["unified"] = mean([out[f"sim/{name}"] for name in backbones])
-    for key in CAPTION_METRICS:
-        if not rows or key in rows[0]:
-            out[key] = mean([r[key] for r in rows])
+    if rows and "truth_similarity" in rows[0]:
+        for name in backbones:
+            out[f"truth_sim/{name}"] = mean([r["truth_similarity"][name] for r in rows])
+        out["truth_unified"] = mean([out[f"truth_sim/{name}"] for name in backbones])
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))] if rows else list(CAPTION_METRICS)
+    counted = {k[: -len("_stated")] for k in keys if k.endswith("_stated") and k[: -len("_stated")] + "_correct" in keys}
+    for key in keys:
+        if key.endswith(("_stated", "_correct")) and key.rsplit("_", 1)[0] in counted:
+            continue
+        out[key] = mean([float(r[key]) for r in rows])
+    for name in sorted(counted):
+        stated = sum(r[f"{name}_stated"] for r in rows)
+        out[f"{name}_accuracy"] = sum(r[f"{name}_correct"] for r in rows) / stated if stated else float("nan")
     return out
 
 
@@ -230,17 +243,25 @@ def evaluate(worker, scorer, examples, seed: int = 0, recipe=None) -> tuple[list
     """(rows, renders) for `examples` (a generated world's, with `recipe` naming it; or rl.data
     ImageRecords with `recipe` None): greedy caption, ODE render at eval_steps from the image's fixed
     noise, similarity with every backbone, caption scores (score_captions: exact ones against the
-    generated world's ground truth; length elsewhere). `worker` is a rollouts.actors.RolloutWorker,
-    `scorer` a ClipReward (build_scorer)."""
+    generated world's ground truth; length elsewhere). With ground truth (`recipe`), the true FULL
+    caption is rendered too, from the same noise, and scored the same way (`truth_similarity`): the
+    decoder's own fidelity, which RL's decoder stage should raise (issue 18).
+    `worker` is a rollouts.actors.RolloutWorker, `scorer` a ClipReward (build_scorer)."""
     images, ids = [e.image for e in examples], [e.image_id for e in examples]
     captions, renders = worker.eval_render(images, ids, seed)
     sims = scorer.scores_all_backbones(images, renders)  # backbone -> (N,)
     scores = score_captions(captions, examples, recipe)
+    truth_sims = None
+    if recipe is not None:
+        truth_renders = worker.eval_render_texts([e.captions["full"] for e in examples], ids)
+        truth_sims = scorer.scores_all_backbones(images, truth_renders)
     rows = []
     for i, (e, c, s) in enumerate(zip(examples, captions, scores)):
         truth = {"truth": e.captions["full"]} if recipe is not None else {}
         rows.append({"image_id": e.image_id, "caption": c, **truth, **s,
                      "similarity": {name: float(v[i]) for name, v in sims.items()}})
+        if truth_sims is not None:
+            rows[-1]["truth_similarity"] = {name: float(v[i]) for name, v in truth_sims.items()}
     return rows, renders
 
 

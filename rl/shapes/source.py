@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from rl.shapes.world import VOCABULARY, ShapeExample, caption_length, coverage, generate_shapes, precision
+from rl.shapes.world import (VOCABULARY, ShapeExample, caption_length, color_counts, coverage, generate_shapes,
+                             precision, repeats_phrase)
 
 
 class ShapesWorld:
@@ -21,7 +22,7 @@ class ShapesWorld:
 
     name = "shapes"
     vocabulary: Sequence[str] = tuple(VOCABULARY)
-    metrics: tuple[str, ...] = ("coverage", "precision", "caption_length")
+    metrics: tuple[str, ...] = ("coverage", "precision", "caption_length", "repeats", "color_stated", "color_correct")
 
     def examples(self, n: int, seed: int, split: str = "train", **generate: Any) -> list[ShapeExample]:
         """`n` scenes of `split` (train | val | heldout, disjoint by layout); `generate`: the other
@@ -30,6 +31,12 @@ class ShapesWorld:
 
     def caption_metrics(self, captions: Sequence[str], examples: Sequence[ShapeExample]) -> list[dict[str, float]]:
         """Exact scores against each scene's ground truth: coverage (recall of its facts),
-        precision (share of stated facts that are true), caption length in words."""
-        return [{"coverage": coverage(c, e), "precision": precision(c, e), "caption_length": caption_length(c)}
-                for c, e in zip(captions, examples)]
+        precision (share of stated facts that are true), caption length in words, repeats (1 when
+        the caption repeats a phrase, world.repeats_phrase), and the colours it gives shapes,
+        stated and correct (world.color_counts; rl.eval sums them into `color_accuracy`)."""
+        rows = []
+        for c, e in zip(captions, examples):
+            stated, correct = color_counts(c, e)
+            rows.append({"coverage": coverage(c, e), "precision": precision(c, e), "caption_length": caption_length(c),
+                         "repeats": float(repeats_phrase(c)), "color_stated": stated, "color_correct": correct})
+        return rows
