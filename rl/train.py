@@ -129,16 +129,23 @@ class Trainer:
                                      "(`ray start --head`), fix the address, or use ray.address: local") from None
 
     def _setup_pretrained(self) -> None:
-        """`pretrain.enabled`: build the missing shapes-world models (rl/pretrain.py; cached, so a
-        no-op once built) and point every unset `models` path at them."""
+        """`pretrain.enabled`: the recipe's `pretrain.provider` points every unset `models` path at its
+        pretrained models (`shapes`: the shipped shapes-world models, sha256-checked, when the
+        pretraining settings are the shipped ones, else built into the cache; rl/shapes/)."""
         if not self.recipe.pretrain.enabled:
             return
-        from rl.pretrain import prepare_recipe
+        from rl.config import PRETRAIN_PROVIDERS
+        from rl.named import UnknownName, resolve
 
         t0 = time.time()
-        info = prepare_recipe(self.recipe)
+        try:
+            provide = resolve(self.recipe.pretrain.provider, PRETRAIN_PROVIDERS, "pretrain.provider")
+            # shapes: a shipped file that differs from its manifest is a ValueError (ShippedModelError)
+            info = provide(self.recipe) or {}
+        except (UnknownName, ValueError) as e:  # before Ray and any model
+            raise BadInput(str(e)) from None
         m = self.recipe.models
-        log.info("pretrained shapes-world models ready in %.0f s (%s): encoder %s, decoder %s, clip %s",
+        log.info("pretrained shapes-world models ready in %.0f s (their training: %s): encoder %s, decoder %s, clip %s",
                  time.time() - t0, ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in info.items()),
                  m.encoder.path, m.decoder.path, m.clip.checkpoint)
 
@@ -149,9 +156,9 @@ class Trainer:
         self.dataset = load_dataset_from_config(
             d.source, image_column=d.image_column, split=d.split, limit=d.limit,
             image_size=self.recipe.models.decoder.image_size, generate=d.generate.model_dump(),
-            reference_column=d.reference_column, on_bad_image=d.on_bad_image,
+            reference_column=d.reference_column, on_bad_image=d.on_bad_image, generator=d.generator,
         )
-        log.info("data: %d images from %s", len(self.dataset), d.source or "the generated shapes world")
+        log.info("data: %d images from %s", len(self.dataset), d.source or f"the generated world {d.generator!r}")
 
     def _setup_references(self) -> None:
         """The judge reward's reference elements on every record (rewards/references.py): refused with
@@ -730,7 +737,7 @@ class Trainer:
         except ray.exceptions.GetTimeoutError:
             raise StepTimeout(f"grid_{tag}.png: no evaluation render from {'rollout actor 0' if self.rollouts else 'the learner'} "
                               f"within rollout.timeout_s = {self.recipe.rollout.timeout_s:g} s") from None
-        coverage = [s["coverage"] for s in score_captions(captions, exs)]
+        coverage = [s["coverage"] for s in score_captions(captions, exs, self.recipe)]
         path = os.path.join(self.out_dir, f"grid_{tag}.png")
         render_grid(args[0], captions, renders, path, title=f"held-out, {tag} (step {self.step})", scores=coverage)
         log.info("grid %s: %s (mean coverage %.2f, e.g. %r)", tag, path, sum(coverage) / k, captions[0])
