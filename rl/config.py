@@ -286,13 +286,14 @@ def _physical_memory() -> int | None:
 
 
 class DataConfig(_Section):
-    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate the 32x32 shapes world (rl/shapes.py), valid only with tiny models (`tiny` or `random_init` encoder, decoder and CLIP): a recipe with published weights and no data source is refused at load.")
+    source: str | None = Field(None, description="An image folder, a Hugging Face `datasets` name or saved-dataset folder. None: generate images with `generator` (default the 32x32 shapes world, rl/shapes/world.py), valid only with tiny models (`tiny` or `random_init` encoder, decoder and CLIP): a recipe with published weights and no data source is refused at load.")
     image_column: str = Field("image", description="Image column of a `datasets` source.")
     split: str = Field("train", description="Split of a `datasets` source.")
     limit: int | None = Field(None, gt=0, description="Use at most this many images.")
     reference_column: str | None = Field(None, description="Column of reference caption texts (a string or a list of strings per image), passed to reward functions as `references`; e.g. the `text` column of an image folder's metadata.jsonl / metadata.csv (datasets' imagefolder convention). None: `text` or `caption` when the dataset has one, else no references. A named column the dataset lacks is refused at load.")
     on_bad_image: Literal["fail", "skip"] = Field("fail", description="An image that fails to decode (corrupt or truncated file, unknown format, a header announcing more than 2 x PIL's MAX_IMAGE_PIXELS: a decompression bomb). `fail`: exit 2 naming the file, before Ray starts. `skip`: leave it out; the count and the first file are logged.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    generator: str = Field("shapes", description="What generates the images when `source` is null (rl/data.py `Generator`: examples with ground truth, the words of their captions for the tiny tokenizer, exact per-caption metrics for rl.eval): a registered name (`shapes`: the shapes world, rl/shapes/source.py) or `module:function` returning a Generator. The trainer imports it only when named here; an unknown name is refused at load.")
 
 
 class PhaseConfig(_Section):
@@ -680,7 +681,7 @@ class JudgeConfig(_Section):
     reference element whether the caption supports, omits or contradicts it. Reference elements per
     image come from `references`."""
 
-    backend: Literal["offline", "http", "verifiable"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0). `verifiable`: the generated shapes world only (data.source null, references elements): a deterministic parser reads the caption's kinds, colours, sizes, cells, count and background and checks them against the scene's ground truth (`VerifiableJudge`, rewards/verifiable_judge.py), so wrong facts and hallucinated shapes are 'contradicted' (R_contra = 1); not in ReaDe, whose judge is an LLM. Same eq. 4 weights.")
+    backend: Literal["offline", "http", "verifiable"] = Field("offline", description="`http`: an LLM behind an OpenAI-compatible chat endpoint (`HTTPJudge`: vLLM in production, README 'Serving a judge'; `python -m rewards.judge_server` locally); ReaDe judges with Qwen3-30B-A3B-Instruct-2507. `offline`: all-MiniLM-L6-v2 sentence similarity on CPU (`OfflineJudge`; never answers 'contradicted', so R_contra is 0). `verifiable`: the generated shapes world only (data.source null, references elements): a deterministic parser reads the caption's kinds, colours, sizes, cells, count and background and checks them against the scene's ground truth (`VerifiableJudge`, rl/shapes/judge.py), so wrong facts and hallucinated shapes are 'contradicted' (R_contra = 1); not in ReaDe, whose judge is an LLM. Same eq. 4 weights.")
     base_url: str | None = Field(None, description="http: the endpoint up to the API version, e.g. http://127.0.0.1:8000/v1. Checked at start (GET /models) before anything trains: an unreachable judge ends the run with exit 2.")
     model: str | None = Field(None, description="http: the served model name (vllm serve's --served-model-name, else its model id).")
     api_key_env: str = Field("OPENAI_API_KEY", description="http: environment variable holding the API key (never written to the recipe, logs or checkpoints); unset: no Authorization header.")
@@ -744,7 +745,8 @@ class RewardsConfig(_Section):
         120.0, gt=0,
         description="Seconds the recipe check may spend importing one reward plugin (a `path.py:function`, a "
         "`module:function` or an entry point) before anything starts: a plugin still importing after it is refused "
-        "with exit 2 naming it. A plugin that exits (sys.exit) at import is refused the same way.",
+        "with exit 2 naming it. A plugin that raises, exits (sys.exit, os._exit) or is killed at import is refused the "
+        "same way. The imports run in a child process (rewards/import_check.py), never in the driver itself.",
     )
 
     def renders_needed(self) -> bool:
@@ -811,6 +813,14 @@ class ResourcesConfig(_Section):
 class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage. Every stage gives the same updates within float tolerance (tests/rl/test_zero.py): a stage moves only its own parameters, a group not trained in a stage takes no optimizer step, the gradient norm is DeepSpeed's, checkpoints hold every rank's optimizer state. 2: the production recipe (optimizer states and gradients partitioned over learner ranks).")
     bf16: bool = Field(False, description="DeepSpeed bf16 mixed precision (fp32 master weights and optimizer states).")
+    timeout_s: float = Field(
+        3600.0, gt=0,
+        description="Seconds the driver waits for the learner ranks to answer one call: a training step (every "
+        "micro-batch of it), the state for a checkpoint, a weight load on resume. A rank still busy after it (a hung "
+        "collective, a stuck device) ends the run with exit 1 naming the ranks, the call and the step, and the last "
+        "complete checkpoint (a dead rank is reported at once, not after it). Default 3600 s: one step of "
+        "SD3.5-large's decoder GRPO on many micro-batches takes minutes, never an hour.",
+    )
     micro_batch_size: int | None = Field(None, gt=0, description="Rows per forward/backward in every learner stage (captions in the encoder stage, trajectories in the decoder stage, images in the cold start): gradients of the micro-batches are accumulated into one optimizer step per batch, equal to the full-batch step within float tolerance. Must divide each rank's rows. None: the whole batch at once (tiny models). TRL: per_device_train_batch_size; Flow-GRPO: train.batch_size.")
     activation_checkpointing: bool = Field(False, description="Recompute the encoder's language-model layers and the decoder's transformer blocks in backward instead of storing their activations (torch.utils.checkpoint, use_reentrant=False), in every stage. Less memory, about one more forward of time. TRL: gradient_checkpointing; Flow-GRPO: on for SD3.5.")
     logits_chunk: int = Field(1024, gt=0, description="Caption log-probs and entropies are computed over at most this many token positions at a time, so that no (rows x tokens x vocabulary) float32 logits exist at once (Qwen2.5-VL's vocabulary is 151,936: 1024 positions are 0.6 GB in float32).")
@@ -831,7 +841,7 @@ class OutputConfig(_Section):
 
 
 # ----------------------------------------------------------------------------------------------
-# pretrained shapes-world models (rl/pretrain.py) and evaluation (rl/eval.py)
+# pretrained shapes-world models (rl/shapes/pretrain.py) and evaluation (rl/eval.py)
 # ----------------------------------------------------------------------------------------------
 class ClipPretrain(_Section):
     """Contrastive training of the tiny CLIP's image tower against FULL captions."""
@@ -884,10 +894,13 @@ class DecoderPretrain(_Section):
     joint_attention_dim: int = Field(64, gt=0, description="Width of the conditioning the connector produces.")
 
 
-class PretrainConfig(_Section):
-    """Pretrained tiny models for the generated shapes world (`python -m rl.pretrain RECIPE`)."""
+PRETRAIN_PROVIDERS: dict[str, str] = {"shapes": "rl.shapes.pretrain:prepare_recipe"}  # pretrain.provider names
 
-    enabled: bool = Field(False, description="Before training, build the pretrained shapes-world models that are missing from the cache (CLIP, VAE, encoder SFT, decoder + connector; rl/pretrain.py) and use them for every `models` path left unset. Needs data.source: null and tiny models.")
+
+class PretrainConfig(_Section):
+    """Pretrained tiny models for the generated shapes world (`python -m rl.shapes.pretrain RECIPE`)."""
+
+    enabled: bool = Field(False, description="Before training, build the pretrained shapes-world models that are missing from the cache (CLIP, VAE, encoder SFT, decoder + connector; rl/shapes/pretrain.py, through `provider`) and use them for every `models` path left unset. Needs data.source: null and tiny models.")
     cache_dir: str | None = Field(None, description="Cache root; each part is a sub-folder named by a hash of what it depends on. None: $UNIFIED_GRPO_CACHE, else ~/.cache/unified-grpo.")
     clip: ClipPretrain = Field(default_factory=ClipPretrain)
     vae: VaePretrain = Field(default_factory=VaePretrain)
@@ -895,6 +908,9 @@ class PretrainConfig(_Section):
     decoder: DecoderPretrain = Field(default_factory=DecoderPretrain)
     workers: int = Field(2, ge=1, description="Processes that train independent parts side by side (encoder then decoder in one; VAE and the CLIPs in the other). 1: one after the other in this process.")
     threads: int = Field(1, ge=1, description="torch threads per process. Tiny models are overhead-bound: on 2 cores, two 1-thread processes beat one 2-thread process, and a busy machine hurts multi-threaded runs most.")
+    provider: str = Field("shapes", description="What `enabled` calls before any model is built, to fill the unset `models` paths (and `eval.backbones`): a registered name (`shapes`: rl/shapes/pretrain.py `prepare_recipe`, the shipped models or the cache) or `module:function` taking the recipe. The trainer imports it only when `enabled`; an unknown name is refused at load.")
+    shipped: bool = Field(True, description="Use the shipped models (versioned safetensors in the package, rl/shapes/pretrained/, each checked against the sha256 in its manifest.json) when every part the recipe needs has the shipped part's key, i.e. the pretraining settings are the shipped ones (recipes/tiny.yaml's): no pretraining at run time, the same weights on every machine. A file whose sha256 differs is refused (exit 2, naming the file and the rebuild command); a missing one is rebuilt under the cache root. Other settings, or false: the cache (`cache_dir`), built where missing. Rebuild the shipped files: `python -m rl.shapes.pretrain recipes/tiny.yaml --ship`.")
+    shipped_dir: str | None = Field(None, description="Folder of the shipped models and their manifest.json. None: the package's rl/shapes/pretrained/ (what `--ship` writes by default).")
 
 
 class EvalConfig(_Section):
@@ -1163,41 +1179,17 @@ def _check_output_dir(out: str) -> None:
 def _check_plugins(recipe: Recipe, base_dir: Path | None) -> None:
     """Import every reward plugin once (`rewards.api.validate_specs`; a relative plugin file against
     `base_dir`, the recipe's folder, as the reward workers do), each under
-    `rewards.import_timeout_s`. The import runs in a daemon thread: a plugin stuck at import is left
-    there, and the process exits 2 naming it (Python cannot stop a thread; a daemon one does not hold
-    the exit back)."""
-    import threading
+    `rewards.import_timeout_s`, in a child process (rewards/import_check.py): a plugin that raises,
+    calls sys.exit or os._exit, or sleeps at import is refused (exit 2) naming it, and the driver
+    itself never runs a plugin's import."""
+    from rewards.import_check import check_imports
 
-    from rewards.api import RewardSpecError, validate_specs
-
-    timeout = recipe.rewards.import_timeout_s
-    for index, spec in enumerate(recipe.rewards.functions):
-        if spec.name in ("clip", "judge"):
-            continue
-        where = f"invalid recipe: rewards.functions.{index}.name"
-        outcome: dict[str, BaseException] = {}
-
-        def load(name=spec.name):
-            try:
-                validate_specs([name], base_dir=base_dir)
-            except BaseException as e:  # noqa: BLE001 - reported below, SystemExit included
-                outcome["error"] = e
-
-        thread = threading.Thread(target=load, daemon=True, name=f"import {spec.name}")
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive():
-            raise RecipeError(f"{where}: reward plugin {spec.name!r} was still importing after "
-                              f"rewards.import_timeout_s = {timeout:g} s (does it sleep, wait on the network or "
-                              "load a model at import?): make its import fast, or raise the limit")
-        error = outcome.get("error")
-        if isinstance(error, RewardSpecError):
-            raise RecipeError(f"{where}: {error}") from None
-        if isinstance(error, SystemExit):
-            raise RecipeError(f"{where}: reward plugin {spec.name!r} called sys.exit({error.code!r}) at import") from None
-        if error is not None:
-            raise RecipeError(f"{where}: reward plugin {spec.name!r} failed to load: "
-                              f"{type(error).__name__}: {error}") from None
+    specs = [(index, spec.name) for index, spec in enumerate(recipe.rewards.functions)
+             if spec.name not in ("clip", "judge")]
+    failures = check_imports(specs, base_dir, recipe.rewards.import_timeout_s)
+    if failures:
+        index = min(failures)
+        raise RecipeError(f"invalid recipe: rewards.functions.{index}.name: {failures[index]}")
 
 
 def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
@@ -1218,6 +1210,20 @@ def check_recipe_files(recipe: Recipe, base_dir: Path | None = None) -> None:
             check_source(recipe.data.source, recipe.data.image_column)
         except DataError as e:
             raise RecipeError(f"invalid recipe: data.source: {e}") from None
+    else:
+        from rl.data import DataError, load_generator
+
+        try:
+            load_generator(recipe.data.generator)
+        except DataError as e:
+            raise RecipeError(f"invalid recipe: {e}") from None
+    if recipe.pretrain.enabled:
+        from rl.named import UnknownName, resolve
+
+        try:
+            resolve(recipe.pretrain.provider, PRETRAIN_PROVIDERS, "pretrain.provider")
+        except UnknownName as e:
+            raise RecipeError(f"invalid recipe: {e}") from None
     _check_output_dir(recipe.output.dir)
     _check_plugins(recipe, base_dir)
     if recipe.output.wandb_project is not None:

@@ -1,12 +1,13 @@
 """Image datasets for training: load once into memory, then iterate in resumable shuffled batches.
 
 Sources (`load_dataset_from_config`):
-- None: generate a shapes world (rl/shapes.py) from the `generate` kwargs. The embedded default
-  recipe uses this, so a run needs no files.
+- None: generate images with the recipe's `data.generator` (a `Generator`, named: `shapes` is the
+  shapes world, rl/shapes/source.py; or any `module:function` returning one) from the `generate`
+  kwargs. The embedded default recipe uses this, so a run needs no files.
 - A local folder of images (.png .jpg .jpeg .webp .bmp, searched recursively), read through
   `datasets`' imagefolder builder: its splits (train/, test/, validation/ subfolders, or train-*,
   test-* file names; `split` picks one) and its `metadata.jsonl` / `metadata.csv` files (a
-  `file_name` column, HF's convention; `rl.shapes.save_shapes` writes one). Metadata columns
+  `file_name` column, HF's convention; the shapes world's `save_shapes` writes one). Metadata columns
   become record data: `image_id`, `elements`, `captions` when present, the reference caption
   texts (`reference_column`, default `text` or `caption`) as `references`, and every other column
   in `columns` (passed to reward functions by name, as TRL passes dataset columns). Records are
@@ -35,11 +36,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import logging
 
@@ -60,6 +62,66 @@ DEFAULT_GENERATE: dict[str, Any] = {"n": 256, "seed": 0}
 
 class DataError(ValueError):
     """A dataset source cannot be used; the message names the source and the field at fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated worlds and per-caption metrics: the interface rl.eval and the models see
+# ---------------------------------------------------------------------------------------------
+
+
+class Generator(Protocol):
+    """A generated image world (`data.generator`, used when data.source is null), e.g. the shapes
+    world (rl/shapes/source.py). The trainer reaches it only through this interface."""
+
+    vocabulary: Sequence[str]  # words of its captions: the tiny encoder's word-level tokenizer knows them
+
+    def examples(self, n: int, seed: int, split: str = "train", **generate: Any) -> list:
+        """`n` examples of `split` with `image` (PIL RGB), `image_id`, `elements`, `captions`
+        (ground truth; `captions["full"]` the complete one); `generate`: data.generate's other kwargs."""
+
+    def caption_metrics(self, captions: Sequence[str], examples: Sequence[Any]) -> list[dict[str, float]]:
+        """Per-caption scores against the examples' ground truth (rl.eval's caption columns)."""
+
+
+GENERATORS: dict[str, str] = {"shapes": "rl.shapes.source:ShapesWorld"}  # registered names -> module:factory
+
+
+def load_generator(name: str, field: str = "data.generator") -> Generator:
+    """The Generator a recipe names (registered name or `module:function` returning one); DataError
+    naming `field` when it cannot be built."""
+    from rl.named import UnknownName, resolve
+
+    try:
+        gen = resolve(name, GENERATORS, field)()
+    except UnknownName as e:
+        raise DataError(str(e)) from None
+    missing = [a for a in ("vocabulary", "examples", "caption_metrics") if not hasattr(gen, a)]
+    if missing:
+        raise DataError(f"{field}: {name!r} returned {type(gen).__name__}, which lacks {', '.join(missing)} "
+                        "(the rl.data.Generator interface)")
+    return gen
+
+
+def recipe_vocabulary(recipe) -> list[str]:
+    """Extra words of the tiny encoder's tokenizer: the generated world's caption words
+    (data.source null), none for other data (the prompt's words only)."""
+    if recipe.data.source is not None:
+        return []
+    return list(load_generator(recipe.data.generator).vocabulary)
+
+
+def caption_length(text: str) -> int:
+    """Words in a caption, punctuation not counted ("A red circle." -> 3)."""
+    return sum(1 for w in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()) if w[0].isalnum())
+
+
+def caption_metrics(captions: Sequence[str], examples: Sequence[Any], generator: Generator | None = None
+                    ) -> list[dict[str, float]]:
+    """rl.eval's per-caption scores: a generated world's own (exact, against its ground truth), else,
+    for any image set, the caption length in words."""
+    if generator is not None:
+        return generator.caption_metrics(captions, examples)
+    return [{"caption_length": caption_length(c)} for c in captions]
 
 
 @dataclass
@@ -411,13 +473,15 @@ def load_dataset_from_config(
     cache_dir: str | None = None,
     reference_column: str | None = None,
     on_bad_image: str = "fail",
+    generator: str = "shapes",
 ) -> ImageDataset:
     """Load every image of `source` into memory as RGB (see the module docstring for sources).
 
     limit: keep the first `limit` records (folders: by sorted path) before decoding the rest.
     image_size: square side to resize to with bicubic filtering; None keeps the original size.
-    generate: kwargs of rl.shapes.generate_shapes when source is None (default
-        DEFAULT_GENERATE; `split` is used unless generate names one).
+    generate: kwargs of the generator's `examples` when source is None (default DEFAULT_GENERATE;
+        `split` is used unless generate names one).
+    generator: the `data.generator` name used when source is None (load_generator).
     reference_column: the column of reference caption texts (None: `text` or `caption` if present).
     on_bad_image: "fail" (an image that does not decode is a DataError naming it) or "skip"
         (skipped, counted and logged).
@@ -427,18 +491,17 @@ def load_dataset_from_config(
     if limit is not None and limit < 1:
         raise DataError(f"limit={limit}; must be >= 1 or None")
     if source is None:
-        from rl.shapes import generate_shapes
-
+        world = load_generator(generator)
         kwargs = {**DEFAULT_GENERATE, "split": split, **(generate or {})}
         if limit is not None:
             kwargs["n"] = min(kwargs["n"], limit)
         try:
-            examples = generate_shapes(**kwargs)
+            examples = world.examples(**kwargs)
         except (TypeError, ValueError) as e:
-            raise DataError(f"cannot generate shapes with generate={generate!r}: {e}") from e
+            raise DataError(f"data.generator {generator!r}: cannot generate with generate={generate!r}: {e}") from e
         records = [ImageRecord(_prepare(ex.image, image_size), ex.image_id, ex.elements,
                                ex.captions) for ex in examples]
-        return ImageDataset(records, source="shapes")
+        return ImageDataset(records, source=generator)
 
     kind = check_source(source, image_column)
     path = Path(source).expanduser()

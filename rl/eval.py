@@ -21,9 +21,9 @@ compared with the source by every configured backbone:
 - every entry of `eval.backbones` (open_clip names, `timm:<name>`, or tiny-CLIP .safetensors).
 
 The unified score is the mean over backbones of the mean cosine (UAE table 1's "Overall"). On the
-shapes world the caption is also scored exactly: element coverage (recall of the ground-truth facts,
-rl.shapes.coverage), precision (share of stated facts that are true); on any image set, caption
-length in words. A table is printed and everything, per image too, is written as JSON; `--grid`
+shapes world the caption is also scored exactly: element coverage (recall of the ground-truth facts),
+precision (share of stated facts that are true), from the generated world's own per-caption metrics
+(rl.data `Generator.caption_metrics`, `data.generator`); on any image set, caption length in words. A table is printed and everything, per image too, is written as JSON; `--grid`
 writes a source | caption | reconstruction PNG.
 
 Backbones (`eval.backbones`, or `--backbone NAME=SPEC`): SPEC is an open_clip name with an optional
@@ -61,20 +61,33 @@ def mean(xs: Sequence[float]) -> float:
 def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Per-image rows -> the benchmark's numbers.
 
-    rows[i] = {"similarity": {backbone: cosine}, "coverage": c, "precision": p,
-               "caption_length": words, ...} (coverage and precision on the shapes world only).
+    rows[i] = {"similarity": {backbone: cosine}, "truth_similarity": {backbone: cosine} (optional),
+               "coverage": c, "precision": p, "caption_length": words, ...}: the caption metrics are
+    whatever numbers the data's per-caption scores give (rl.data.caption_metrics).
     Returns {"n", "sim/<backbone>" (mean cosine per backbone), "unified" (mean over backbones of
-    those means), "coverage", "precision", "caption_length" (means over images; a caption metric
-    that no row has is left out)}.
+    those means), "truth_sim/<backbone>" and "truth_unified" (the same for renders of the true
+    caption, when rows have them: the decoder's fidelity whatever the encoder says), then the mean
+    of every numeric caption metric over images, except counted pairs: `X_stated` and `X_correct`
+    become `X_accuracy` = sum of correct / sum of stated (NaN when nothing is stated)}.
     """
     backbones = list(rows[0]["similarity"]) if rows else []
     out: dict[str, float] = {"n": len(rows)}
     for name in backbones:
         out[f"sim/{name}"] = mean([r["similarity"][name] for r in rows])
     out["unified"] = mean([out[f"sim/{name}"] for name in backbones])
-    for key in CAPTION_METRICS:
-        if not rows or key in rows[0]:
-            out[key] = mean([r[key] for r in rows])
+    if rows and "truth_similarity" in rows[0]:
+        for name in backbones:
+            out[f"truth_sim/{name}"] = mean([r["truth_similarity"][name] for r in rows])
+        out["truth_unified"] = mean([out[f"truth_sim/{name}"] for name in backbones])
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))] if rows else list(CAPTION_METRICS)
+    counted = {k[: -len("_stated")] for k in keys if k.endswith("_stated") and k[: -len("_stated")] + "_correct" in keys}
+    for key in keys:
+        if key.endswith(("_stated", "_correct")) and key.rsplit("_", 1)[0] in counted:
+            continue
+        out[key] = mean([float(r[key]) for r in rows])
+    for name in sorted(counted):
+        stated = sum(r[f"{name}_stated"] for r in rows)
+        out[f"{name}_accuracy"] = sum(r[f"{name}_correct"] for r in rows) / stated if stated else float("nan")
     return out
 
 
@@ -101,12 +114,13 @@ def format_table(columns: dict[str, dict[str, float]], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def score_captions(captions: Sequence[str], examples) -> list[dict[str, float]]:
-    """Exact caption scores against the ground truth of each example (rl.shapes)."""
-    from rl.shapes import caption_length, coverage, precision
+def score_captions(captions: Sequence[str], examples, recipe=None) -> list[dict[str, float]]:
+    """Per-caption scores (rl.data.caption_metrics): with `recipe`, exact ones against the ground
+    truth of its generated world (`data.generator`, e.g. coverage and precision in the shapes world);
+    without, the caption length in words (any image set)."""
+    from rl.data import caption_metrics, load_generator
 
-    return [{"coverage": coverage(c, e), "precision": precision(c, e), "caption_length": caption_length(c)}
-            for c, e in zip(captions, examples)]
+    return caption_metrics(captions, examples, load_generator(recipe.data.generator) if recipe is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,13 +167,14 @@ def load_for_eval(checkpoint: str | None, recipe_path: str | None = None, overri
     """(recipe, trainable weights or None). A checkpoint folder carries its recipe (recipe.yaml,
     with the pretrained paths it ran with) and its adapters; `None` means the pretrained models
     before RL, from `recipe_path` (pretrained first if missing; the embedded default when None)."""
-    from rl.config import Recipe, load_recipe
-    from rl.pretrain import prepare_recipe
+    from rl.config import PRETRAIN_PROVIDERS, Recipe, load_recipe
+    from rl.named import resolve
 
     recipe_path = resolve_recipe(checkpoint, recipe_path)
     if recipe_path is not None:
         recipe = load_recipe(recipe_path, list(overrides))
-        prepare_recipe(recipe)
+        if recipe.pretrain.enabled:  # the recipe's pretrained models (pretrain.provider), built if missing
+            resolve(recipe.pretrain.provider, PRETRAIN_PROVIDERS, "pretrain.provider")(recipe)
     else:
         import yaml
 
@@ -174,22 +189,17 @@ def load_for_eval(checkpoint: str | None, recipe_path: str | None = None, overri
 
 
 def eval_backbones(recipe) -> dict[str, dict[str, Any]]:
-    """Extra backbones as `ClipReward(extra_backbones=...)` specs: the second pretrained CLIP
-    (`clip_b`) when the recipe uses pretraining and it exists, then `eval.backbones`."""
+    """Extra backbones as `ClipReward(extra_backbones=...)` specs: `eval.backbones`, where the
+    pretraining provider puts the second pretrained CLIP (`clip_b`). A missing tiny-CLIP file is
+    skipped with a warning."""
     from rewards.clip import tiny_clip_config
 
     size = recipe.models.decoder.image_size
     out: dict[str, dict[str, Any]] = {}
-    if recipe.pretrain.enabled and recipe.pretrain.clip.eval_backbone:
-        from rl.pretrain import pretrained_paths
-
-        path = pretrained_paths(recipe).clip_eval
-        if path and os.path.exists(path):
-            out["clip_b"] = {"model": tiny_clip_config(image_size=size), "checkpoint": path}
-        else:
-            log.warning("eval: the second pretrained CLIP %s is missing; scoring without clip_b", path)
     for name, spec in recipe.eval.backbones.items():
-        if spec.endswith(".safetensors"):
+        if spec.endswith(".safetensors") and not os.path.exists(spec):
+            log.warning("eval: backbone %s: %s is missing; scoring without it", name, spec)
+        elif spec.endswith(".safetensors"):
             out[name] = {"model": tiny_clip_config(image_size=size), "checkpoint": spec}
         else:
             out[name] = parse_backbone(spec)
@@ -221,28 +231,37 @@ def build_scorer(recipe, device: str = "cpu"):
 
 
 def heldout_examples(recipe, n: int, split: str = "heldout"):
-    """`n` scenes of `split` from the recipe's world, seeded by `eval.seed`."""
-    from rl.pretrain import examples, world_of
+    """`n` examples of `split` from the recipe's generated world (`data.generator`), seeded by
+    `eval.seed`, at the decoder's image size."""
+    from rl.data import load_generator
 
-    return examples(world_of(recipe), n, recipe.eval.seed, split)
+    return load_generator(recipe.data.generator).examples(
+        n, recipe.eval.seed, split, size=recipe.models.decoder.image_size, max_objects=recipe.data.generate.max_objects)
 
 
-def evaluate(worker, scorer, examples, seed: int = 0, shapes: bool = True) -> tuple[list[dict[str, Any]], list]:
-    """(rows, renders) for `examples` (shapes Examples, or rl.data ImageRecords with `shapes` False):
-    greedy caption, ODE render at eval_steps from the image's fixed noise, similarity with every
-    backbone, caption scores (exact ones against the shapes world's ground truth; length elsewhere).
+def evaluate(worker, scorer, examples, seed: int = 0, recipe=None) -> tuple[list[dict[str, Any]], list]:
+    """(rows, renders) for `examples` (a generated world's, with `recipe` naming it; or rl.data
+    ImageRecords with `recipe` None): greedy caption, ODE render at eval_steps from the image's fixed
+    noise, similarity with every backbone, caption scores (score_captions: exact ones against the
+    generated world's ground truth; length elsewhere). With ground truth (`recipe`), the true FULL
+    caption is rendered too, from the same noise, and scored the same way (`truth_similarity`): the
+    decoder's own fidelity, which RL's decoder stage should raise (issue 18).
     `worker` is a rollouts.actors.RolloutWorker, `scorer` a ClipReward (build_scorer)."""
-    from rl.shapes import caption_length
-
     images, ids = [e.image for e in examples], [e.image_id for e in examples]
     captions, renders = worker.eval_render(images, ids, seed)
     sims = scorer.scores_all_backbones(images, renders)  # backbone -> (N,)
-    scores = score_captions(captions, examples) if shapes else [{"caption_length": caption_length(c)} for c in captions]
+    scores = score_captions(captions, examples, recipe)
+    truth_sims = None
+    if recipe is not None:
+        truth_renders = worker.eval_render_texts([e.captions["full"] for e in examples], ids)
+        truth_sims = scorer.scores_all_backbones(images, truth_renders)
     rows = []
     for i, (e, c, s) in enumerate(zip(examples, captions, scores)):
-        truth = {"truth": e.captions["full"]} if shapes else {}
+        truth = {"truth": e.captions["full"]} if recipe is not None else {}
         rows.append({"image_id": e.image_id, "caption": c, **truth, **s,
                      "similarity": {name: float(v[i]) for name, v in sims.items()}})
+        if truth_sims is not None:
+            rows[-1]["truth_similarity"] = {name: float(v[i]) for name, v in truth_sims.items()}
     return rows, renders
 
 
@@ -285,13 +304,13 @@ def run_unified_bench(checkpoint: str | None, recipe_path: str | None = None, *,
     if weights is not None:
         worker.set_weights(weights, version=-1)
     scorer = build_scorer(recipe, str(worker.models.device))
-    rows, renders = evaluate(worker, scorer, examples, seed=recipe.eval.seed, shapes=data is None)
+    rows, renders = evaluate(worker, scorer, examples, seed=recipe.eval.seed, recipe=recipe if data is None else None)
     if grid:
         k = recipe.eval.grid_images or 4
         scores = [r["coverage"] for r in rows[:k]] if data is None else None
         render_grid([e.image for e in examples[:k]], [r["caption"] for r in rows[:k]], renders[:k], grid,
                     title=f"{checkpoint or 'before RL'}", scores=scores)
-    return {"benchmark": "unified-bench", "world": "shapes" if data is None else "data", "data": data, "split": split,
+    return {"benchmark": "unified-bench", "world": recipe.data.generator if data is None else "data", "data": data, "split": split,
             "checkpoint": checkpoint or "none", "eval_steps": recipe.rollout.trajectory.eval_steps,
             "backbones": list(rows[0]["similarity"]), "summary": summarize(rows), "seconds": round(time.time() - t0, 1),
             "rows": rows}

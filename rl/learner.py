@@ -654,8 +654,7 @@ class Learner:
         """One step of the flow-matching loss (rl.warmup.flow_matching_loss) on B images with their
         cached long captions, in micro-batches of images (each backward carries sum_i loss_i / B).
         The encoder reads the captions frozen; the VAE encodes the images without gradient."""
-        from rl.pretrain import to_tensor
-        from rl.warmup import caption_batch, flow_matching_loss, warmup_noise
+        from rl.warmup import caption_batch, flow_matching_loss, to_tensor, warmup_noise
 
         if self.world_size > 1:  # images rank, rank + world_size, ...
             idx = grpo.shard_rows(len(images), 1, self.rank, self.world_size).tolist()

@@ -129,16 +129,23 @@ class Trainer:
                                      "(`ray start --head`), fix the address, or use ray.address: local") from None
 
     def _setup_pretrained(self) -> None:
-        """`pretrain.enabled`: build the missing shapes-world models (rl/pretrain.py; cached, so a
-        no-op once built) and point every unset `models` path at them."""
+        """`pretrain.enabled`: the recipe's `pretrain.provider` points every unset `models` path at its
+        pretrained models (`shapes`: the shipped shapes-world models, sha256-checked, when the
+        pretraining settings are the shipped ones, else built into the cache; rl/shapes/)."""
         if not self.recipe.pretrain.enabled:
             return
-        from rl.pretrain import prepare_recipe
+        from rl.config import PRETRAIN_PROVIDERS
+        from rl.named import UnknownName, resolve
 
         t0 = time.time()
-        info = prepare_recipe(self.recipe)
+        try:
+            provide = resolve(self.recipe.pretrain.provider, PRETRAIN_PROVIDERS, "pretrain.provider")
+            # shapes: a shipped file that differs from its manifest is a ValueError (ShippedModelError)
+            info = provide(self.recipe) or {}
+        except (UnknownName, ValueError) as e:  # before Ray and any model
+            raise BadInput(str(e)) from None
         m = self.recipe.models
-        log.info("pretrained shapes-world models ready in %.0f s (%s): encoder %s, decoder %s, clip %s",
+        log.info("pretrained shapes-world models ready in %.0f s (their training: %s): encoder %s, decoder %s, clip %s",
                  time.time() - t0, ", ".join(f"{k} {v.get('seconds', 0):.0f} s" for k, v in info.items()),
                  m.encoder.path, m.decoder.path, m.clip.checkpoint)
 
@@ -149,9 +156,9 @@ class Trainer:
         self.dataset = load_dataset_from_config(
             d.source, image_column=d.image_column, split=d.split, limit=d.limit,
             image_size=self.recipe.models.decoder.image_size, generate=d.generate.model_dump(),
-            reference_column=d.reference_column, on_bad_image=d.on_bad_image,
+            reference_column=d.reference_column, on_bad_image=d.on_bad_image, generator=d.generator,
         )
-        log.info("data: %d images from %s", len(self.dataset), d.source or "the generated shapes world")
+        log.info("data: %d images from %s", len(self.dataset), d.source or f"the generated world {d.generator!r}")
 
     def _setup_references(self) -> None:
         """The judge reward's reference elements on every record (rewards/references.py): refused with
@@ -179,7 +186,7 @@ class Trainer:
 
             # every process of this Ray inherits a marker; a watcher stops them when this process
             # ends, even by SIGKILL (rl/reaper.py)
-            with reaper.watched() as self._reaper:
+            with reaper.watched(os.path.join(self.out_dir, "reaper.log")) as self._reaper:
                 # address "local": a new Ray of our own even when `ray start` left one on this machine
                 ray.init(address="local", num_cpus=r.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                          runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
@@ -264,7 +271,7 @@ class Trainer:
         self._wait_ready([("learner", self.learners), ("rollout", self.rollouts), ("reward", self.rewards)])
         self.failures: list[dict[str, Any]] = []
         self._write_actors()
-        self._sync_weights(ray.get(self.learner.version.remote()))  # identical adapters before the first rollout
+        self._sync_weights(self._wait_learners([self.learner.version.remote()], "version")[0])  # identical adapters before the first rollout
 
     def _wait_ready(self, groups: list[tuple[str, list[Any]]]) -> None:
         """Every actor built its models, within `resources.start_timeout_s` (an actor that cannot be
@@ -427,7 +434,7 @@ class Trainer:
 
     def _learners(self, method: str, *args: Any) -> list[Any]:
         """Call every learner rank and wait; a dead learner ends the run (the last checkpoint stays)."""
-        return self._wait_learners([getattr(w, method).remote(*args) for w in self.learners])
+        return self._wait_learners([getattr(w, method).remote(*args) for w in self.learners], method)
 
     def _advantages(self, batch) -> grpo.Advantages:
         g = self.recipe.grpo
@@ -632,7 +639,7 @@ class Trainer:
 
         for attempt in range(self.recipe.resources.max_restarts + 1):
             try:
-                return self._wait_learners(refs), extras
+                return self._wait_learners(refs, f"the {stage} update"), extras
             except ray.exceptions.ObjectLostError as e:
                 ray.wait(refs, num_returns=len(refs), timeout=60)  # let every rank's call end first
                 self._log_failure(p.step, "rollout", p.rollout_actor, f"{type(e).__name__}: the step's rollout was "
@@ -646,11 +653,18 @@ class Trainer:
     def _train_refs(self, stage: str, *args: Any) -> list[Any]:
         return [w.train.remote(stage, *args) for w in self.learners]
 
-    def _wait_learners(self, refs: list[Any]) -> list[Any]:
+    def _wait_learners(self, refs: list[Any], what: str) -> list[Any]:
+        """The results of one call (`what`) on learner ranks 0..len(refs)-1, within `learner.timeout_s`."""
         import ray
 
+        timeout = self.recipe.learner.timeout_s
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            busy = [rank for rank, ref in enumerate(refs) if ref not in ready]
+            raise StepTimeout(f"step {self.step}: learner rank(s) {busy} did not finish {what} within learner.timeout_s "
+                              f"= {timeout:g} s; last complete checkpoint: {self.checkpoint_path or 'none'}") from None
         except ray.exceptions.RayActorError as e:
             raise LearnerDied(f"the learner died at step {self.step} ({type(e).__name__}); last complete "
                               f"checkpoint: {self.checkpoint_path or 'none'}") from None
@@ -723,7 +737,7 @@ class Trainer:
         except ray.exceptions.GetTimeoutError:
             raise StepTimeout(f"grid_{tag}.png: no evaluation render from {'rollout actor 0' if self.rollouts else 'the learner'} "
                               f"within rollout.timeout_s = {self.recipe.rollout.timeout_s:g} s") from None
-        coverage = [s["coverage"] for s in score_captions(captions, exs)]
+        coverage = [s["coverage"] for s in score_captions(captions, exs, self.recipe)]
         path = os.path.join(self.out_dir, f"grid_{tag}.png")
         render_grid(args[0], captions, renders, path, title=f"held-out, {tag} (step {self.step})", scores=coverage)
         log.info("grid %s: %s (mean coverage %.2f, e.g. %r)", tag, path, sum(coverage) / k, captions[0])

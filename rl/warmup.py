@@ -21,7 +21,7 @@ One `warmup` step, for a batch of B images:
    forward/backward and one optimizer step per batch, at any ZeRO stage: the connector (and with
    `warmup.train_decoder_lora`, the decoder LoRA) trains; the encoder and the VAE are frozen.
 
-The shapes-world pretraining (rl/pretrain.py `train_decoder`) is the same objective on the tiny DiT's
+The shapes-world pretraining (rl/shapes/pretrain.py `train_decoder`) is the same objective on the tiny DiT's
 base weights: it calls `flow_matching_loss` and `caption_batch` from here.
 """
 from __future__ import annotations
@@ -34,6 +34,14 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def to_tensor(images) -> torch.Tensor:
+    """PIL RGB images -> (N, 3, H, W) float32 in [0, 1] (what the VAE encodes)."""
+    import numpy as np
+
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])  # (N, H, W, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255)
 
 
 def caption_batch(encoder, captions: Sequence[str], eos: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

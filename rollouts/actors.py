@@ -199,6 +199,19 @@ class RolloutWorker:
                                            num_steps=self.recipe.rollout.trajectory.eval_steps)
         return group.captions, renders
 
+    def eval_render_texts(self, texts: Sequence[str], image_ids: Sequence[str],
+                          weights: dict[str, torch.Tensor] | None = None) -> list[Image.Image]:
+        """Evaluation renders of given captions (e.g. a data set's true ones), as eval_render renders
+        the encoder's: ODE at eval_steps from each image's fixed noise, read by the connector as a
+        sampled caption is (rl.warmup.caption_batch)."""
+        from rl.ema import weights_swapped
+        from rl.warmup import caption_batch
+
+        with weights_swapped(self.models, weights):
+            ids, mask = caption_batch(self.models.encoder, texts)
+            return self.render_captions(ids, mask, [image_seed(i) for i in image_ids],
+                                        num_steps=self.recipe.rollout.trajectory.eval_steps)
+
     @_oom_names("encoder")
     def encoder_rollout(self, images: Sequence[Image.Image], image_ids: Sequence[str], seed: int,
                         render: bool = True) -> tuple[CaptionGroup, list[Image.Image] | None]:

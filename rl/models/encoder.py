@@ -468,7 +468,7 @@ _FOLDER_ONLY = ("vision_hidden_size", "vision_depth", "rope_theta")
 
 def _saved_tiny_config(path: str | None, given: dict[str, Any]) -> dict[str, Any]:
     """The vision-tower numbers saved beside tiny weights (`tiny_config.json`, written by
-    rl.pretrain), so that a folder describes its own architecture. Numbers the recipe also sets
+    rl.shapes.pretrain), so that a folder describes its own architecture. Numbers the recipe also sets
     (hidden_size, num_layers) must agree with it: a mismatch would load weights into the wrong shapes."""
     if not path or not os.path.isfile(os.path.join(path, TINY_CONFIG_FILE)):
         return {}

@@ -35,7 +35,7 @@ class Models:
     reader: str = "policy"  # models.connector.reader: caption re-read with the encoder adapter on / off
     # Positions of every decoder condition (<|im_start|> + caption tokens, then padding), whatever
     # the batch: build_models sets rollout.caption.max_new_tokens + 1. None: the batch's own
-    # length (rl/pretrain.py, which pads its caption pool to one length itself).
+    # length (rl/shapes/pretrain.py, which pads its caption pool to one length itself).
     cond_length: int | None = None
 
     def parameters(self, policy: str) -> list[torch.nn.Parameter]:
@@ -162,14 +162,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_models(recipe: Recipe, device: torch.device | None = None, vocabulary: list[str] | None = None) -> Models:
-    """Build encoder (+LoRA), connector and decoder (+LoRA) exactly as the recipe says."""
-    from rl.shapes import VOCABULARY
+    """Build encoder (+LoRA), connector and decoder (+LoRA) exactly as the recipe says. `vocabulary`:
+    the tiny encoder's extra tokenizer words; None: the recipe's (rl.data.recipe_vocabulary: its
+    generated world's caption words, e.g. the shapes world's)."""
+    from rl.data import recipe_vocabulary
 
     m = recipe.models
     device = device or resolve_device(recipe.device)
     torch.manual_seed(recipe.seed)
     encoder = build_encoder(
-        m.encoder.name, vocabulary=vocabulary if vocabulary is not None else VOCABULARY,
+        m.encoder.name, vocabulary=vocabulary if vocabulary is not None else recipe_vocabulary(recipe),
         image_size=m.encoder.image_size, dtype=m.encoder.dtype, seed=recipe.seed, path=m.encoder.path,
         random_init=m.encoder.random_init,
         **({"hidden_size": m.encoder.hidden_size, "num_layers": m.encoder.num_layers} if m.encoder.name == "tiny" else {}),

@@ -1,4 +1,4 @@
-"""The verifiable judge (rewards/verifiable_judge.py): shapes-world captions checked against the scene's
+"""The verifiable judge (rl/shapes/judge.py): shapes-world captions checked against the scene's
 ground truth, scored through ReaDe's eq. 4 (rewards/judge.py) with its default weights
 alpha = rho = 1.0, gamma = 0.8, lambda = 0.7.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rewards.judge import GROUPS, JudgedCaptionReward, build_judge_reward, judge_from_config
-from rewards.verifiable_judge import VerifiableJudge, parse_element, parse_statements
+from rl.shapes.judge import VerifiableJudge, parse_element, parse_statements
 from rl.config import JudgeConfig, RecipeError, load_recipe
 from rl.shapes import CELLS, ShapeObject, generate_shapes, make_example
 

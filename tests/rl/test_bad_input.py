@@ -131,6 +131,9 @@ def _plugin(tmp_path, body: str) -> str:
 @pytest.mark.parametrize("body, expected", [
     ("import sys\nsys.exit(0)", "SystemExit"),
     ("raise SystemExit('bye')", "SystemExit: bye"),
+    # imported in the driver itself, these ended it (and pytest with it) with no message
+    ("import os\nos._exit(0)", "ended the process at import (exit status 0 without raising: os._exit?)"),
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "ended the process at import (killed by signal SIGKILL)"),
 ])
 def test_a_plugin_that_exits_at_import_is_refused(capsys, tmp_path, body, expected):
     spec = _plugin(tmp_path, body)

@@ -3,11 +3,15 @@ shapes world's ground truth."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from rl import eval as ub
+from rl.config import load_recipe
 from rl.shapes import ShapeObject, make_example
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rows():
@@ -70,9 +74,32 @@ def test_caption_scores_against_ground_truth():
                        ShapeObject("square", "blue", "small", "bottom right")], "x")
     # 2 objects -> 4 * 2 + 2 = 10 facts.
     short, full = ex.captions["short"], ex.captions["full"]
-    s_short, s_full, s_wrong = ub.score_captions([short, full, "a green circle"], [ex, ex, ex])
-    assert s_short == {"coverage": 0.2, "precision": 1.0, "caption_length": 5}  # 2 kinds of 10; "a circle and a square"
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")  # data.generator: shapes (the default)
+    s_short, s_full, s_wrong = ub.score_captions([short, full, "a green circle"], [ex, ex, ex], recipe)
+    assert s_short == {"coverage": 0.2, "precision": 1.0, "caption_length": 5,  # 2 kinds of 10; "a circle and a square"
+                       "repeats": 0.0, "color_stated": 0, "color_correct": 0}
     assert s_full["coverage"] == 1.0 and s_full["precision"] == 1.0
     assert s_full["caption_length"] == len(full.replace(".", " ").split())
     # "a green circle": kind right (1/10), colour wrong -> precision 1/2
-    assert s_wrong == {"coverage": 0.1, "precision": 0.5, "caption_length": 3}
+    assert s_wrong == {"coverage": 0.1, "precision": 0.5, "caption_length": 3,
+                       "repeats": 0.0, "color_stated": 1, "color_correct": 0}
+    assert s_full["color_stated"] == s_full["color_correct"] == 2
+    # any image set (no generated world): the caption length alone, counted the same way
+    assert ub.score_captions([full, "A red circle."], [ex, ex]) == [{"caption_length": s_full["caption_length"]},
+                                                                 {"caption_length": 3}]
+
+
+def test_counted_pairs_become_accuracies_and_true_caption_renders_are_summarised():
+    # colour: 2 of 3 stated correct in row 1, 0 of 1 in row 2 -> (2 + 0) / (3 + 1) = 0.5, a ratio of
+    # sums (the mean of per-row ratios would be 0.33); repeats is a plain mean (1 of 2 rows).
+    rs = rows()
+    rs[0].update(color_stated=3, color_correct=2, repeats=1.0, truth_similarity={"clip": 0.5, "clip_b": 0.3})
+    rs[1].update(color_stated=1, color_correct=0, repeats=0.0, truth_similarity={"clip": 0.7, "clip_b": 0.1})
+    s = ub.summarize(rs)
+    assert s["color_accuracy"] == pytest.approx(0.5)
+    assert "color_stated" not in s and "color_correct" not in s
+    assert s["repeats"] == pytest.approx(0.5)
+    assert s["truth_sim/clip"] == pytest.approx(0.6) and s["truth_sim/clip_b"] == pytest.approx(0.2)
+    assert s["truth_unified"] == pytest.approx(0.4)
+    nothing = ub.summarize([{**r, "color_stated": 0, "color_correct": 0} for r in rows()])
+    assert math.isnan(nothing["color_accuracy"])

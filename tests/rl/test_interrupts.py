@@ -51,6 +51,32 @@ def _alive(procs: list[psutil.Process]) -> list[str]:
     return left
 
 
+def _survivors(procs: list[psutil.Process], out: Path) -> str:
+    """What is left, and why the watcher missed it: each survivor's parent, whether its environment
+    (as /proc shows it) still holds the run's marker; then the watcher's log."""
+    marker = next((p.cmdline()[3] for p in procs if "rl.reaper" in " ".join(_cmdline(p))), "?")
+    lines = []
+    for p in procs:
+        try:
+            if not p.is_running() or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            env = Path(f"/proc/{p.pid}/environ").read_bytes()
+            lines.append(f"{p.pid} ppid {p.ppid()} {' '.join(p.cmdline())[:60]}: marker in environ "
+                         f"{f'UNIFIED_GRPO_RUN={marker}'.encode() in env.split(bytes(1))}, "
+                         f"{env.count(bytes(1))} entries, {len(env) - len(env.lstrip(bytes(1)))} leading NULs")
+        except (psutil.NoSuchProcess, OSError):
+            continue
+    log = out / "reaper.log"
+    return "\n".join(lines + [log.read_text() if log.exists() else "no reaper.log"])
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.NoSuchProcess:
+        return []
+
+
 def _cleanup(proc: subprocess.Popen, procs: list[psutil.Process]) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -76,7 +102,7 @@ def test_sigkill_of_the_driver_leaves_no_ray_process(tmp_path):
         deadline = time.time() + 40
         while _alive(ray_procs) and time.time() < deadline:
             time.sleep(0.5)
-        assert _alive(ray_procs) == []
+        assert _alive(ray_procs) == [], _survivors(ray_procs, out)
     finally:
         _cleanup(proc, ray_procs)
 
@@ -108,38 +134,56 @@ def test_ctrl_c_ends_quietly_naming_the_last_checkpoint(tmp_path):
 
 
 DRIVER = """
-import os, subprocess, sys, time
+import ctypes, os, signal, subprocess, sys, time
 from rl import reaper
-with reaper.watched():
+
+def die_with_parent():  # what Ray does for gcs_server and the raylet: they die with the driver
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+# a 'raylet' whose child, an 'agent', does not show the marker in /proc (setproctitle wiped it)
+RAYLET = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], env={}); time.sleep(120)"
+with reaper.watched(sys.argv[1]):
     marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a 'Ray process'
+    raylet = subprocess.Popen([sys.executable, "-c", RAYLET], preexec_fn=die_with_parent)
 if os.fork() == 0:  # a process forked from the driver keeps the pipe's write end open
     time.sleep(120)
     os._exit(0)
-print(marked.pid, flush=True)
+print(marked.pid, raylet.pid, flush=True)
 time.sleep(120)
 """
 
 
-def test_the_watcher_reaps_when_the_driver_dies_even_if_a_fork_holds_its_pipe(tmp_path):
-    """rl/reaper.py: a stand-in driver starts the watcher, one marked process, and a fork of itself
-    that inherits the watcher's pipe. SIGKILL of the driver alone must still end the marked process
-    (the watcher sees itself re-parented), while the fork, which is no part of the run, is spared."""
-    script = tmp_path / "driver.py"
+def test_the_watcher_reaps_the_run_when_the_driver_dies_even_if_a_fork_holds_its_pipe(tmp_path):
+    """rl/reaper.py: a stand-in driver starts the watcher, a marked process, a marked 'raylet' that
+    dies with the driver and whose child, an 'agent', has no marker in its environment (as Ray's
+    agents after setproctitle), and a fork of itself that inherits the watcher's pipe. SIGKILL of the
+    driver alone must still end the marked process, the raylet and the agent (the watcher tracked
+    the agent as the raylet's child while the driver lived, and sees itself re-parented), while the
+    fork, which is no part of the run, is spared."""
+    script, log = tmp_path / "driver.py", tmp_path / "reaper.log"
     script.write_text(DRIVER)
-    driver = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+    driver = subprocess.Popen([sys.executable, str(script), str(log)], cwd=REPO, stdout=subprocess.PIPE, text=True,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
     procs: list[psutil.Process] = []
     try:
-        marked = psutil.Process(int(driver.stdout.readline()))
-        procs = psutil.Process(driver.pid).children(recursive=True)  # the watcher, the marked one, the fork
-        fork = [p for p in procs if p.pid != marked.pid and "rl.reaper" not in " ".join(p.cmdline())]
-        assert len(procs) == 3 and len(fork) == 1
+        marked, raylet = (psutil.Process(int(pid)) for pid in driver.stdout.readline().split())
+        deadline = time.time() + 30
+        while len(raylet.children()) < 1 and time.time() < deadline:
+            time.sleep(0.1)
+        agent = raylet.children()[0]
+        assert b"UNIFIED_GRPO_RUN=" not in Path(f"/proc/{agent.pid}/environ").read_bytes()
+        while f"+{agent.pid} " not in (log.read_text() if log.exists() else "") and time.time() < deadline:
+            time.sleep(0.1)  # the watcher has seen the agent (it looks every reaper.POLL_S)
+        procs = psutil.Process(driver.pid).children(recursive=True)  # watcher, marked, raylet, agent, fork
+        run = [marked, raylet, agent]
+        fork = [p for p in procs if p.pid not in {q.pid for q in run} and "rl.reaper" not in " ".join(p.cmdline())]
+        assert len(procs) == 5 and len(fork) == 1, [p.cmdline() for p in procs]
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
         deadline = time.time() + 30
-        while _alive([marked]) and time.time() < deadline:
+        while _alive(run) and time.time() < deadline:
             time.sleep(0.2)
-        assert _alive([marked]) == []
+        assert _alive(run) == [], log.read_text()
         assert _alive(fork) != []  # it still holds the pipe: the pipe alone would not have closed
     finally:
         _cleanup(driver, procs)

@@ -43,16 +43,28 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
 
 
+def _head(**system_config):
+    """A Ray test cluster's head node: one CPU, a 100 MB object store, resource `head`; Ray system
+    settings (e.g. max_direct_call_object_size) as keywords."""
+    from ray.cluster_utils import Cluster
+
+    return Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 100 * MB, "resources": {"head": 1}, "include_dashboard": False,
+        **({"_system_config": system_config} if system_config else {})})
+
+
+def _worker(c, name: str):
+    """A worker node of `c`: one CPU, a 100 MB object store, resource `name`."""
+    return c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={name: 1})
+
+
 @pytest.fixture
 def cluster():
     """Head + two worker nodes, one CPU and a 100 MB object store each; always shut down."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 100 * MB, "resources": {"head": 1}, "include_dashboard": False})
+    c = _head()
     try:
         for name in ("node_a", "node_b"):
-            c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={name: 1})
+            _worker(c, name)
         c.wait_for_nodes()
         yield c
     finally:
@@ -186,14 +198,10 @@ def test_losing_the_node_of_the_rollout_and_reward_actors_does_not_stop_the_run(
     a replacement joins, as an autoscaler would bring one. Every task return lives in the object
     store of the node that made it (max_direct_call_object_size 8 KB: the ~5 KB recipe stays inline in
     the actors' creation tasks), as a large trajectory does."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 100 * MB, "resources": {"head": 1}, "include_dashboard": False,
-        "_system_config": {"max_direct_call_object_size": 8192}})
+    c = _head(max_direct_call_object_size=8192)
     proc = None
     try:
-        node_b = c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_b": 1})
+        node_b = _worker(c, "node_b")
         c.wait_for_nodes()
         out, steps = tmp_path / "run", 12
         cmd = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(out), "--set", f"ray.address={c.address}",
@@ -209,7 +217,7 @@ def test_losing_the_node_of_the_rollout_and_reward_actors_does_not_stop_the_run(
         assert actors[("rollout", 0)]["node_id"] == actors[("reward", 0)]["node_id"] == b
         assert actors[("learner", 0)]["node_id"] != b
         c.remove_node(node_b, allow_graceful=False)
-        c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_b": 1})  # the replacement
+        _worker(c, "node_b")  # the replacement
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc is not None and proc.poll() is None:
@@ -229,10 +237,7 @@ def test_losing_a_learner_node_ends_the_run_and_resume_continues_with_one_rank_f
     """Two ZeRO-2 ranks on two nodes, checkpoints every step; the node of the rank that is not on
     the head is removed: the run ends (exit 1) naming its last complete checkpoint, which is intact,
     and `--resume` on the head alone continues with one rank, which takes the full optimizer state."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 100 * MB, "resources": {"head": 1}, "include_dashboard": False})
+    c = _head()
     proc = None
     out, steps = tmp_path / "run", 6
     base = [sys.executable, "-m", "rl.train", str(TINY), "--output-dir", str(out), "--set", f"ray.address={c.address}",
@@ -242,7 +247,7 @@ def test_losing_a_learner_node_ends_the_run_and_resume_continues_with_one_rank_f
             "--set", "resources.cpus_per_actor=0.25"]
     env = _env()
     try:
-        node_a = c.add_node(num_cpus=1, object_store_memory=100 * MB, resources={"node_a": 1})
+        node_a = _worker(c, "node_a")
         c.wait_for_nodes()
         proc = subprocess.Popen([*base, "--set", "resources.learner_workers=2"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -265,3 +270,48 @@ def test_losing_a_learner_node_ends_the_run_and_resume_continues_with_one_rank_f
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {last} at step {saved.step}" in resumed.stderr
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(steps))  # every step once
+
+
+@pytest.mark.slow
+def test_a_trajectory_lost_with_its_node_before_the_learner_read_it_relaunches_the_step(tmp_path, monkeypatch):
+    """Trainer._wait_update's ObjectLostError path. The rollout actor on node_b, the learner and the
+    reward actor on the head; every task return above 8 KB lives in the object store of the node
+    that made it, so a decoder step's trajectory stays on node_b (the driver reads only its captions).
+    At the first decoder step, after the rollout returned and the rewards came, before any learner
+    read the trajectory, node_b is removed (raylet, object store and rollout actor killed) and a
+    replacement joins: the learner's update fails with an ObjectLostError, and the step is launched
+    again on the restarted rollout actor instead of ending the run. The real `python -m rl.train`
+    main, in this process so that the node goes at that exact point (Trainer._update)."""
+    from rl import train
+
+    c = _head(max_direct_call_object_size=8192)
+    lost: list[tuple[int, int]] = []  # (step, pid of the rollout actor that was lost)
+    try:
+        node_b = _worker(c, "node_b")
+        c.wait_for_nodes()
+
+        class NodeLostBeforeTheUpdate(train.Trainer):
+            def _update(self, stage, p, rollout, batch):
+                if stage == "decoder" and not lost:  # the rollout and its rewards are in; no learner has read it
+                    lost.append((p.step, self._pids[("rollout", p.rollout_actor)]))
+                    c.remove_node(node_b, allow_graceful=False)
+                    _worker(c, "node_b")  # the replacement, where Ray restarts the rollout actor
+                return super()._update(stage, p, rollout, batch)
+
+        monkeypatch.setattr(train, "Trainer", NodeLostBeforeTheUpdate)
+        out = tmp_path / "run"
+        rc = train.main([str(TINY), "--output-dir", str(out), "--set", f"ray.address={c.address}", *SMALL,
+                         "--set", "schedule.phases=[{stage: encoder, steps: 1}, {stage: decoder, steps: 2}]",
+                         "--set", "resources.custom_resources={learner: {head: 0.5}, rollout: {node_b: 0.5}, "
+                                  "reward: {head: 0.5}}"])
+    finally:
+        c.shutdown()
+    assert rc == 0
+    assert [step for step, _ in lost] == [1]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1, 2]  # every step once
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    relaunched = [f for f in failures if "lost with its node before the learners read it" in f["error"]]
+    assert [(f["step"], f["actor"], f["node"]) for f in relaunched] == [(1, "rollout-0", node_b.node_id)], failures
+    assert any(f["step"] == 1 and f["error"].startswith("restarted (pid ") for f in failures), failures
+    rollout = next(a for a in json.loads((out / "actors.json").read_text()) if a["role"] == "rollout")
+    assert rollout["pid"] != lost[0][1] and rollout["node_id"] != node_b.node_id  # the step ran again elsewhere

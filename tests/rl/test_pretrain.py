@@ -1,4 +1,4 @@
-"""Pretraining of the shapes-world models (rl/pretrain.py): parts are cached and never retrained,
+"""Pretraining of the shapes-world models (rl/shapes/pretrain.py): parts are cached and never retrained,
 cache keys follow the dependencies, and a few-step run of every part gives weights that load."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl import pretrain as P
+from rl.shapes import pretrain as P
 from rl.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]

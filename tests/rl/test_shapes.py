@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 
 from rl.shapes import (
+    color_counts,
+    repeats_phrase,
     BACKGROUNDS,
     CELLS,
     VOCABULARY,
@@ -177,3 +179,28 @@ def test_save_load_round_trip(tmp_path, examples):
         assert a.objects == b.objects and a.background == b.background
         assert a.elements == b.elements and a.captions == b.captions
         assert a.fact_set() == b.fact_set()
+
+
+def test_true_captions_never_repeat_and_state_true_colours():
+    """The ground truth passes both caption checks: rl.eval's repeat and colour metrics can fail only
+    for what the encoder states, never for the language itself."""
+    for e in generate_shapes(200, seed=3, max_objects=4):
+        for level in ("short", "medium", "full"):
+            assert not repeats_phrase(e.captions[level]), e.captions[level]
+        stated, correct = color_counts(e.captions["full"], e)
+        assert stated == correct == len(e.objects)
+
+
+def test_repeats_and_wrong_colours_are_found():
+    e = next(x for x in generate_shapes(50, seed=1) if len(x.objects) == 2)
+    assert repeats_phrase("three shapes on a three shapes on a")
+    assert repeats_phrase("a red circle. a red circle.")
+    assert repeats_phrase("a circle a circle")
+    assert not repeats_phrase("a large white square at the top left. a large white triangle at the top right.")
+    a, b = e.objects
+    wrong = next(c for c in ("red", "green", "blue", "yellow", "white") if c != a.color)
+    caption = f"a {wrong} {a.kind}. a {b.color} {b.kind}."
+    assert color_counts(caption, e) == (2, 1)
+    missing = next(k for k in ("circle", "square", "triangle", "cross") if k not in (a.kind, b.kind))
+    assert color_counts(f"a {a.color} {missing}", e) == (1, 0)  # a colour for an absent shape is wrong
+    assert color_counts("two shapes", e) == (0, 0)

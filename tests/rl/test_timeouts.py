@@ -110,9 +110,10 @@ def test_a_rollout_slower_than_its_timeout_stops_the_run_naming_the_actor(tmp_pa
     assert (tmp_path / "run" / "failures.jsonl").read_text().count("rollout.timeout_s") == 1
 
 
-def test_an_actor_that_does_not_start_in_time_is_named():
-    """Trainer._wait_ready on real Ray actors: one whose start takes longer than
-    resources.start_timeout_s ends the wait naming it (it used to wait forever)."""
+def test_an_actor_that_does_not_start_or_answer_in_time_is_named():
+    """Trainer._wait_ready and Trainer._wait_learners on real Ray actors: one whose start takes longer
+    than resources.start_timeout_s, or a learner rank whose call takes longer than learner.timeout_s,
+    ends the wait naming it (both used to wait forever)."""
     import ray
 
     from rl.train import StepTimeout, Trainer
@@ -121,19 +122,34 @@ def test_an_actor_that_does_not_start_in_time_is_named():
         def ready(self):
             return True
 
+        def state_dict(self):
+            return {}
+
     class Stuck:
         def ready(self):
             time.sleep(60)  # stands for a constructor or placement that never finishes
             return True
 
-    recipe = Recipe.model_validate({"resources": {"start_timeout_s": 2}})
+        def state_dict(self):
+            time.sleep(60)  # stands for a rank stuck in a collective
+            return {}
+
+    recipe = Recipe.model_validate({"resources": {"start_timeout_s": 2}, "learner": {"timeout_s": 2}})
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
         quick = ray.remote(num_cpus=0)(Quick).remote()
         stuck = ray.remote(num_cpus=0)(Stuck).remote()
+        ray.get(quick.ready.remote(), timeout=120)  # up before the 2 s start (a loaded machine takes longer)
         t0 = time.time()
         with pytest.raises(StepTimeout, match=r"^reward actor 1 not started within resources.start_timeout_s = 2 s"):
             Trainer(recipe)._wait_ready([("learner", [quick]), ("reward", [quick, stuck])])
+        assert time.time() - t0 < 30
+        trainer = Trainer(recipe)
+        trainer.learners, trainer.step = [quick, ray.remote(num_cpus=0)(Stuck).remote()], 5
+        t0 = time.time()
+        with pytest.raises(StepTimeout, match=r"^step 5: learner rank\(s\) \[1\] did not finish state_dict within "
+                                              r"learner.timeout_s = 2 s; last complete checkpoint: none$"):
+            trainer._learners("state_dict")
         assert time.time() - t0 < 30
     finally:
         ray.shutdown()

@@ -2,7 +2,7 @@
 
 The offline judge (MiniLM similarity) never answers "contradicted", so ReaDe's consistency term
 R_contra (eq. 4, `rewards/judge.py`) is always 0 with it and a caption that names "a red circle"
-for a green one costs nothing. In the generated shapes world (rl/shapes.py) every fact of an image
+for a green one costs nothing. In the generated shapes world (rl/shapes/world.py) every fact of an image
 is known, and its reference elements state all of them in fixed templates (`rl.shapes.describe`):
 
     user:          "a circle"                          (one per shape; kinds are distinct per image)

@@ -334,6 +334,29 @@ def precision(caption: str, example: ShapeExample) -> float:
     return len(stated & example.fact_set()) / len(stated)
 
 
+def color_counts(caption: str, example: ShapeExample) -> tuple[int, int]:
+    """(stated, correct) colours of shapes: the caption's ("color", kind, colour) facts, and how
+    many of them are true (a colour given to a shape the scene does not have is wrong). Summed over
+    captions, correct / stated is issue 18's "colour words correct in stated shapes"."""
+    stated = [f for f in parse_caption(caption) if f[0] == "color"]
+    return len(stated), len(set(stated) & example.fact_set())
+
+
+def repeats_phrase(caption: str, min_words: int = 2) -> bool:
+    """True when the caption repeats itself: a run of at least `min_words` tokens (punctuation
+    counted) followed at once by the same run ("three shapes on a three shapes on a ...",
+    "a red circle. a red circle."), or one sentence stated twice. The shapes world's FULL captions
+    never do: each shape's sentence names a distinct kind and cell."""
+    words = caption_words(caption)
+    n = len(words)
+    for size in range(min_words, n // 2 + 1):
+        for i in range(n - 2 * size + 1):
+            if words[i:i + size] == words[i + size:i + 2 * size]:
+                return True
+    sentences = [s.strip() for s in " ".join(words).split(".") if s.strip()]
+    return len(sentences) != len(set(sentences))
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation, saving, loading
 # ---------------------------------------------------------------------------------------------

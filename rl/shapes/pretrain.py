@@ -1,10 +1,11 @@
 """Pretrained tiny models for the shapes world, so that the embedded default can learn (issue 9).
 
-    python -m rl.pretrain recipes/tiny.yaml              # build what is missing; print the paths
-    python -m rl.pretrain recipes/tiny.yaml --out DIR    # another cache root than pretrain.cache_dir
+    python -m rl.shapes.pretrain recipes/tiny.yaml              # build what is missing; print the paths
+    python -m rl.shapes.pretrain recipes/tiny.yaml --out DIR    # another cache root than pretrain.cache_dir
+    python -m rl.shapes.pretrain recipes/tiny.yaml --ship       # rebuild the shipped models (rl/shapes/shipped.py)
 
 Random tiny models prove that the loop runs, not that it learns. Here each model of the loop is
-given the skills the paper's pretrained models bring, on the shapes world (rl/shapes.py), whose
+given the skills the paper's pretrained models bring, on the shapes world (rl/shapes/world.py), whose
 ground truth lets rl.eval count exactly which facts a caption carries:
 
 1. `clip`     the reward's backbone f_I: a tiny open_clip ViT trained contrastively against FULL
@@ -774,22 +775,35 @@ def apply_pretrained(recipe: Recipe, paths: PretrainedPaths) -> list[str]:
 
 
 def prepare_recipe(recipe: Recipe, out: str | None = None) -> dict[str, dict[str, Any]]:
-    """What the driver calls before building any model: pretrain what is missing (when
-    `pretrain.enabled`), then point the recipe at the weights. Returns the parts' done.json."""
+    """`pretrain.provider: shapes`, what the driver and rl.eval call before building any model (when
+    `pretrain.enabled`): the shipped models
+    when the recipe's parts are the shipped ones (sha256-checked, rl/shapes/shipped.py; a mismatch
+    raises ShippedModelError), else pretrain what is missing from the cache; then point the recipe
+    at the weights (unset `models` paths; `eval.backbones.clip_b`, the second CLIP). Returns the
+    parts' training stats (done.json)."""
+    from rl.shapes import shipped
+
     if not recipe.pretrain.enabled:
         return {}
-    paths, info = pretrain(recipe, out)
+    found = shipped.resolve(recipe) if out is None else None
+    paths, info = found if found is not None else pretrain(recipe, out)
     apply_pretrained(recipe, paths)
+    if paths.clip_eval and "clip_b" not in recipe.eval.backbones:  # rl.eval's second backbone, first in order
+        recipe.eval.backbones = {"clip_b": paths.clip_eval, **recipe.eval.backbones}
     return info
 
 
 def main(argv: list[str] | None = None) -> int:
     from rl.config import RecipeError, load_recipe
 
-    parser = argparse.ArgumentParser(prog="python -m rl.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rl.shapes.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml (its `pretrain:` section)")
     parser.add_argument("--out", help="cache root (default: pretrain.cache_dir, $UNIFIED_GRPO_CACHE, ~/.cache/unified-grpo)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe field")
+    parser.add_argument("--ship", action="store_true",
+                        help="train every part in a fresh folder (with --out: there, reusing the parts done there) "
+                             "and rewrite the shipped models (pretrain.shipped_dir, default rl/shapes/pretrained/) "
+                             "and their manifest.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -799,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
+    if args.ship:
+        return ship(recipe, args, t0)
     paths, info = pretrain(recipe, args.out)
     for name, i in info.items():
         probes = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in i.items()
@@ -806,6 +822,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:10s} {json.dumps(probes)}")
     print(json.dumps(asdict(paths), indent=1))
     print(f"pretraining: {time.time() - t0:.0f} s")
+    return 0
+
+
+def ship(recipe: Recipe, args: argparse.Namespace, t0: float) -> int:
+    """`--ship`: build every part into --out (parts done there are kept) or a fresh folder, then
+    write the shipped files and their manifest (rl/shapes/shipped.py)."""
+    import shlex
+    import tempfile
+
+    from rl.shapes import shipped
+
+    root = args.out or tempfile.mkdtemp(prefix="unified-grpo-ship-")
+    try:
+        _, info = pretrain(recipe, root)
+        # the command that rebuilds the set from a fresh clone (--out only says where parts are built)
+        command = shlex.join(["python", "-m", "rl.shapes.pretrain", args.recipe, "--ship",
+                              *[a for s in args.set for a in ("--set", s)]])
+        manifest = shipped.write(recipe, root, info, command)
+    finally:
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    dest = shipped.shipped_dir(recipe.pretrain)
+    for rel, f in manifest["files"].items():
+        print(f"{f['bytes']:>10d}  {f['sha256'][:16]}  {dest / rel}")
+    print(f"shipped {len(manifest['files'])} files, {manifest['total_bytes'] / 2**20:.2f} MiB, manifest "
+          f"{dest / shipped.MANIFEST}; built by `{manifest['command']}` in {time.time() - t0:.0f} s")
     return 0
 
 
