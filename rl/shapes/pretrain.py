@@ -435,7 +435,18 @@ def warm_up_vision(encoder, world: World, cfg, seed: int) -> dict[str, float]:
         accs.append(float(np.mean([(lg.argmax(-1) == labels[:, i]).float().mean().item() for i, lg in enumerate(logits)])))
         if step % 50 == 0 or step == cfg.vision_steps - 1:
             log.info("pretrain encoder vision step %d/%d loss %.3f acc %.3f", step + 1, cfg.vision_steps, losses[-1], accs[-1])
-    return {"vision_loss_last": float(np.mean(losses[-10:])), "vision_token_acc": float(np.mean(accs[-10:]))}
+    # Held-out probe accuracy per attribute on the tokens that show an object (most tokens show
+    # background, which inflates vision_token_acc): the ceiling of what the LM can read per token.
+    with torch.no_grad():
+        exs = examples(world, 128, seed=4343, split="heldout")
+        inputs = encoder.prepare([e.image for e in exs])
+        feats = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        grid = int(round(math.sqrt(feats.shape[0] // len(exs))))
+        labels = torch.cat([token_labels(e, grid) for e in exs])  # (B * T, 3)
+        shown = labels[:, 1] != len(KINDS)
+        held = {f"vision_{name}_acc": float((head(feats[shown]).argmax(-1) == labels[shown, i]).float().mean())
+                for i, (name, head) in enumerate(zip(("color", "kind", "size"), heads))}
+    return {"vision_loss_last": float(np.mean(losses[-10:])), "vision_token_acc": float(np.mean(accs[-10:])), **held}
 
 
 def encoder_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -506,10 +517,64 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     return {**warm, **_losses(losses), **encoder_probe(encoder, world)}
 
 
+def kind_scores(captions: list[str], exs) -> dict[str, float]:
+    """How well captions (one per scene of `exs`) name the scenes' kinds, read with
+    rl.shapes.parse_caption (a kind counts as named when ("kind", k) is among the parsed facts):
+
+    - `kind_accuracy`: the fraction of scenes whose caption names exactly the scene's kinds, none
+      missing and none extra (kinds are distinct within a scene, so this is set equality).
+    - `kind_recall`: over all objects of all scenes, the fraction whose kind the caption names.
+    - `kind_precision`: over all kinds the captions name, the fraction that are in their scene
+      (1.0 when none is named).
+    - `repeats`: the fraction of captions that contain one kind word more than once ("a circle and
+      a circle", "... a cross. a cross"): a repeated phrase, which no ground-truth caption has.
+    """
+    from rl.shapes import caption_words, parse_caption
+
+    exact, named_true, named, objects, repeats = 0, 0, 0, 0, 0
+    for caption, e in zip(captions, exs, strict=True):
+        said = {f[1] for f in parse_caption(caption) if f[0] == "kind"}
+        truth = {o.kind for o in e.objects}
+        exact += said == truth
+        named_true += len(said & truth)
+        named += len(said)
+        objects += len(truth)
+        words = caption_words(caption)
+        repeats += any(words.count(k) > 1 for k in truth | said)
+    return {"kind_accuracy": exact / len(exs), "kind_recall": named_true / objects,
+            "kind_precision": named_true / named if named else 1.0, "repeats": repeats / len(exs)}
+
+
+def color_accuracy(captions: list[str], exs) -> float:
+    """Over the objects of each scene that its caption gives a colour to (a ("color", kind, c) fact
+    for the object's kind), the fraction given the object's true colour; 0.0 when none is."""
+    from rl.shapes import parse_caption
+
+    right, stated = 0, 0
+    for caption, e in zip(captions, exs, strict=True):
+        facts = parse_caption(caption)
+        for o in e.objects:
+            colors = {f[2] for f in facts if f[0] == "color" and f[1] == o.kind}
+            stated += bool(colors)
+            right += o.color in colors
+    return right / stated if stated else 0.0
+
+
 @torch.no_grad()
-def encoder_probe(encoder, world: World, n: int = 32, samples: int = 4) -> dict[str, float]:
-    """On held-out images: coverage of the greedy caption, the share of sampled captions (T = 1)
-    that are detailed (start with a count word), and coverage of those detailed samples."""
+def encoder_probe(encoder, world: World, n: int = 64, samples: int = 4) -> dict[str, Any]:
+    """On `n` held-out scenes (the "heldout" split, seed 4242), greedy captions (terse: SHORT, the
+    kinds only) and `samples` sampled ones (T = 1) per scene:
+
+    - `kind_accuracy`, `kind_recall`, `kind_precision`, `greedy_repeats` of the greedy captions:
+      `kind_scores` (kind_accuracy: the fraction of scenes whose greedy caption names exactly the
+      scene's kinds).
+    - `greedy_coverage`: mean rl.shapes.coverage of the greedy captions (a perfect SHORT caption
+      covers 3/14 .. 1/6 of a scene's facts, 0.18 on average).
+    - `sampled_detailed_share`: the share of sampled captions that are detailed (start with a count
+      word); `sampled_detailed_coverage`: their mean coverage; `color_accuracy`: `color_accuracy`
+      of them (the colours a FULL caption states).
+    - `greedy_examples`: the first four greedy captions.
+    """
     from rl.shapes import NUMBER_WORDS, caption_words, coverage
     from rollouts.captions import generate_captions
 
@@ -519,11 +584,15 @@ def encoder_probe(encoder, world: World, n: int = 32, samples: int = 4) -> dict[
     sampled = generate_captions(encoder, images, samples, max_new_tokens=48, seed=1).captions
     rows = [(c, exs[i // samples]) for i, c in enumerate(sampled)]
     detailed = [(c, e) for c, e in rows if caption_words(c)[:1] and caption_words(c)[0] in NUMBER_WORDS]
+    kinds = kind_scores(greedy, exs)
     return {
+        **{k: v for k, v in kinds.items() if k != "repeats"},
+        "greedy_repeats": kinds["repeats"],
         "greedy_coverage": float(np.mean([coverage(c, e) for c, e in zip(greedy, exs)])),
         "sampled_detailed_share": len(detailed) / len(rows),
         "sampled_detailed_coverage": float(np.mean([coverage(c, e) for c, e in detailed])) if detailed else 0.0,
-        "greedy_example": greedy[0],
+        "color_accuracy": color_accuracy([c for c, _ in detailed], [e for _, e in detailed]),
+        "greedy_examples": greedy[:4],
     }
 
 
@@ -546,7 +615,7 @@ def transformer_config(world: World, cfg) -> dict[str, Any]:
 
 
 def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Path, vae_dir: Path,
-                  seed: int, clip_path: str | None = None) -> dict[str, Any]:
+                  seed: int, clip_path: str | None = None, eval_clip_path: str | None = None) -> dict[str, Any]:
     """The warm-up stage's objective (rl/warmup.py `flow_matching_loss`: rectified flow in SD3's
     convention, x_s = (1 - s) z0 + s eps, target v = eps - z0, s = shift(u), u ~ U(0, 1)) with
     c = connector(encoder LM hidden states of the FULL caption), on the tiny DiT's base weights:
@@ -554,9 +623,8 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
     (ground truth rather than the encoder's, and the DiT trained from scratch in this process with
     plain AdamW, not through the learner: a `warmup` stage trains LoRA and connector only).
     Trains the transformer's base weights and the connector; the encoder and VAE are frozen.
-    `clip_path` (when it exists) serves the quality probe in done.json only."""
-    if clip_path and not os.path.exists(clip_path):
-        clip_path = None
+    `clip_path` (the reward's CLIP) and `eval_clip_path` (the independent one), where they exist,
+    serve the quality probe in done.json only (`decoder_probe`)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
     from rl.models.decoder import Decoder, pad_condition
@@ -605,7 +673,8 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
         if step % 50 == 0 or step == cfg.steps - 1:
             log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     transformer.eval()
-    probe = decoder_probe(models, clip_path, world, steps=recipe.rollout.trajectory.render_steps)
+    probe = decoder_probe(models, clip_path, world, steps=recipe.rollout.trajectory.render_steps,
+                          eval_clip_path=eval_clip_path)
     transformer.save_pretrained(str(out / "transformer"))
     vae.save_pretrained(str(out / "vae"))
     _save_module(connector, out / "connector.safetensors")
@@ -626,25 +695,49 @@ def caption_features(models, captions: list[str], chunk: int = 256) -> tuple[tor
 
 
 @torch.no_grad()
-def decoder_probe(models, clip_path: str | None, world: World, steps: int, n: int = 32) -> dict[str, float]:
-    """What encoder GRPO will see: on held-out scenes, the CLIP cosine between the source and the
-    decoder's render (ODE, `steps`, fixed noise) of the FULL and of the SHORT ground-truth caption.
-    RL has something to find only if full > short clearly."""
-    from rewards.clip import ClipReward, tiny_clip_config
-    from rollouts.actors import image_seed, to_pil
+def render_captions(models, captions: list[str], seeds: list[int], steps: int) -> list:
+    """The decoder's renders (PIL) of `captions` as RL makes them: read by the encoder LM
+    (`Models.condition`), ODE sampling with `steps` steps from the noise of `seeds` (one per caption)."""
+    from rollouts.actors import to_pil
     from rollouts.trajectories import render
 
+    ids, mask = _completion_batch(models.encoder, captions)
+    cond, cmask, pooled = models.condition(ids, mask)
+    return to_pil(render(models.decoder, cond, cmask, pooled, steps, seeds))
+
+
+@torch.no_grad()
+def decoder_probe(models, clip_path: str | None, world: World, steps: int, n: int = 64,
+                  eval_clip_path: str | None = None) -> dict[str, float]:
+    """How recognisably the decoder renders ground-truth captions, on `n` held-out scenes (seed 999):
+    each scene's FULL and SHORT caption, and (a baseline) the FULL caption of another held-out
+    scene (the next one in the list), all rendered from the scene's own noise (`image_seed`, ODE,
+    `steps`) and compared with the scene's source image:
+
+    - `eval_clip_{full,short,other}`: mean cosine of source and render under `eval_clip_path`, the
+      independent CLIP (`clip_eval`, rl.eval's `clip_b`), which neither the decoder nor RL is
+      trained against. full >> other means the render shows *this* scene, not a generic one.
+    - `reward_clip_{full,short,other}`: the same under the reward's CLIP (`clip_path`): what
+      encoder GRPO sees; RL has something to find only if full > short clearly.
+    - `pixel_l1_{full,short,other}`: mean absolute pixel difference in [0, 1].
+    A backbone whose file is missing is skipped."""
+    from rewards.clip import ClipReward, tiny_clip_config
+    from rollouts.actors import image_seed
+
     exs = examples(world, n, seed=999, split="heldout")
-    clip = ClipReward(tiny_clip_config(image_size=world.size), checkpoint=clip_path) if clip_path else None
+    seeds = [image_seed(e.image_id) for e in exs]
+    captions = {"full": [e.captions["full"] for e in exs], "short": [e.captions["short"] for e in exs]}
+    captions["other"] = captions["full"][1:] + captions["full"][:1]
+    clips = {name: ClipReward(tiny_clip_config(image_size=world.size), checkpoint=path)
+             for name, path in (("eval_clip", eval_clip_path), ("reward_clip", clip_path))
+             if path and os.path.exists(path)}
+    x = to_tensor([e.image for e in exs])
     out: dict[str, float] = {}
-    for level in ("full", "short"):
-        ids, mask = _completion_batch(models.encoder, [e.captions[level] for e in exs])
-        cond, cmask, pooled = models.condition(ids, mask)
-        images = to_pil(render(models.decoder, cond, cmask, pooled, steps, [image_seed(e.image_id) for e in exs]))
-        x, y = to_tensor([e.image for e in exs]), to_tensor(images)
-        out[f"pixel_l1_{level}"] = float((x - y).abs().mean())
-        if clip is not None:
-            out[f"clip_{level}"] = float(clip.similarity([e.image for e in exs], images).mean())
+    for level, texts in captions.items():
+        images = render_captions(models, texts, seeds, steps)
+        out[f"pixel_l1_{level}"] = float((x - to_tensor(images)).abs().mean())
+        for name, clip in clips.items():
+            out[f"{name}_{level}"] = float(clip.similarity([e.image for e in exs], images).mean())
     return out
 
 
@@ -703,7 +796,8 @@ def train_part(name: str, recipe: Recipe, out: str | None = None) -> dict[str, A
         "vae": lambda o: train_vae(o, world, p.vae, seed),
         "encoder": lambda o: train_encoder(o, world, p.encoder, encoder_kwargs(recipe), seed),
         "decoder": lambda o: train_decoder(o, world, p.decoder, recipe, dirs["encoder"], dirs["vae"], seed,
-                                           clip_path=str(dirs["clip"] / "model.safetensors")),
+                                           clip_path=str(dirs["clip"] / "model.safetensors"),
+                                           eval_clip_path=str(dirs["clip_eval"] / "model.safetensors")),
     }[name]
     return run_part(dirs[name], train, specs[name])
 
@@ -719,13 +813,14 @@ def pretrain(recipe: Recipe, out: str | None = None) -> tuple[PretrainedPaths, d
     """Build every missing part for `recipe`; returns the paths and each part's done.json (its
     timings and quality probes).
 
-    Dependencies: decoder <- encoder, vae; the rest are independent. With `pretrain.workers: 2`
-    the parts run in two processes: one does encoder then decoder (the long chain), the other
-    vae, clip, then clip_eval (which overlaps the decoder).
+    Dependencies: decoder <- encoder, vae (and the two CLIPs, which its done.json probe scores
+    renders with); the rest are independent. With `pretrain.workers: 2` the parts run in two
+    processes: one does encoder then decoder (the long chain), the other vae, clip and clip_eval
+    while the encoder trains.
     """
     check_pretrainable(recipe)
     p, dirs = recipe.pretrain, part_dirs(recipe, out)
-    names = [n for n in ("encoder", "vae", "clip", "decoder", "clip_eval") if n != "clip_eval" or p.clip.eval_backbone]
+    names = [n for n in ("encoder", "vae", "clip", "clip_eval", "decoder") if n != "clip_eval" or p.clip.eval_backbone]
     todo = [n for n in names if not is_done(dirs[n])]
     info: dict[str, dict[str, Any]] = {}
     if p.workers > 1 and len(todo) > 1:
@@ -734,13 +829,10 @@ def pretrain(recipe: Recipe, out: str | None = None) -> tuple[PretrainedPaths, d
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(p.workers, mp_context=ctx, initializer=_worker_init, initargs=(p.threads,)) as pool:
-            first = {n: pool.submit(train_part, n, recipe, out) for n in ("encoder", "vae", "clip")}
-            for n in ("encoder", "vae"):
-                info[n] = first[n].result()  # the decoder needs both; clip keeps the other worker busy
-            later = {n: pool.submit(train_part, n, recipe, out) for n in ("decoder", "clip_eval") if n in names}
-            info["clip"] = first["clip"].result()
-            for n, future in later.items():
-                info[n] = future.result()
+            first = {n: pool.submit(train_part, n, recipe, out) for n in names if n != "decoder"}
+            for n, future in first.items():
+                info[n] = future.result()  # the decoder needs all of them (the CLIPs for its probe only)
+            info["decoder"] = pool.submit(train_part, "decoder", recipe, out).result()
     else:
         threads = torch.get_num_threads()
         torch.set_num_threads(p.threads)

@@ -96,6 +96,33 @@ def test_cache_keys_follow_dependencies(tmp_path):
     assert base["clip"] != base["clip_eval"]  # independent seeds
 
 
+def test_kind_and_colour_scores_read_captions_with_the_shapes_parser():
+    exs = [e for e in P.examples(P.World(32, 3), 30, seed=5, split="heldout") if len(e.objects) >= 2][:3]
+    truth = [e.captions["short"] for e in exs]
+    assert P.kind_scores(truth, exs) == {"kind_accuracy": 1.0, "kind_recall": 1.0, "kind_precision": 1.0, "repeats": 0.0}
+    assert P.kind_scores([e.captions["full"] for e in exs], exs)["kind_accuracy"] == 1.0
+    objects = sum(len(e.objects) for e in exs)
+    first = exs[0].objects[0].kind
+    missing = [f"a {first}"] + truth[1:]  # scene 0 loses all but its first kind
+    s = P.kind_scores(missing, exs)
+    assert s["kind_accuracy"] == pytest.approx(2 / 3)
+    assert s["kind_recall"] == pytest.approx((objects - len(exs[0].objects) + 1) / objects)
+    assert s["kind_precision"] == 1.0
+    other = next(k for k in ("circle", "square", "triangle", "cross") if k not in {o.kind for o in exs[1].objects})
+    extra = [truth[0], truth[1] + f" and a {other}", truth[2] + f" and a {exs[2].objects[0].kind}"]
+    s = P.kind_scores(extra, exs)
+    assert s["kind_accuracy"] == pytest.approx(2 / 3)  # an extra kind is wrong; a repeated one is not
+    assert s["repeats"] == pytest.approx(1 / 3)
+    named = objects + 1
+    assert s["kind_precision"] == pytest.approx(objects / named)
+    assert P.color_accuracy([e.captions["full"] for e in exs], exs) == 1.0
+    assert P.color_accuracy([e.captions["short"] for e in exs], exs) == 0.0  # no colour stated
+    o = exs[0].objects[0]
+    wrong = "yellow" if o.color != "yellow" else "red"
+    assert P.color_accuracy([f"a {wrong} {o.kind}", *[e.captions["full"] for e in exs[1:]]], exs) == pytest.approx(
+        (objects - len(exs[0].objects)) / (objects - len(exs[0].objects) + 1))
+
+
 def test_explicit_paths_win_and_validation_names_the_fix(tmp_path):
     r = recipe(tmp_path)
     r.models.encoder.path = "/my/encoder"
@@ -121,6 +148,16 @@ def test_few_step_pretraining_gives_weights_that_build_models(tmp_path):
     assert set(info) == {"encoder", "vae", "clip", "decoder", "clip_eval"}
     for name in info:
         assert P.is_done(P.part_dirs(r)[name])
+    # The probes of issue 18 item 2 are in done.json: the encoder's kinds and colours, the decoder's
+    # renders of true captions under the independent CLIP (clip_eval, trained before the decoder)
+    # next to the baseline of another scene's caption, and under the reward's CLIP.
+    enc, dec = info["encoder"], info["decoder"]
+    for key in ("kind_accuracy", "kind_recall", "kind_precision", "greedy_repeats", "color_accuracy",
+                "vision_color_acc", "vision_kind_acc", "vision_size_acc"):
+        assert 0.0 <= enc[key] <= 1.0, key
+    assert len(enc["greedy_examples"]) == 4
+    for key in ("eval_clip_full", "eval_clip_short", "eval_clip_other", "reward_clip_full", "reward_clip_other"):
+        assert -1.0 <= dec[key] <= 1.0, key
     m = r.models
     assert os.path.exists(m.encoder.path) and os.path.exists(m.connector.path) and os.path.exists(m.clip.checkpoint)
     models = build_models(r, torch.device("cpu"))  # strict loads: connector, CLIP; encoder checks keys
