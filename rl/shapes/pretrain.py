@@ -446,6 +446,7 @@ def warm_up_vision(encoder, world: World, cfg, seed: int) -> dict[str, float]:
         shown = labels[:, 1] != len(KINDS)
         held = {f"vision_{name}_acc": float((head(feats[shown]).argmax(-1) == labels[shown, i]).float().mean())
                 for i, (name, head) in enumerate(zip(("color", "kind", "size"), heads))}
+    log.info("pretrain encoder vision held-out accuracy on object tokens: %s", {k: round(v, 3) for k, v in held.items()})
     return {"vision_loss_last": float(np.mean(losses[-10:])), "vision_token_acc": float(np.mean(accs[-10:])), **held}
 
 
@@ -454,7 +455,8 @@ def encoder_kwargs(recipe: Recipe) -> dict[str, Any]:
     return {"image_size": e.image_size, "hidden_size": e.hidden_size, "num_layers": e.num_layers, "seed": recipe.seed}
 
 
-def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed: int) -> dict[str, Any]:
+def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed: int,
+                  probe_scenes: int = 64) -> dict[str, Any]:
     """Supervised fine-tuning of the tiny Qwen2.5-VL (after `warm_up_vision`): cross-entropy on
     caption tokens (and EOS) given the image under the UAE prompt, with the same suppressed tokens as
     generation (rollouts.captions.completion_logprobs, the learner's own log-prob function).
@@ -514,7 +516,7 @@ def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed
     # The folder describes its own vision tower (the recipe has no field for it); build_encoder reads it.
     arch = {"hidden_size": enc_kwargs["hidden_size"], "num_layers": enc_kwargs["num_layers"], **vision}
     (out / TINY_CONFIG_FILE).write_text(json.dumps(arch, indent=1))
-    return {**warm, **_losses(losses), **encoder_probe(encoder, world)}
+    return {**warm, **_losses(losses), **encoder_probe(encoder, world, n=probe_scenes)}
 
 
 def kind_scores(captions: list[str], exs) -> dict[str, float]:
@@ -615,7 +617,8 @@ def transformer_config(world: World, cfg) -> dict[str, Any]:
 
 
 def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Path, vae_dir: Path,
-                  seed: int, clip_path: str | None = None, eval_clip_path: str | None = None) -> dict[str, Any]:
+                  seed: int, clip_path: str | None = None, eval_clip_path: str | None = None,
+                  probe_scenes: int = 64) -> dict[str, Any]:
     """The warm-up stage's objective (rl/warmup.py `flow_matching_loss`: rectified flow in SD3's
     convention, x_s = (1 - s) z0 + s eps, target v = eps - z0, s = shift(u), u ~ U(0, 1)) with
     c = connector(encoder LM hidden states of the FULL caption), on the tiny DiT's base weights:
@@ -674,7 +677,7 @@ def train_decoder(out: Path, world: World, cfg, recipe: Recipe, encoder_dir: Pat
             log.info("pretrain decoder step %d/%d loss %.4f", step + 1, cfg.steps, losses[-1])
     transformer.eval()
     probe = decoder_probe(models, clip_path, world, steps=recipe.rollout.trajectory.render_steps,
-                          eval_clip_path=eval_clip_path)
+                          eval_clip_path=eval_clip_path, n=probe_scenes)
     transformer.save_pretrained(str(out / "transformer"))
     vae.save_pretrained(str(out / "vae"))
     _save_module(connector, out / "connector.safetensors")
@@ -794,10 +797,11 @@ def train_part(name: str, recipe: Recipe, out: str | None = None) -> dict[str, A
         "clip": lambda o: train_clip(o, world, p.clip, seed),
         "clip_eval": lambda o: train_clip(o, world, p.clip, seed),
         "vae": lambda o: train_vae(o, world, p.vae, seed),
-        "encoder": lambda o: train_encoder(o, world, p.encoder, encoder_kwargs(recipe), seed),
+        "encoder": lambda o: train_encoder(o, world, p.encoder, encoder_kwargs(recipe), seed, p.probe_scenes),
         "decoder": lambda o: train_decoder(o, world, p.decoder, recipe, dirs["encoder"], dirs["vae"], seed,
                                            clip_path=str(dirs["clip"] / "model.safetensors"),
-                                           eval_clip_path=str(dirs["clip_eval"] / "model.safetensors")),
+                                           eval_clip_path=str(dirs["clip_eval"] / "model.safetensors"),
+                                           probe_scenes=p.probe_scenes),
     }[name]
     return run_part(dirs[name], train, specs[name])
 

@@ -22,6 +22,7 @@ FAST = [
     "pretrain.encoder.steps=2", "pretrain.encoder.batch_size=4",
     "pretrain.encoder.vision_steps=2", "pretrain.encoder.vision_batch_size=4",
     "pretrain.decoder.steps=2", "pretrain.decoder.batch_size=4", "pretrain.decoder.pool_size=8",
+    "pretrain.probe_scenes=4",
 ]
 
 
@@ -155,7 +156,7 @@ def test_few_step_pretraining_gives_weights_that_build_models(tmp_path):
     for key in ("kind_accuracy", "kind_recall", "kind_precision", "greedy_repeats", "color_accuracy",
                 "vision_color_acc", "vision_kind_acc", "vision_size_acc"):
         assert 0.0 <= enc[key] <= 1.0, key
-    assert len(enc["greedy_examples"]) == 4
+    assert len(enc["greedy_examples"]) == 4  # probe_scenes=4
     for key in ("eval_clip_full", "eval_clip_short", "eval_clip_other", "reward_clip_full", "reward_clip_other"):
         assert -1.0 <= dec[key] <= 1.0, key
     m = r.models
