@@ -176,3 +176,21 @@ def test_few_step_pretraining_gives_weights_that_build_models(tmp_path):
     # Second call: everything is cached.
     again = P.prepare_recipe(recipe(tmp_path, "device=cpu"))
     assert {k: v["seconds"] for k, v in again.items()} == {k: v["seconds"] for k, v in info.items()}
+
+
+def test_pretrained_grid_script_writes_the_png(tmp_path):
+    """bench/pretrained_grid.py, as its docstring runs it (few-step parts, two rows)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "grid.png"
+    sets = [a for s in [f"pretrain.cache_dir={tmp_path / 'cache'}", *FAST] for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "pretrained_grid.py"), str(TINY), "--n", "2",
+                           "--out", str(out), *sets], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "pretrained_grid.py"), str(TINY),
+                          "--set", "data.source=/nowhere"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "pretrain" in bad.stderr
