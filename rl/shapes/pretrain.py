@@ -528,8 +528,9 @@ def kind_scores(captions: list[str], exs) -> dict[str, float]:
     - `kind_recall`: over all objects of all scenes, the fraction whose kind the caption names.
     - `kind_precision`: over all kinds the captions name, the fraction that are in their scene
       (1.0 when none is named).
-    - `repeats`: the fraction of captions that contain one kind word more than once ("a circle and
-      a circle", "... a cross. a cross"): a repeated phrase, which no ground-truth caption has.
+    - `repeats`: the fraction of captions with a repeated phrase, which no ground-truth caption
+      has: one kind word more than once ("a circle and a circle"), or a run of two or more words
+      said twice in a row, punctuation ignored ("three shapes on a three shapes on a").
     """
     from rl.shapes import caption_words, parse_caption
 
@@ -541,8 +542,10 @@ def kind_scores(captions: list[str], exs) -> dict[str, float]:
         named_true += len(said & truth)
         named += len(said)
         objects += len(truth)
-        words = caption_words(caption)
-        repeats += any(words.count(k) > 1 for k in truth | said)
+        words = [w for w in caption_words(caption) if w[0].isalnum()]
+        stutter = any(words[i: i + k] == words[i + k: i + 2 * k]
+                      for k in range(2, len(words) // 2 + 1) for i in range(len(words) - 2 * k + 1))
+        repeats += stutter or any(words.count(k) > 1 for k in truth | said)
     return {"kind_accuracy": exact / len(exs), "kind_recall": named_true / objects,
             "kind_precision": named_true / named if named else 1.0, "repeats": repeats / len(exs)}
 

@@ -116,6 +116,11 @@ def test_kind_and_colour_scores_read_captions_with_the_shapes_parser():
     assert s["repeats"] == pytest.approx(1 / 3)
     named = objects + 1
     assert s["kind_precision"] == pytest.approx(objects / named)
+    stutter = [truth[0], truth[1], "three shapes on a three shapes on a black background."]
+    assert P.kind_scores(stutter, exs)["repeats"] == pytest.approx(1 / 3)
+    many = P.examples(P.World(32, 3), 300, seed=6)  # no ground-truth caption counts as repeating
+    for level in ("short", "medium", "full"):
+        assert P.kind_scores([e.captions[level] for e in many], many)["repeats"] == 0.0, level
     assert P.color_accuracy([e.captions["full"] for e in exs], exs) == 1.0
     assert P.color_accuracy([e.captions["short"] for e in exs], exs) == 0.0  # no colour stated
     o = exs[0].objects[0]
