@@ -3,15 +3,17 @@
     python bench/pretrained_grid.py recipes/tiny.yaml                      # -> bench/pretrained_grid.png
     python bench/pretrained_grid.py recipes/tiny.yaml --n 8 --out grid.png --set pretrain.encoder.steps=2000
 
-One row per held-out scene (the decoder probe's scenes: `rl.pretrain.decoder_probe`, seed 999):
+One row per held-out scene (the decoder probe's scenes: `rl.shapes.pretrain.decoder_probe`, seed 999):
 the source, the encoder's greedy caption (its kinds marked right or wrong), the ground-truth FULL
 caption, and the decoder's render of that true caption (from the scene's own noise, as RL renders),
 with its cosine to the source under the independent CLIP (`clip_eval`, never the reward's). The
 title carries the done.json metrics of the models: kind accuracy / recall of greedy captions
-(rl.pretrain.encoder_probe) and the independent-CLIP similarity of renders of true FULL captions
+(rl.shapes.pretrain.encoder_probe) and the independent-CLIP similarity of renders of true FULL captions
 against the baseline of another scene's caption (decoder_probe).
 
-Missing parts are pretrained first (`rl.pretrain.pretrain`, the recipe's cache).
+The models are the ones `rl.train` would use (`rl.shapes.pretrain.prepare_recipe`): the shipped
+ones (rl/shapes/pretrained/) when the recipe's pretraining settings are theirs, else the cache's,
+missing parts pretrained first; `--cache DIR` takes the parts in DIR instead.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe field")
     parser.add_argument("--n", type=int, default=6, help="scenes (rows)")
     parser.add_argument("--out", default="bench/pretrained_grid.png", help="PNG to write")
-    parser.add_argument("--cache", help="cache root (default: the recipe's, as rl.pretrain)")
+    parser.add_argument("--cache", help="take the parts from this cache root (default: shipped, else the recipe's cache)")
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from rewards.clip import ClipReward, tiny_clip_config
     from rl.config import RecipeError, load_recipe
     from rl.models.unified import build_models
-    from rl.pretrain import apply_pretrained, examples, pretrain, render_captions, world_of
+    from rl.shapes.pretrain import examples, prepare_recipe, render_captions, world_of
     from rl.shapes import parse_caption
     from rollouts.actors import image_seed
     from rollouts.captions import generate_captions
@@ -47,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.set)
         recipe.device = "cpu"
-        paths, info = pretrain(recipe, args.cache)
+        recipe.pretrain.enabled = True
+        info = prepare_recipe(recipe, args.cache)
     except (RecipeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    apply_pretrained(recipe, paths)
+    clip_eval = recipe.eval.backbones.get("clip_b")
     torch.set_num_threads(recipe.pretrain.threads)
     models = build_models(recipe, torch.device("cpu"))
     world = world_of(recipe)
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         renders = render_captions(models, [e.captions["full"] for e in exs], [image_seed(e.image_id) for e in exs],
                                   recipe.rollout.trajectory.render_steps)
     sims = None
-    if paths.clip_eval and os.path.exists(paths.clip_eval):
-        clip = ClipReward(tiny_clip_config(image_size=world.size), checkpoint=paths.clip_eval)
+    if clip_eval and os.path.exists(clip_eval):
+        clip = ClipReward(tiny_clip_config(image_size=world.size), checkpoint=clip_eval)
         sims = clip.similarity([e.image for e in exs], renders).tolist()
 
     enc, dec = info["encoder"], info["decoder"]
