@@ -866,7 +866,7 @@ class VaePretrain(_Section):
 class EncoderPretrain(_Section):
     """Supervised fine-tuning of the tiny Qwen2.5-VL on (image, caption) pairs."""
 
-    steps: int = Field(2000, gt=0, description="Optimiser steps. 2000 (was 1000; issue 18), measured with vision_steps 1000 on 64 held-out scenes: greedy kind_accuracy 0.98 -> 1.00, repeated kinds in greedy captions 1.6% -> 0%, coverage of sampled detailed captions 0.70 -> 0.76, and the decoder trained on this encoder renders true FULL captions at independent-CLIP 0.50 -> 0.54 (one seed each; small gains). Costs ~180 s more CPU: the encoder then decoder chain is ~630 CPU-s, about 10.5 min on 2 quiet cores. The colours of sampled FULL captions stayed at chance (0.19 -> 0.16, done.json color_accuracy): more SFT steps do not teach colour binding.")
+    steps: int = Field(2000, gt=0, description="Optimiser steps. 2000 (was 1000; issue 18), measured with vision_steps 1000 on 64 held-out scenes: greedy kind_accuracy 0.98 -> 1.00, repeated kinds in greedy captions 1.6% -> 0%, coverage of sampled detailed captions 0.70 -> 0.76, and the decoder trained on this encoder renders true FULL captions at independent-CLIP 0.50 -> 0.54 (one seed each; small gains). Costs ~180 s more CPU: the encoder then decoder chain is ~630 CPU-s, about 10.5 min on 2 quiet cores. The colours of sampled FULL captions stayed near chance (0.17 -> 0.15, done.json color_accuracy): more SFT steps do not teach colour binding.")
     batch_size: int = Field(32, gt=0, description="Images per step.")
     lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate.")
     vision_hidden_size: int = Field(64, gt=0, description="Width of the tiny vision tower (saved with the weights in tiny_config.json).")

@@ -529,10 +529,10 @@ def kind_scores(captions: list[str], exs) -> dict[str, float]:
     - `kind_precision`: over all kinds the captions name, the fraction that are in their scene
       (1.0 when none is named).
     - `repeats`: the fraction of captions with a repeated phrase, which no ground-truth caption
-      has: one kind word more than once ("a circle and a circle"), or a run of two or more words
-      said twice in a row, punctuation ignored ("three shapes on a three shapes on a").
+      has: rl.shapes.repeats_phrase ("three shapes on a three shapes on a"), or one kind word
+      more than once ("a circle and a circle").
     """
-    from rl.shapes import caption_words, parse_caption
+    from rl.shapes import caption_words, parse_caption, repeats_phrase
 
     exact, named_true, named, objects, repeats = 0, 0, 0, 0, 0
     for caption, e in zip(captions, exs, strict=True):
@@ -542,27 +542,20 @@ def kind_scores(captions: list[str], exs) -> dict[str, float]:
         named_true += len(said & truth)
         named += len(said)
         objects += len(truth)
-        words = [w for w in caption_words(caption) if w[0].isalnum()]
-        stutter = any(words[i: i + k] == words[i + k: i + 2 * k]
-                      for k in range(2, len(words) // 2 + 1) for i in range(len(words) - 2 * k + 1))
-        repeats += stutter or any(words.count(k) > 1 for k in truth | said)
+        words = caption_words(caption)
+        repeats += repeats_phrase(caption) or any(words.count(k) > 1 for k in truth | said)
     return {"kind_accuracy": exact / len(exs), "kind_recall": named_true / objects,
             "kind_precision": named_true / named if named else 1.0, "repeats": repeats / len(exs)}
 
 
 def color_accuracy(captions: list[str], exs) -> float:
-    """Over the objects of each scene that its caption gives a colour to (a ("color", kind, c) fact
-    for the object's kind), the fraction given the object's true colour; 0.0 when none is."""
-    from rl.shapes import parse_caption
+    """Of all colours the captions give to shapes (("color", kind, c) facts), the fraction that are
+    true: rl.shapes.color_counts summed over captions (rl.eval's color_accuracy); 0.0 when none."""
+    from rl.shapes import color_counts
 
-    right, stated = 0, 0
-    for caption, e in zip(captions, exs, strict=True):
-        facts = parse_caption(caption)
-        for o in e.objects:
-            colors = {f[2] for f in facts if f[0] == "color" and f[1] == o.kind}
-            stated += bool(colors)
-            right += o.color in colors
-    return right / stated if stated else 0.0
+    counts = [color_counts(c, e) for c, e in zip(captions, exs, strict=True)]
+    stated = sum(s for s, _ in counts)
+    return sum(r for _, r in counts) / stated if stated else 0.0
 
 
 @torch.no_grad()
