@@ -906,6 +906,7 @@ class PretrainConfig(_Section):
     vae: VaePretrain = Field(default_factory=VaePretrain)
     encoder: EncoderPretrain = Field(default_factory=EncoderPretrain)
     decoder: DecoderPretrain = Field(default_factory=DecoderPretrain)
+    seed: int = Field(0, ge=0, description="Seed of the pretrained models (each part offsets it: CLIP +4, evaluation CLIP +1004, VAE +2, encoder +3, decoder +1), part of their cache keys. Apart from the recipe's `seed` on purpose: the RL seed varies the run (data order, sampling), never the models it starts from, so runs over several RL seeds (bench/learning_proof.py) share the shipped models. Until 2026-11-27 the recipe's seed was used (the same models for seed 0).")
     workers: int = Field(2, ge=1, description="Processes that train independent parts side by side (encoder then decoder in one; VAE and the CLIPs in the other). 1: one after the other in this process.")
     probe_scenes: int = Field(64, ge=2, description="Held-out scenes of the quality probes each part writes into its done.json (the encoder's kind accuracy, the decoder's renders of true captions; rl/shapes/pretrain.py encoder_probe, decoder_probe). Not part of the cache keys: it changes what is measured, not the weights. Tests use a few.")
     threads: int = Field(1, ge=1, description="torch threads per process. Tiny models are overhead-bound: on 2 cores, two 1-thread processes beat one 2-thread process, and a busy machine hurts multi-threaded runs most.")

@@ -452,7 +452,7 @@ def warm_up_vision(encoder, world: World, cfg, seed: int) -> dict[str, float]:
 
 def encoder_kwargs(recipe: Recipe) -> dict[str, Any]:
     e = recipe.models.encoder
-    return {"image_size": e.image_size, "hidden_size": e.hidden_size, "num_layers": e.num_layers, "seed": recipe.seed}
+    return {"image_size": e.image_size, "hidden_size": e.hidden_size, "num_layers": e.num_layers, "seed": recipe.pretrain.seed}
 
 
 def train_encoder(out: Path, world: World, cfg, enc_kwargs: dict[str, Any], seed: int,
@@ -752,16 +752,16 @@ def part_specs(recipe: Recipe) -> dict[str, dict[str, Any]]:
     world = asdict(world_of(recipe))
     m = recipe.models
     specs: dict[str, dict[str, Any]] = {
-        "clip": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.seed + 4},
-        "clip_eval": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.seed + 1004},
-        "vae": {"world": world, "cfg": p.vae.model_dump(), "seed": recipe.seed + 2},
+        "clip": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.pretrain.seed + 4},
+        "clip_eval": {"world": world, "cfg": p.clip.model_dump(exclude={"eval_backbone"}), "seed": recipe.pretrain.seed + 1004},
+        "vae": {"world": world, "cfg": p.vae.model_dump(), "seed": recipe.pretrain.seed + 2},
         # positions: "mrope" since the encoder sees Qwen2.5-VL's 3-D image positions (mm_token_type_ids);
         # encoders cached before were trained with 1-D positions and are rebuilt
         "encoder": {"world": world, "cfg": p.encoder.model_dump(), "arch": encoder_kwargs(recipe),
-                    "seed": recipe.seed + 3, "positions": "mrope"},
+                    "seed": recipe.pretrain.seed + 3, "positions": "mrope"},
     }
     specs["decoder"] = {
-        "world": world, "cfg": p.decoder.model_dump(), "seed": recipe.seed + 1,
+        "world": world, "cfg": p.decoder.model_dump(), "seed": recipe.pretrain.seed + 1,
         "connector": m.connector.model_dump(exclude={"path", "reader"}), "shift": m.decoder.shift,
         "cond_length": recipe.rollout.caption.max_new_tokens + 1,  # fixed conditioning length (batch-independent renders)
         "encoder": part_key(specs["encoder"]), "vae": part_key(specs["vae"]),

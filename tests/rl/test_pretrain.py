@@ -199,3 +199,16 @@ def test_pretrained_grid_script_writes_the_png(tmp_path):
                           "--set", "data.source=/nowhere"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 2 and "pretrain" in bad.stderr
+
+
+def test_the_rl_seed_does_not_change_the_pretrained_models():
+    """Runs over several RL seeds (bench/learning_proof.py) start from the same (shipped) models:
+    only pretrain.seed moves the part keys."""
+    from rl.config import load_recipe
+    from rl.shapes.pretrain import part_dirs
+
+    tiny = Path(__file__).resolve().parents[2] / "recipes" / "tiny.yaml"
+    base = part_dirs(load_recipe(tiny, []))
+    assert part_dirs(load_recipe(tiny, ["seed=7"])) == base
+    other = part_dirs(load_recipe(tiny, ["pretrain.seed=1"]))
+    assert all(other[k] != base[k] for k in base)
