@@ -763,8 +763,9 @@ class RewardsConfig(_Section):
 
     def check_references(self, data_source: str | None) -> None:
         """A judge reward needs reference elements for every image: refused here when none are configured.
-        The verifiable judge knows the generated shapes world only: refused with any other data source."""
-        if self.judge.backend == "verifiable" and data_source is not None:
+        The verifiable judge knows the generated shapes world only: a judge reward with it is refused with any
+        other data source (a recipe that drops the judge reward may keep the field)."""
+        if self.uses_judge() and self.judge.backend == "verifiable" and data_source is not None:
             raise ValueError(f"rewards.judge.backend: verifiable checks captions against the generated shapes world's "
                              f"ground truth (data.source: null), but data.source is {data_source!r}: use backend "
                              "offline or http for other data")

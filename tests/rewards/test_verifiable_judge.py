@@ -252,3 +252,10 @@ def test_train_with_the_verifiable_judge(tmp_path):
         assert math.isfinite(r["reward_judge_mean"]) and -0.7 <= r["reward_judge_mean"] <= 2.8, r
         assert r["reward_mean"] == pytest.approx(r["reward_judge_mean"])
         assert 0.0 <= r["judge_judge_contra_frac"] <= 1.0, r  # the contradiction term is logged
+    # the embedded default (CLIP + the verifiable judge) on other data: refused for the judge reward it
+    # carries; with the judge reward dropped, the leftover judge settings do not matter
+    with pytest.raises(RecipeError, match=r"rewards\.judge\.backend: verifiable"):
+        load_recipe(ROOT / "recipes/tiny.yaml", [f"data.source={tmp_path}", "pretrain.enabled=false"])
+    clip_only = load_recipe(ROOT / "recipes/tiny.yaml", [f"data.source={tmp_path}", "pretrain.enabled=false",
+                                                         "rewards.functions=[{name: clip}]"])
+    assert clip_only.rewards.judge.backend == "verifiable" and not clip_only.rewards.uses_judge()

@@ -76,7 +76,7 @@ def test_a_utf8_recipe_with_a_bom_loads():
     ("=3", "empty field name"),
     ("rollout..group_size=3", "empty field name"),
     ("rollout.group_size", "expected key.path=value"),
-    ("rewards.functions.3.weight=2", "`rewards.functions` is a list of 1"),
+    ("rewards.functions.3.weight=2", "`rewards.functions` is a list of 2"),
     ("seed.x=1", "`seed` is not a section"),
     ("rollout.group_size=many", "rollout.group_size"),
 ])

@@ -293,7 +293,7 @@ def test_train_refuses_bad_data_with_exit_2_before_ray(tmp_path, monkeypatch, ca
     for i, (source, message) in enumerate(_bad_sources(tmp_path)):
         out = tmp_path / f"run{i}"
         rc = main([str(tiny), "--output-dir", str(out), "--set", "pretrain.enabled=false",
-                   "--set", f"data.source={source}"])
+                   "--set", "rewards.functions=[{name: clip}]", "--set", f"data.source={source}"])
         err = capsys.readouterr().err
         assert rc == 2, (source, err[-2000:])
         assert re.search(message, err), (source, err[-2000:])

@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent("""
     from rollouts.actors import RolloutWorker
     from rewards.judge import build_judge_reward
 
-    recipe = load_recipe(sys.argv[1], ["data.source=" + sys.argv[2], "pretrain.enabled=false", "device=cpu"])
+    recipe = load_recipe(sys.argv[1], ["data.source=" + sys.argv[2], "pretrain.enabled=false", "device=cpu",
+                                      "rewards.functions=[{name: clip}]"])
     trainer = rl.train.Trainer(recipe)
     trainer._setup_pretrained()
     trainer._setup_data()
