@@ -104,7 +104,7 @@ def save_checkpoint(root: str, step: int, weights: dict[str, torch.Tensor], stat
     for fname in (ADAPTERS, STATE_TENSORS, STATE_JSON, TRAINER_JSON, RECIPE_YAML):
         path = os.path.join(tmp, fname)
         _fsync_file(path)
-        files[fname] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+        files[fname] = {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
     # The manifest is the last file written: a directory without a valid one is incomplete.
     _write_text(os.path.join(tmp, MANIFEST), json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
     _fsync_file(os.path.join(tmp, MANIFEST))
@@ -200,7 +200,7 @@ def verify_checkpoint(path: str, hashes: bool = True) -> str | None:
         size = os.path.getsize(file)
         if size != want["bytes"]:
             return f"{fname} has {size} bytes, the manifest says {want['bytes']} (truncated?)"
-        if hashes and _sha256(file) != want["sha256"]:
+        if hashes and sha256_file(file) != want["sha256"]:
             return f"{fname} does not match its sha256 in the manifest (corrupted)"
     return None
 
@@ -387,7 +387,8 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks (checkpoint manifests; the shipped shapes models)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -41,6 +41,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rl.checkpoint import sha256_file
+
 log = logging.getLogger("unified_grpo")
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -67,14 +69,6 @@ class ShippedModelError(ValueError):
 def shipped_dir(cfg) -> Path:
     """`pretrain.shipped_dir`, else the package's rl/shapes/pretrained/."""
     return Path(cfg.shipped_dir).expanduser() if cfg.shipped_dir else SHIPPED_DIR
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
